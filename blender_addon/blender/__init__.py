@@ -1,0 +1,1 @@
+"""Blender glue: reads scenes through bpy and hands plain data to ``blender_addon.io``."""
