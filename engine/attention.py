@@ -1,0 +1,179 @@
+"""The regional cross-attention processor and its installation on a UNet.
+
+``RegionalAttnProcessor`` replaces diffusers' ``AttnProcessor2_0`` on the cross-attention
+(``attn2``) layers only. While a ``RegionalState`` is active on its ``RegionalContext`` it adds
+the state's per-pixel block bias to the attention scores; otherwise it *is* ``AttnProcessor2_0``,
+so one installation serves plain and regional calls alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+from engine.regions import RegionalState
+
+CROSS_ATTENTION_SUFFIX = "attn2.processor"
+
+
+class RegionalContext:
+    """The regional state shared by every processor of one UNet; ``None`` between calls."""
+
+    def __init__(self) -> None:
+        self.state: RegionalState | None = None
+
+    @contextlib.contextmanager
+    def active(self, state: RegionalState) -> Iterator[RegionalState]:
+        """Make ``state`` visible to the processors for the duration of a ``with`` block.
+
+        The state is cleared on the way out, also when the block raises (a cancelled call must
+        not leave regions on the next plain call).
+        """
+        if self.state is not None:
+            raise RuntimeError(
+                "a regional generation is already running on this pipeline; "
+                "wait for it to finish or use a second pipeline"
+            )
+        self.state = state
+        try:
+            yield state
+        finally:
+            self.state = None
+
+
+class RegionalAttnProcessor(AttnProcessor2_0):
+    """Cross-attention with a per-pixel, per-prompt-block additive bias."""
+
+    def __init__(self, context: RegionalContext):
+        super().__init__()
+        self.context = context
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        state = self.context.state
+        if state is None or encoder_hidden_states is None:
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
+        if attention_mask is not None:
+            raise ValueError(
+                "regional attention does not combine with encoder_attention_mask; "
+                "call the pipeline without it"
+            )
+        if encoder_hidden_states.shape[1] != state.num_tokens:
+            raise ValueError(
+                f"cross-attention got {encoder_hidden_states.shape[1]} text tokens but the "
+                f"regional prompt blocks hold {state.num_tokens}; prompt embeddings must not be "
+                "replaced during a regional call"
+            )
+        return self._regional(attn, hidden_states, encoder_hidden_states, temb, state)
+
+    def _regional(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor | None,
+        state: RegionalState,
+    ) -> torch.Tensor:
+        # Mirrors AttnProcessor2_0 step by step; only the key side and the bias differ.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        uncond = state.unconditional_rows(batch_size)
+        outputs = []
+        if uncond:
+            # The negative prompt is tiled once per block: its first block alone gives the same
+            # attention at a fraction of the cost.
+            negative = encoder_hidden_states[:uncond, : state.block_tokens]
+            outputs.append(_attend(attn, query[:uncond], negative, None))
+        bias = state.attention_bias(query.shape[1], query.dtype, query.device)
+        outputs.append(_attend(attn, query[uncond:], encoder_hidden_states[uncond:], bias))
+        hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(
+                batch_size, channel, height, width
+            )
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _attend(
+    attn: Attention, query: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Multi-head attention of projected queries over a text context; ``(batch, q, inner)``."""
+    batch_size = query.shape[0]
+    key = attn.to_k(context)
+    value = attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False
+    )
+    out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+    return out.to(query.dtype)
+
+
+def install_regional_attention(unet: torch.nn.Module, context: RegionalContext) -> None:
+    """Put a ``RegionalAttnProcessor`` reading ``context`` on every cross-attention layer.
+
+    Self-attention layers keep their processors. A cross-attention layer whose processor is
+    not a plain scaled-dot-product one (an IP-Adapter, say) is left alone and reported, since
+    replacing it would silently drop what it does.
+    """
+    processors = dict(unet.attn_processors)
+    foreign = []
+    changed = False
+    for name, processor in processors.items():
+        if not name.endswith(CROSS_ATTENTION_SUFFIX):
+            continue
+        if isinstance(processor, RegionalAttnProcessor) and processor.context is context:
+            continue
+        if type(processor) in (AttnProcessor2_0, AttnProcessor, RegionalAttnProcessor):
+            processors[name] = RegionalAttnProcessor(context)
+            changed = True
+        else:
+            foreign.append(f"{name} ({type(processor).__name__})")
+    if foreign:
+        raise RuntimeError(
+            "regional attention needs the standard cross-attention processors, but these layers "
+            f"use others: {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}; "
+            "unload the adapter that installed them (e.g. pipe.unload_ip_adapter()) "
+            "before generating from a Layout"
+        )
+    if changed:
+        unet.set_attn_processor(processors)

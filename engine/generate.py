@@ -1,0 +1,98 @@
+"""One generation, as the command line and ``engine serve`` both run it.
+
+:func:`check_layout_files` makes sure every image a Layout names exists before any work starts;
+:func:`run_generation` runs the pipeline with per-step progress and cancellation, and writes the
+PNG with provenance.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import CancelledError, OutOfMemoryError, OutputError, is_out_of_memory
+from engine.layout import Layout, LayoutError
+from engine.provenance import sampler_name, save_png
+
+
+@dataclass
+class GenerationResult:
+    """What a finished generation produced."""
+
+    path: str
+    seed: int
+    width: int
+    height: int
+    seconds: float
+    """Time spent generating and writing the image, model loading excluded."""
+
+
+def check_layout_files(layout: Layout) -> None:
+    """Raise LayoutError naming the field of the first mask or depth image that is missing."""
+    named = [(f"regions[{i}].mask", r.mask) for i, r in enumerate(layout.regions)]
+    named.append(("depth", layout.depth))
+    for field, path in named:
+        if path is not None and not os.path.isfile(path):
+            raise LayoutError(
+                f"'{field}' {path!r} does not exist; write the image first or fix the path "
+                "(inline Layouts need absolute paths)",
+                field,
+            )
+
+
+def run_generation(
+    pipe: Any,
+    layout: Layout,
+    out: str,
+    model: str,
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Generate ``layout`` with ``pipe`` and write it to ``out`` (PNG with provenance).
+
+    ``on_step(step, total)`` is called after each denoising step (step counts from 1).
+    ``should_stop()`` is polled before the first step and after each one; when it returns True
+    the run stops there with CancelledError and no file is written.
+    """
+    check_layout_files(layout)
+    if should_stop is not None and should_stop():
+        raise CancelledError("cancelled before it started")
+
+    def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        if should_stop is not None and should_stop():
+            raise CancelledError(f"cancelled after step {step + 1}")
+        if on_step is not None:
+            total = getattr(pipeline, "num_timesteps", None) or layout.steps
+            on_step(step + 1, int(total))
+        return {}
+
+    start = time.perf_counter()
+    try:
+        image = pipe(layout=layout, callback_on_step_end=step_end, output_type="pil").images[0]
+    except CancelledError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise OutOfMemoryError(
+                f"the device ran out of memory generating {layout.width}x{layout.height}: "
+                "try a smaller size, --cpu-offload, --vae-tiling, or close other programs "
+                "using the GPU"
+            ) from exc
+        raise
+    try:
+        path = save_png(image, out, layout, model, sampler_name(pipe.scheduler))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {out}: {exc.strerror or exc}; choose a folder you can write to",
+            "out",
+        ) from exc
+    return GenerationResult(
+        path=path,
+        seed=layout.seed,
+        width=image.width,
+        height=image.height,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,476 @@
+"""Finding and loading models, offline only.
+
+A model spec is one of:
+
+- an alias: ``shapes``, the small model shipped in ``engine/models/shapes`` (the default);
+- a diffusers folder (holding ``model_index.json``);
+- a Hugging Face repo id already in the local cache (``stabilityai/stable-diffusion-xl-base-1.0``);
+  nothing is ever downloaded, the cache is only read;
+- a single ``.safetensors`` checkpoint in the original SDXL key layout (as shared on model sites).
+  Building the pipeline around it needs the component configs and tokenizers of a diffusers
+  folder: the one given as ``config``, else the repo its tensor names point to (read from the
+  file's header: SDXL base for most fine-tunes) from the local cache.
+
+Pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) can run code when loaded; they are
+refused unless ``allow_pickle`` is set.
+
+Resolving a spec (:func:`resolve_model`, :func:`describe_model`) only looks at the file system;
+loading (:class:`PipelineCache`) builds the pipeline on the chosen device and keeps it for the
+next request.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The engine never downloads: make every Hugging Face library fail fast instead of trying.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from engine.errors import (  # noqa: E402
+    DeviceError,
+    ModelNotFoundError,
+    UnsafeCheckpointError,
+    UnsupportedModelError,
+)
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+ALIASES: dict[str, Path] = {"shapes": MODELS_DIR / "shapes"}
+"""Short names for models shipped with the engine."""
+
+DEFAULT_MODEL = "shapes"
+MODEL_ENV = "LAYOUT_DIFFUSION_MODEL"
+"""Environment variable naming the default model spec (otherwise ``shapes``)."""
+
+SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+SAFE_SUFFIXES = (".safetensors",)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model spec points on this machine."""
+
+    spec: str
+    kind: str
+    """``folder`` (a diffusers folder) or ``single_file`` (one checkpoint file)."""
+    path: str
+    config: str | None = None
+    """For single files: the diffusers folder supplying configs and tokenizers."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: device, precision and memory savers."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    allow_pickle: bool = False
+    config: str | None = None
+    """Diffusers folder or cached repo id with the configs a single-file checkpoint needs."""
+
+
+# -- Resolving specs -----------------------------------------------------------------------------
+
+
+def default_model_spec() -> str:
+    """The model used when a request names none: ``$LAYOUT_DIFFUSION_MODEL`` or ``shapes``."""
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache folder, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return os.environ["HUGGINGFACE_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "huggingface",
+    )
+    return os.path.join(home, "hub")
+
+
+def cached_repo_snapshot(repo_id: str) -> str | None:
+    """The local snapshot folder of a cached Hugging Face repo, or None. Never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, cache_dir=hub_cache_dir(), local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+    return folder if isinstance(folder, str) and os.path.isdir(folder) else None
+
+
+def resolve_model(spec: str | None = None, options: LoadOptions | None = None) -> ModelLocation:
+    """Find what ``spec`` names, without loading it.
+
+    Raises ModelNotFoundError naming every place looked at and how to get the model, and
+    UnsafeCheckpointError for pickle weights without ``allow_pickle``.
+    """
+    options = options or LoadOptions()
+    spec = (spec or default_model_spec()).strip()
+    if not spec:
+        raise ModelNotFoundError("the model spec is empty; name a folder, file, repo id or alias")
+    if spec in ALIASES:
+        folder = ALIASES[spec]
+        if not (folder / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"the bundled model {spec!r} is missing: expected a diffusers folder at "
+                f"{folder}. Reinstall the engine from a complete checkout, or pass another "
+                "model (a diffusers folder, a cached repo id or a .safetensors file)"
+            )
+        return _folder_location(spec, str(folder), options)
+
+    path = os.path.abspath(os.path.expanduser(spec))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ModelNotFoundError(
+                f"{path} is a folder but not a diffusers model (no model_index.json). Pass the "
+                "folder that holds model_index.json, or a single .safetensors checkpoint"
+            )
+        return _folder_location(spec, path, options)
+    if os.path.isfile(path):
+        return _file_location(spec, path, options)
+
+    if _REPO_ID.match(spec) and not spec.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
+        snapshot = cached_repo_snapshot(spec)
+        if snapshot and os.path.isfile(os.path.join(snapshot, "model_index.json")):
+            return _folder_location(spec, snapshot, options)
+        where = "was found" if snapshot else "is not"
+        raise ModelNotFoundError(
+            f"model {spec!r} not found: no folder {path}, and the repo {where} in the Hugging "
+            f"Face cache {hub_cache_dir()}"
+            + (" but its snapshot has no model_index.json" if snapshot else "")
+            + ". The engine works offline and never downloads; get it "
+            f"on a machine with network: `hf download {spec}`, then copy the cache folder here "
+            "or point HF_HOME at it"
+        )
+    raise ModelNotFoundError(
+        f"model {spec!r} not found: no file or folder {path}. Pass a diffusers folder, a "
+        ".safetensors checkpoint, a repo id in the local Hugging Face cache, or one of "
+        f"{sorted(ALIASES)}"
+    )
+
+
+def describe_model(spec: str | None = None, options: LoadOptions | None = None) -> dict[str, Any]:
+    """Whether a model spec is usable here, for health checks: never loads it."""
+    spec = spec or default_model_spec()
+    try:
+        location = resolve_model(spec, options)
+    except (ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError) as exc:
+        return {"spec": spec, "found": False, "path": None, "message": str(exc)}
+    message = f"{location.kind.replace('_', ' ')} at {location.path}"
+    if location.config:
+        message += f" (configs from {location.config})"
+    return {"spec": spec, "found": True, "path": location.path, "message": message}
+
+
+def _weight_files(folder: str) -> list[str]:
+    """Weight files of a diffusers folder (top level and one component level down)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        if root != folder:
+            dirs.clear()
+        found += [f for f in files if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
+    return found
+
+
+def _folder_location(spec: str, folder: str, options: LoadOptions) -> ModelLocation:
+    weights = _weight_files(folder)
+    if not weights:
+        raise ModelNotFoundError(
+            f"{folder} has a model_index.json but no weight files (.safetensors): a partial "
+            "download? Download the complete model, or use it as --config for a single-file "
+            "checkpoint"
+        )
+    if not options.allow_pickle and weights and not any(w.endswith(SAFE_SUFFIXES) for w in weights):
+        raise UnsafeCheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(sorted(set(weights))[:4])}), which "
+            "can run code when loaded. Convert them to .safetensors, or pass --allow-pickle "
+            "(request field allow_pickle) if you trust their source"
+        )
+    return ModelLocation(spec=spec, kind="folder", path=folder)
+
+
+def _file_location(spec: str, path: str, options: LoadOptions) -> ModelLocation:
+    lower = path.lower()
+    if lower.endswith(PICKLE_SUFFIXES):
+        if not options.allow_pickle:
+            raise UnsafeCheckpointError(
+                f"{path} is a pickle checkpoint, which can run code when loaded. Use a "
+                ".safetensors version of it, or pass --allow-pickle (request field allow_pickle) "
+                "if you trust its source"
+            )
+    elif not lower.endswith(SAFE_SUFFIXES):
+        raise ModelNotFoundError(
+            f"{path} is not a model: expected a .safetensors checkpoint or a diffusers folder"
+        )
+    return ModelLocation(
+        spec=spec, kind="single_file", path=path, config=_config_folder(path, options)
+    )
+
+
+SDXL_MODEL_TYPES = ("xl_base", "playground-v2-5")
+"""diffusers' names for single-file model types with the SDXL text-to-image architecture."""
+
+
+class _TensorInfo:
+    """A tensor's shape as read from a safetensors header; no data is loaded."""
+
+    def __init__(self, shape: list[int]):
+        self.shape = tuple(shape)
+
+
+def safetensors_shapes(path: str) -> dict[str, _TensorInfo]:
+    """Tensor names and shapes of a .safetensors file, read from its JSON header only."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= 100_000_000:
+            raise ModelNotFoundError(f"{path} is not a valid .safetensors file (bad header size)")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError:
+            raise ModelNotFoundError(f"{path} is not a valid .safetensors file") from None
+    return {k: _TensorInfo(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def checkpoint_config_repo(path: str) -> str:
+    """The diffusers repo whose configs fit a single-file checkpoint, told by its tensor names.
+
+    Raises UnsupportedModelError for checkpoints that are not SDXL text-to-image models.
+    """
+    from diffusers.loaders.single_file_utils import (
+        DIFFUSERS_DEFAULT_PIPELINE_PATHS,
+        infer_diffusers_model_type,
+    )
+
+    model_type = infer_diffusers_model_type(safetensors_shapes(path))
+    if model_type not in SDXL_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{path} looks like a {model_type!r} checkpoint, not an SDXL text-to-image model; "
+            "use an SDXL base or fine-tune. If it does have the SDXL architecture, pass --config "
+            "with a diffusers folder describing it"
+        )
+    return DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
+
+
+def _config_folder(path: str, options: LoadOptions) -> str:
+    """The diffusers folder whose configs and tokenizers a single-file checkpoint is built with.
+
+    An explicit ``config`` wins; otherwise the checkpoint's tensor names say which repo it
+    belongs to (SDXL base for most fine-tunes), and that repo must be in the local cache.
+    """
+    if options.config:
+        path = os.path.abspath(os.path.expanduser(options.config))
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return path
+        snapshot = cached_repo_snapshot(options.config) if _REPO_ID.match(options.config) else None
+        if snapshot and os.path.isfile(os.path.join(snapshot, "model_index.json")):
+            return snapshot
+        raise ModelNotFoundError(
+            f"config {options.config!r} is neither a diffusers folder with model_index.json nor "
+            f"a repo in the Hugging Face cache {hub_cache_dir()}",
+            "config",
+        )
+    repo = checkpoint_config_repo(path) if path.lower().endswith(SAFE_SUFFIXES) else SDXL_BASE_REPO
+    snapshot = cached_repo_snapshot(repo)
+    if snapshot and os.path.isfile(os.path.join(snapshot, "model_index.json")):
+        return snapshot
+    raise ModelNotFoundError(
+        f"{path} is a single-file checkpoint; building it needs the component configs and "
+        f"tokenizers of {repo}, which is not in the Hugging Face cache {hub_cache_dir()}. Pass "
+        "--config with a diffusers folder of the same architecture, or get the configs (a few "
+        f"MB) on a machine with network: `hf download {repo} --include '*.json' '*.txt'`",
+        "config",
+    )
+
+
+# -- Device and precision ------------------------------------------------------------------------
+
+_DTYPES = {
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+
+def pick_device(requested: str | None = "auto") -> str:
+    """The torch device to run on: ``auto`` picks cuda, then mps, then cpu."""
+    import torch
+
+    requested = (requested or "auto").strip().lower()
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    kind = requested.split(":")[0]
+    if kind == "cpu":
+        return "cpu"
+    if kind == "cuda" and cuda:
+        index = requested.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise DeviceError(
+                f"device {requested!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s), numbered from 0",
+                "device",
+            )
+        return requested
+    if kind == "mps" and mps:
+        return "mps"
+    if kind in ("cuda", "mps"):
+        raise DeviceError(
+            f"device {requested!r} is not available here (cuda: {cuda}, mps: {mps}); use "
+            "--device auto or cpu, or install a torch build for your GPU",
+            "device",
+        )
+    raise DeviceError(f"unknown device {requested!r}; use auto, cuda, cuda:N, mps or cpu", "device")
+
+
+def pick_dtype(device: str, requested: str | None = "auto") -> Any:
+    """The torch dtype: ``auto`` is float16 on a GPU and float32 on the CPU."""
+    import torch
+
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    if requested not in _DTYPES:
+        raise DeviceError(
+            f"unknown dtype {requested!r}; use auto, float16, bfloat16 or float32", "dtype"
+        )
+    return getattr(torch, _DTYPES[requested])
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.float16`` -> ``float16``."""
+    return str(dtype).removeprefix("torch.")
+
+
+# -- Loading -------------------------------------------------------------------------------------
+
+
+def load_pipeline(location: ModelLocation, options: LoadOptions) -> Any:
+    """Build a RegionalSDXLPipeline from a resolved location, placed on the chosen device."""
+    from engine.pipeline import RegionalSDXLPipeline
+
+    device = pick_device(options.device)
+    dtype = pick_dtype(device, options.dtype)
+    if options.cpu_offload and device == "cpu":
+        raise DeviceError(
+            "--cpu-offload moves weights between the CPU and a GPU, but the device is the CPU; "
+            "drop --cpu-offload or choose a GPU device",
+            "cpu_offload",
+        )
+    common = {"torch_dtype": dtype, "local_files_only": True}
+    with warnings.catch_warnings():
+        # Newer diffusers rename torch_dtype to dtype; the old name works in every version.
+        warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
+        if location.kind == "single_file":
+            pipe = RegionalSDXLPipeline.from_single_file(
+                location.path, config=location.config, **common
+            )
+        else:
+            # use_safetensors=True makes diffusers refuse pickle weights; None lets it fall back.
+            pipe = RegionalSDXLPipeline.from_pretrained(
+                location.path,
+                use_safetensors=None if options.allow_pickle else True,
+                variant=_weights_variant(location.path),
+                **common,
+            )
+    if options.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if options.vae_tiling:
+        pipe.vae.enable_tiling()
+    # Callers report progress themselves (tqdm on the command line, events in serve).
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _weights_variant(folder: str) -> str | None:
+    """``fp16`` when the UNet exists only as fp16 variant files (a common partial download)."""
+    unet = os.path.join(folder, "unet")
+    if not os.path.isdir(unet):
+        return None
+    names = os.listdir(unet)
+    plain = any(n.startswith("diffusion_pytorch_model") and ".fp16." not in n for n in names)
+    return "fp16" if not plain and any(".fp16." in n for n in names) else None
+
+
+class PipelineCache:
+    """Keeps one loaded pipeline, keyed by (resolved path, device, dtype, options).
+
+    Asking for the same model again returns it with no load; asking for another one frees the
+    first before loading, so two models never share the device's memory.
+    """
+
+    def __init__(self) -> None:
+        self.pipe: Any = None
+        self.key: tuple | None = None
+        self.location: ModelLocation | None = None
+
+    def get(
+        self,
+        spec: str | None,
+        options: LoadOptions,
+        on_load: Callable[[ModelLocation], None] | None = None,
+    ) -> tuple[Any, ModelLocation, float]:
+        """The pipeline for ``spec``, its location, and the seconds spent loading (0 if kept).
+
+        ``on_load`` is called just before a load starts, so callers can tell their users.
+        """
+        location = resolve_model(spec, options)
+        device = pick_device(options.device)
+        key = (
+            location.path,
+            location.config,
+            device,
+            dtype_name(pick_dtype(device, options.dtype)),
+            options.cpu_offload,
+            options.vae_tiling,
+        )
+        if self.pipe is not None and key == self.key:
+            return self.pipe, location, 0.0
+        self.release()
+        if on_load is not None:
+            on_load(location)
+        start = time.perf_counter()
+        self.pipe = load_pipeline(location, options)
+        self.key, self.location = key, location
+        return self.pipe, location, time.perf_counter() - start
+
+    def release(self) -> bool:
+        """Drop the kept pipeline and return device memory; True if one was loaded."""
+        if self.pipe is None:
+            return False
+        device = self.key[2] if self.key else "cpu"
+        self.pipe = self.key = self.location = None
+        gc.collect()
+        import torch
+
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        elif device == "mps":
+            torch.mps.empty_cache()
+        return True

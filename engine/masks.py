@@ -1,0 +1,95 @@
+"""Region masks rasterized at the latent resolution.
+
+A region's mask is its mask image when it has one, else its box. Mask images are read with PIL as
+grayscale in 0..1, resized to the image size and area-averaged down to the latent grid; the
+result is cached per file path and modification time, so an unchanged mask file is read once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.layout import LayoutError, Region
+
+
+def box_coverage(box: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:
+    """The fraction of each cell of a ``height`` x ``width`` grid that ``box`` covers.
+
+    Exact area coverage rather than a hard edge, so a box smaller than a cell still shows up as
+    a small positive value instead of vanishing or snapping to a whole cell.
+    """
+    x0, y0, x1, y1 = box
+    return torch.outer(_interval_coverage(y0, y1, height), _interval_coverage(x0, x1, width))
+
+
+def _interval_coverage(lo: float, hi: float, cells: int) -> torch.Tensor:
+    edges = torch.arange(cells, dtype=torch.float64)
+    covered = torch.minimum(edges + 1, torch.tensor(hi * cells)) - torch.maximum(
+        edges, torch.tensor(lo * cells)
+    )
+    return covered.clamp(0.0, 1.0).to(torch.float32)
+
+
+def region_mask(
+    region: Region, index: int, image_size: tuple[int, int], latent_size: tuple[int, int]
+) -> torch.Tensor:
+    """A region's mask, float32 in 0..1, at the latent size ``(height, width)``.
+
+    ``image_size`` is ``(height, width)`` in pixels; ``index`` names the region in errors.
+    """
+    if region.mask is None:
+        return box_coverage(region.box, *latent_size)
+    where = f"regions[{index}].mask"
+    try:
+        stat = os.stat(region.mask)
+    except OSError as exc:
+        raise LayoutError(
+            f"{where}: cannot read mask image {region.mask!r}: {exc.strerror}; "
+            "write the mask file again or remove 'mask' to use the box",
+            where,
+        ) from None
+    return _load_mask(region.mask, stat.st_mtime_ns, stat.st_size, image_size, latent_size, where)
+
+
+@functools.lru_cache(maxsize=256)
+def _load_mask(
+    path: str,
+    mtime_ns: int,
+    file_size: int,
+    image_size: tuple[int, int],
+    latent_size: tuple[int, int],
+    where: str,
+) -> torch.Tensor:
+    # mtime_ns and file_size are part of the cache key only: a rewritten file reloads.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            gray = _grayscale(image)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise LayoutError(
+            f"{where}: {path!r} is not a readable image ({exc}); "
+            "save the mask as a grayscale PNG (white = region)",
+            where,
+        ) from None
+    height, width = image_size
+    if gray.shape != (height, width):
+        resized = Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR)
+        gray = np.asarray(resized, dtype=np.float32)
+    mask = torch.from_numpy(np.clip(gray, 0.0, 1.0))
+    # Shared through the cache: callers must treat it as read-only.
+    return F.adaptive_avg_pool2d(mask[None, None], latent_size)[0, 0]
+
+
+def _grayscale(image) -> np.ndarray:
+    """An image as float32 gray in 0..1, keeping 16-bit precision where the file has it."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float32)
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0

@@ -1,0 +1,479 @@
+"""``python -m engine serve``: the engine as a long-lived subprocess speaking JSON lines.
+
+Protocol (version ``PROTOCOL_VERSION`` in ``engine.layout``)
+------------------------------------------------------------
+
+The client writes requests to the engine's stdin and reads replies and events from its stdout,
+one JSON object per line, UTF-8, ``\\n``-terminated. stdout carries protocol lines only; logs
+and library output go to stderr. Every request is an object with ``op`` (string) and ``id``
+(string or number, chosen by the client); every line the engine writes carries the ``id`` of the
+request it answers (``null`` only when a request had no readable id). Lines are written whole
+and flushed one at a time.
+
+Requests:
+
+``{"op": "hello", "id": 1, "model": "shapes"}``
+    Answers ``{"id": 1, "event": "hello", "protocol": 1, "engine_version": "0.1.0",
+    "device": "cuda", "dtype": "float16", "capabilities": ["attention", "cancel", ...],
+    "default_model": "shapes", "loaded_model": null}``. With ``model`` (optional), it also
+    reports whether that model is on this machine, without loading it:
+    ``"model": {"spec": "shapes", "found": true, "path": "/...", "message": "..."}``.
+
+``{"op": "generate", "id": "r1", "layout": {...}, "out": "/abs/out.png", "model": "shapes"}``
+    ``layout`` is an inline Layout (``engine.layout``; mask and depth paths absolute), ``out``
+    the absolute PNG path to write, ``model`` optional (default: the model of the previous
+    generate, else the serve ``--model``, else ``shapes``). Optional ``options`` overrides the
+    serve flags for this request: ``{"device", "dtype", "cpu_offload", "vae_tiling",
+    "allow_pickle", "config"}``. The request is validated when it arrives (Layout, image files,
+    model presence) and errors come back at once. Events, in order:
+
+    - ``{"id": "r1", "event": "queued", "position": 1}`` only if another generate is ahead;
+    - ``{"id": "r1", "event": "loading", "model": "shapes", "path": "/..."}`` only if the model
+      is not the one already loaded;
+    - ``{"id": "r1", "event": "progress", "step": k, "total": n}`` after each step, k = 1..n;
+    - ``{"id": "r1", "event": "result", "path": "/abs/out.png", "seed": 7, "width": 1024,
+      "height": 1024, "seconds": 12.3, "load_seconds": 0.0, "model": "shapes"}``: ``seconds``
+      is generation time without loading, ``load_seconds`` is 0 when the model was kept loaded.
+
+    The PNG is written atomically and carries provenance (``engine.provenance``).
+
+``{"op": "cancel", "id": 5, "target": "r1"}``
+    Stops generate ``target`` (default: the running one). A running generate stops at the end
+    of its current step; a queued one is dropped. The target then gets
+    ``{"id": "r1", "event": "cancelled"}`` instead of a result, and the model stays loaded. The
+    cancel is acknowledged with ``{"id": 5, "event": "ack", "op": "cancel", "target": "r1",
+    "found": true}`` (``found`` false if nothing matched: it had already finished). A generate
+    past its last step when the cancel arrives still ends with its ``result``.
+
+``{"op": "release", "id": 6}``
+    Unloads the model and frees device memory, after any generate ahead of it in the queue:
+    ``{"id": 6, "event": "ack", "op": "release", "released": true}``.
+
+``{"op": "shutdown", "id": 7}``
+    Cancels running and queued generates (each gets ``cancelled``), answers
+    ``{"id": 7, "event": "ack", "op": "shutdown"}`` and exits with status 0. End of input on
+    stdin also exits with 0, after finishing the generates already queued.
+
+Generates run one at a time, in the order received; up to 4 (``QUEUE_LIMIT``) may wait behind
+the running one, more are refused with ``busy``. Every generate ends with exactly one of
+``result``, ``cancelled`` or ``error``. stdin is read while a generate runs, so ``hello``
+and ``cancel`` answer at once.
+
+Errors: ``{"id": ..., "event": "error", "code": "...", "message": "...", "field": ...}`` where
+``message`` says what is wrong and what to do, ``field`` (when known) names the offending
+request or Layout field (``layout.regions[0].box``). The process stays up after every error.
+Codes: ``bad_json`` (line is not JSON), ``bad_request`` (missing or mistyped request fields),
+``unknown_op``, ``bad_layout``, ``model_not_found``, ``unsupported_model`` (not an SDXL
+text-to-image checkpoint), ``unsafe_checkpoint`` (pickle weights without ``allow_pickle``), ``bad_device``, ``out_of_memory``, ``output_failed`` (the PNG could
+not be written), ``busy``, ``internal``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import traceback
+from typing import IO, TYPE_CHECKING, Any
+
+from engine import __version__
+from engine.errors import BadRequestError, CancelledError, EngineError, is_out_of_memory
+from engine.layout import MODES, PROTOCOL_VERSION, Layout, LayoutError
+
+if TYPE_CHECKING:
+    from engine.loading import LoadOptions, ModelLocation
+
+log = logging.getLogger("engine.serve")
+
+QUEUE_LIMIT = 4
+"""Generates that may wait behind the running one before ``busy`` is answered."""
+
+CAPABILITIES = [*MODES, "cancel", "release", "progress", "queue", "single_file", "provenance"]
+
+_OPTION_TYPES = {
+    "device": str,
+    "dtype": str,
+    "cpu_offload": bool,
+    "vae_tiling": bool,
+    "allow_pickle": bool,
+    "config": str,
+}
+
+
+@dataclasses.dataclass
+class _Job:
+    id: Any
+    op: str
+    layout: Layout | None = None
+    out: str = ""
+    model: str = ""
+    options: LoadOptions | None = None
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class Server:
+    """Reads requests, answers the quick ones at once and runs generates on a worker thread."""
+
+    def __init__(self, out: IO[str], options: LoadOptions | None = None, model: str | None = None):
+        from engine.loading import LoadOptions, PipelineCache, default_model_spec
+
+        self._out = out
+        self._write_lock = threading.Lock()
+        self._options = options or LoadOptions()
+        self._default_model = model or default_model_spec()
+        self._last_model: str | None = None
+        self._cache = PipelineCache()
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: _Job | None = None
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
+
+    # -- Output ------------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write one protocol line (serialized across threads, flushed)."""
+        line = json.dumps(message, ensure_ascii=False, allow_nan=False, default=str)
+        with self._write_lock:
+            try:
+                self._out.write(line + "\n")
+                self._out.flush()
+            except (BrokenPipeError, ValueError):
+                # The client went away; the reader sees end of input and shuts down.
+                pass
+
+    def _error(self, request_id: Any, exc: BaseException) -> None:
+        self.send(self._error_message(request_id, exc))
+
+    def _error_message(self, request_id: Any, exc: BaseException) -> dict[str, Any]:
+        if isinstance(exc, LayoutError):
+            code = "bad_layout"
+            field = f"layout.{exc.field}" if exc.field else "layout"
+        elif isinstance(exc, EngineError):
+            code, field = exc.code, exc.field
+        elif is_out_of_memory(exc):
+            # While loading: generation itself reports OutOfMemoryError with its own advice.
+            code, field = "out_of_memory", None
+            exc = RuntimeError(
+                f"the device ran out of memory loading the model ({exc}): try --cpu-offload, "
+                "--dtype float16, or close other programs using the GPU"
+            )
+        else:
+            log.error("internal error:\n%s", traceback.format_exc())
+            code, field = "internal", None
+            exc = RuntimeError(
+                f"internal error ({type(exc).__name__}: {exc}); the engine log on stderr has "
+                "the details, please report it"
+            )
+        message = {"id": request_id, "event": "error", "code": code, "message": str(exc)}
+        if field:
+            message["field"] = field
+        return message
+
+    # -- Reading -----------------------------------------------------------------------------
+
+    def run(self, lines: IO[str]) -> int:
+        """Serve requests from ``lines`` until shutdown or end of input; the exit status."""
+        self._worker.start()
+        self._log_start()
+        for line in iter(lines.readline, ""):
+            if not line.strip():
+                continue
+            if not self.handle_line(line):
+                break
+        else:
+            # End of input: finish what is queued, then stop.
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+        self._worker.join()
+        return 0
+
+    def _log_start(self) -> None:
+        log.info("engine %s serving protocol %s on stdin/stdout", __version__, PROTOCOL_VERSION)
+
+    def handle_line(self, line: str) -> bool:
+        """Handle one request line; False once the server should stop reading."""
+        try:
+            # NaN and Infinity are let through here so the Layout check can name the field.
+            request = json.loads(line)
+        except ValueError as exc:
+            self.send(
+                {
+                    "id": None,
+                    "event": "error",
+                    "code": "bad_json",
+                    "message": f"request is not valid JSON ({exc}); send one JSON object per line",
+                }
+            )
+            return True
+        request_id = request.get("id") if isinstance(request, dict) else None
+        if not _valid_id(request_id):
+            request_id = None
+        try:
+            return self._dispatch(request)
+        except Exception as exc:  # every failure becomes an error line; the server stays up
+            self._error(request_id, exc)
+            return True
+
+    def _dispatch(self, request: Any) -> bool:
+        if not isinstance(request, dict):
+            raise BadRequestError(
+                f"a request is a JSON object with 'op' and 'id', got {type(request).__name__}"
+            )
+        if "id" not in request or request["id"] is None or not _valid_id(request["id"]):
+            raise BadRequestError("request needs an 'id' (a string or a finite number)", "id")
+        op = request.get("op")
+        handler = (
+            {
+                "hello": self._hello,
+                "generate": self._generate,
+                "cancel": self._cancel,
+                "release": self._release,
+                "shutdown": self._shutdown,
+            }.get(op)
+            if isinstance(op, str)
+            else None
+        )
+        if handler is None:
+            self.send(
+                {
+                    "id": request["id"],
+                    "event": "error",
+                    "code": "unknown_op",
+                    "message": f"unknown op {op!r}; known ops are hello, generate, cancel, "
+                    "release and shutdown",
+                    "field": "op",
+                }
+            )
+            return True
+        return handler(request)
+
+    # -- Ops ---------------------------------------------------------------------------------
+
+    def _hello(self, request: dict) -> bool:
+        from engine.loading import describe_model
+
+        options = self._request_options(request)
+        reply = {"id": request["id"], "event": "hello", **engine_info(options)}
+        reply["default_model"] = self._last_model or self._default_model
+        reply["loaded_model"] = self._cache.location.spec if self._cache.location else None
+        if "model" in request:
+            spec = _optional_str(request, "model")
+            reply["model"] = describe_model(spec or self._default_model, options)
+        self.send(reply)
+        return True
+
+    def _generate(self, request: dict) -> bool:
+        from engine.generate import check_layout_files
+        from engine.loading import pick_device, resolve_model
+
+        out = request.get("out")
+        if not isinstance(out, str) or not out:
+            raise BadRequestError("generate needs 'out': the absolute path of the PNG", "out")
+        if not os.path.isabs(out):
+            raise BadRequestError(f"'out' {out!r} must be an absolute path", "out")
+        if "layout" not in request:
+            raise BadRequestError("generate needs 'layout': an inline Layout object", "layout")
+        layout = Layout.from_dict(request["layout"])
+        check_layout_files(layout)
+        options = self._request_options(request)
+        pick_device(options.device)
+        model = _optional_str(request, "model") or self._last_model or self._default_model
+        resolve_model(model, options)
+        job = _Job(request["id"], "generate", layout, out, model, options)
+        with self._cond:
+            waiting = sum(1 for j in self._jobs if j.op == "generate")
+            if waiting >= QUEUE_LIMIT:
+                raise _Busy(
+                    f"{waiting} generates are already waiting; wait for a result or cancel one"
+                )
+            self._last_model = model
+            self._jobs.append(job)
+            ahead = waiting + (self._running is not None)
+            if ahead:
+                # Sent under the lock: the worker cannot start this job (and send its first
+                # events) before the client has heard that it is queued.
+                self.send({"id": job.id, "event": "queued", "position": ahead})
+            self._cond.notify_all()
+        return True
+
+    def _cancel(self, request: dict) -> bool:
+        target = request.get("target")
+        with self._cond:
+            running = self._running if self._running and self._running.op == "generate" else None
+            if target is None and running is not None:
+                target = running.id
+            found = False
+            if running is not None and running.id == target:
+                running.cancel.set()
+                found = True
+            else:
+                for job in list(self._jobs):
+                    if job.op == "generate" and job.id == target:
+                        self._jobs.remove(job)
+                        found = True
+                        self.send({"id": job.id, "event": "cancelled"})
+        self.send(
+            {"id": request["id"], "event": "ack", "op": "cancel", "target": target, "found": found}
+        )
+        return True
+
+    def _release(self, request: dict) -> bool:
+        with self._cond:
+            self._jobs.append(_Job(request["id"], "release"))
+            self._cond.notify_all()
+        return True
+
+    def _shutdown(self, request: dict) -> bool:
+        with self._cond:
+            self._stopping = True
+            if self._running is not None:
+                self._running.cancel.set()
+            for job in self._jobs:
+                if job.op == "generate":
+                    self.send({"id": job.id, "event": "cancelled"})
+            self._jobs.clear()
+            self._cond.notify_all()
+        self._worker.join()
+        self.send({"id": request["id"], "event": "ack", "op": "shutdown"})
+        return False
+
+    def _request_options(self, request: dict) -> LoadOptions:
+        overrides = request.get("options", {})
+        if not isinstance(overrides, dict):
+            raise BadRequestError("'options' must be an object", "options")
+        for key, value in overrides.items():
+            kind = _OPTION_TYPES.get(key)
+            if kind is None:
+                raise BadRequestError(
+                    f"unknown option {key!r}; known options are {sorted(_OPTION_TYPES)}",
+                    f"options.{key}",
+                )
+            if not isinstance(value, kind) and not (key == "config" and value is None):
+                raise BadRequestError(
+                    f"option {key!r} must be a {kind.__name__}, got {value!r}", f"options.{key}"
+                )
+        return dataclasses.replace(self._options, **overrides)
+
+    # -- Worker ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._running = self._jobs.popleft()
+            try:
+                if job.op == "release":
+                    final = {
+                        "id": job.id,
+                        "event": "ack",
+                        "op": "release",
+                        "released": self._cache.release(),
+                    }
+                else:
+                    final = self._run_generate(job)
+            except CancelledError:
+                final = {"id": job.id, "event": "cancelled"}
+            except Exception as exc:
+                final = self._error_message(job.id, exc)
+            # Cleared before the final event goes out, so a client reacting to it never finds
+            # this job still "running" (a late cancel must report found: false).
+            with self._cond:
+                self._running = None
+            self.send(final)
+
+    def _run_generate(self, job: _Job) -> dict[str, Any]:
+        from engine.generate import run_generation
+
+        def announce(location: ModelLocation) -> None:
+            self.send({"id": job.id, "event": "loading", "model": job.model, "path": location.path})
+
+        if job.cancel.is_set():
+            raise CancelledError("cancelled before it started")
+        pipe, _, load_seconds = self._cache.get(job.model, job.options, on_load=announce)
+        result = run_generation(
+            pipe,
+            job.layout,
+            job.out,
+            job.model,
+            on_step=lambda step, total: self.send(
+                {"id": job.id, "event": "progress", "step": step, "total": total}
+            ),
+            should_stop=job.cancel.is_set,
+        )
+        return {
+            "id": job.id,
+            "event": "result",
+            "path": result.path,
+            "seed": result.seed,
+            "width": result.width,
+            "height": result.height,
+            "seconds": round(result.seconds, 4),
+            "load_seconds": round(load_seconds, 4),
+            "model": job.model,
+        }
+
+
+def engine_info(options: LoadOptions | None = None) -> dict[str, Any]:
+    """Version, protocol, device, dtype and capabilities: the body of a ``hello`` reply."""
+    from engine.loading import LoadOptions, dtype_name, pick_device, pick_dtype
+
+    options = options or LoadOptions()
+    device = pick_device(options.device)
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "engine_version": __version__,
+        "device": device,
+        "dtype": dtype_name(pick_dtype(device, options.dtype)),
+        "capabilities": CAPABILITIES,
+    }
+
+
+class _Busy(EngineError):
+    code = "busy"
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or (isinstance(value, (str, int)) and not isinstance(value, bool))
+
+
+def _optional_str(request: dict, key: str) -> str | None:
+    value = request.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadRequestError(f"'{key}' must be a string", key)
+    return value
+
+
+def protocol_streams() -> tuple[IO[str], IO[str]]:
+    """Take over stdin/stdout for the protocol; anything else printing goes to stderr.
+
+    The real stdout file descriptor is duplicated for protocol lines, then fd 1 and
+    ``sys.stdout`` are pointed at stderr, so stray prints (ours, libraries', C code's) cannot
+    corrupt the stream.
+    """
+    sys.stdout.flush()
+    protocol_out = io.TextIOWrapper(
+        os.fdopen(os.dup(1), "wb", buffering=0), encoding="utf-8", newline="\n"
+    )
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    protocol_in = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    return protocol_in, protocol_out
+
+
+def serve(options: LoadOptions | None = None, model: str | None = None) -> int:
+    """Run the protocol on this process's stdin/stdout; returns the exit status."""
+    protocol_in, protocol_out = protocol_streams()
+    return Server(protocol_out, options, model).run(protocol_in)
