@@ -13,11 +13,19 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    XFormersAttnProcessor,
+)
 
 from engine.regions import RegionalState
 
 CROSS_ATTENTION_SUFFIX = "attn2.processor"
+
+# Processors that compute plain attention and nothing else: safe to replace.
+_PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
 
 
 class RegionalContext:
@@ -151,9 +159,9 @@ def _attend(
 def install_regional_attention(unet: torch.nn.Module, context: RegionalContext) -> None:
     """Put a ``RegionalAttnProcessor`` reading ``context`` on every cross-attention layer.
 
-    Self-attention layers keep their processors. A cross-attention layer whose processor is
-    not a plain scaled-dot-product one (an IP-Adapter, say) is left alone and reported, since
-    replacing it would silently drop what it does.
+    Self-attention layers keep their processors. A cross-attention processor that does more
+    than plain attention (an IP-Adapter's, say) makes this raise, naming the layers: replacing
+    it would silently drop what it does.
     """
     processors = dict(unet.attn_processors)
     foreign = []
@@ -163,7 +171,7 @@ def install_regional_attention(unet: torch.nn.Module, context: RegionalContext) 
             continue
         if isinstance(processor, RegionalAttnProcessor) and processor.context is context:
             continue
-        if type(processor) in (AttnProcessor2_0, AttnProcessor, RegionalAttnProcessor):
+        if type(processor) in _PLAIN_PROCESSORS or type(processor) is RegionalAttnProcessor:
             processors[name] = RegionalAttnProcessor(context)
             changed = True
         else:

@@ -49,11 +49,18 @@ def region_mask(
         stat = os.stat(region.mask)
     except OSError as exc:
         raise LayoutError(
-            f"{where}: cannot read mask image {region.mask!r}: {exc.strerror}; "
+            f"{where}: cannot read mask image {region.mask!r}: {exc.strerror or exc}; "
             "write the mask file again or remove 'mask' to use the box",
             where,
         ) from None
-    return _load_mask(region.mask, stat.st_mtime_ns, stat.st_size, image_size, latent_size, where)
+    try:
+        return _load_mask(region.mask, stat.st_mtime_ns, stat.st_size, image_size, latent_size)
+    except OSError as exc:  # PIL's UnidentifiedImageError is one too
+        raise LayoutError(
+            f"{where}: {region.mask!r} is not a readable image ({exc}); "
+            "save the mask as a grayscale PNG (white = region)",
+            where,
+        ) from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -63,20 +70,12 @@ def _load_mask(
     file_size: int,
     image_size: tuple[int, int],
     latent_size: tuple[int, int],
-    where: str,
 ) -> torch.Tensor:
     # mtime_ns and file_size are part of the cache key only: a rewritten file reloads.
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            gray = _grayscale(image)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise LayoutError(
-            f"{where}: {path!r} is not a readable image ({exc}); "
-            "save the mask as a grayscale PNG (white = region)",
-            where,
-        ) from None
+    with Image.open(path) as image:
+        gray = _grayscale(image)
     height, width = image_size
     if gray.shape != (height, width):
         resized = Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR)

@@ -1,0 +1,199 @@
+"""What regional attention costs over a plain SDXL step.
+
+1. FLOPs of one denoising step with classifier-free guidance (batch 2) at 1024x1024 on the real
+   SDXL base UNet topology, built on the meta device (no weights, nothing downloaded), counted
+   with torch's FlopCounterMode around exactly what the processors execute.
+2. Wall time per denoising step on the tiny SDXL model on CPU (median over steps and runs).
+
+Run: ``python benchmarks/regional_cost.py`` (prints one table; takes about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.attention import RegionalContext, install_regional_attention  # noqa: E402
+from engine.layout import Layout, Region  # noqa: E402
+from engine.regions import RegionalState, plan_regions  # noqa: E402
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+SDXL_BASE_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+CASES = [("plain", 0, False), ("1 region", 1, False), ("8 distinct", 8, False)]
+CASES += [("16 distinct", 16, False), ("100 shared", 100, True)]
+
+
+def layout_for(count: int, shared: bool, size: int) -> Layout:
+    """A scene naming its regions (so the background block differs), boxes on a grid."""
+    prompts = ["a dog" if shared else f"object number {i}" for i in range(count)]
+    side = max(1, round(count**0.5 + 0.499))
+    regions = []
+    for i, prompt in enumerate(prompts):
+        x, y = (i % side) / side, (i // side) / side
+        regions.append(Region(prompt, (x, y, x + 0.8 / side, y + 0.8 / side)))
+    scene = ", ".join(dict.fromkeys(prompts)) + " on a table" if prompts else "a table"
+    return Layout(prompt=scene, width=size, height=size, steps=5, regions=regions)
+
+
+def meta_step_flops(unet: UNet2DConditionModel, context: RegionalContext, layout: Layout):
+    """FLOPs of one guided UNet call for ``layout`` and the number of text tokens it used."""
+    latent = (layout.height // 8, layout.width // 8)
+    plan = plan_regions(layout, latent)
+    blocks = len(plan.prompts)
+    meta = torch.device("meta")
+    sample = torch.empty(2, 4, *latent, device=meta)
+    text = torch.empty(2, blocks * 77, 2048, device=meta)
+    added = {
+        "text_embeds": torch.empty(2, 1280, device=meta),
+        "time_ids": torch.empty(2, 6, device=meta),
+    }
+    counter = FlopCounterMode(display=False)
+    state = RegionalState(plan, block_tokens=77, guided=True)
+
+    def step():
+        with counter:
+            unet(sample, torch.tensor(500, device=meta), text, added_cond_kwargs=added)
+
+    if blocks == 1:
+        step()  # one prompt everywhere: the pipeline runs no regional state
+    else:
+        with context.active(state):
+            step()
+    return counter.get_total_flops(), blocks * 77
+
+
+def step_gaps(pipe, layout: Layout) -> list[float]:
+    """Seconds between consecutive denoising steps of one call (steady state, no set-up)."""
+    stamps: list[float] = []
+
+    def stamp(_pipe, _step, _t, kwargs):
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    pipe(layout=layout, callback_on_step_end=stamp, output_type="latent")
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def tiny_step_seconds(pipe, layout: Layout, runs: int = 5) -> tuple[float, float]:
+    """Median seconds per step, plain and regional, from interleaved calls.
+
+    Plain calls (the scene prompt alone) alternate with regional ones so that load from other
+    processes hits both alike.
+    """
+    plain = Layout(
+        prompt=layout.prompt, width=layout.width, height=layout.height, steps=layout.steps
+    )
+    plain_gaps, regional_gaps = [], []
+    for _ in range(runs):
+        plain_gaps += step_gaps(pipe, plain)
+        regional_gaps += step_gaps(pipe, layout)
+    return statistics.median(plain_gaps), statistics.median(regional_gaps)
+
+
+def main() -> None:
+    # One thread: on a shared machine, thread oversubscription swamps the differences measured.
+    torch.set_num_threads(1)
+    diffusers_logging.set_verbosity_error()  # the tiny tokenizer truncates long scene prompts
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SDXL_BASE_UNET).eval()
+    context = RegionalContext()
+    install_regional_attention(unet, context)
+
+    from engine.pipeline import RegionalSDXLPipeline
+    from engine.tiny import save_tiny_sdxl
+
+    folder = save_tiny_sdxl(os.path.join(tempfile.mkdtemp(), "tiny-sdxl"))
+    pipe = RegionalSDXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    tiny_size = 128
+
+    rows = []
+    with torch.no_grad():
+        for name, count, shared in CASES:
+            layout = layout_for(count, shared, 1024)
+            flops, tokens = meta_step_flops(unet, context, layout)
+            started = time.perf_counter()
+            plan_regions(layout, (128, 128))
+            plan_ms = (time.perf_counter() - started) * 1000
+            plain_s, regional_s = tiny_step_seconds(pipe, layout_for(count, shared, tiny_size))
+            rows.append((name, tokens, flops, plan_ms, plain_s, regional_s))
+
+    base_flops = rows[0][2]
+    print(f"SDXL base UNet, one CFG step at 1024x1024: {base_flops / 1e12:.2f} TFLOP plain")
+    print(f"wall time: tiny SDXL on CPU, {tiny_size}x{tiny_size}, 1 thread, median per step")
+    print()
+    header = (
+        f"{'case':<12} {'tokens':>6} {'TFLOP':>7} {'FLOPs':>7} {'plan ms':>8} "
+        f"{'plain s':>8} {'region s':>8} {'time':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, tokens, flops, plan_ms, plain_s, regional_s in rows:
+        print(
+            f"{name:<12} {tokens:>6} {flops / 1e12:>7.2f} {flops / base_flops:>6.3f}x "
+            f"{plan_ms:>8.1f} {plain_s:>8.4f} {regional_s:>8.4f} {regional_s / plain_s:>5.2f}x"
+        )
+    print()
+    print("tokens: text tokens per positive prompt (scene, background, one block per distinct")
+    print("region prompt); plan ms: masks and block weights on every grid at 1024x1024.")
+
+
+if __name__ == "__main__":
+    main()
