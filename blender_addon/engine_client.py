@@ -1,0 +1,443 @@
+"""Client for the local generation engine (``python -m engine serve``).
+
+The engine runs in its own Python (with torch) as a child process and speaks newline-delimited
+JSON: one request per line on stdin, events tagged with the request's ``id`` on stdout, logs on
+stderr. This module is standard library only so it runs inside Blender's Python, in the
+animation renderer, and in tests without bpy.
+
+Two ways to use it:
+
+* non-blocking: ``job = client.generate(...)`` then poll ``job.poll()`` from a UI timer; a reader
+  thread fills each job's event queue, so the caller never waits on the pipe;
+* blocking: ``client.run(layout, out, model)`` returns the result event or raises
+  :class:`EngineError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+SERVE_ARGS: tuple[str, ...] = ("-m", "engine", "serve")
+"""Arguments that start the engine's line-protocol server."""
+
+NOT_INSTALLED_HINT = "Open Preferences > Add-ons > Layout Diffusion and press Set up engine."
+
+PROGRESS_EVENTS = frozenset({"queued", "loading", "progress"})
+"""Events that report on a request without ending it; any other event is its final answer."""
+
+ENGINE_GONE = "engine_crashed"
+NOT_INSTALLED = "not_installed"
+TIMEOUT = "timeout"
+
+
+class EngineError(RuntimeError):
+    """The engine answered with an error, or could not answer at all.
+
+    ``code`` is machine-readable (the engine's own codes such as ``model_not_found`` or
+    ``out_of_memory``, plus ``engine_crashed``, ``not_installed`` and ``timeout`` from this
+    client); ``message`` says what happened and what to do.
+    """
+
+    def __init__(self, code: str, message: str, stderr_tail: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.stderr_tail = stderr_tail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Job:
+    """One request in flight: its events arrive on ``events`` in order, the last one is final."""
+
+    def __init__(self, client: EngineClient, request_id: str, op: str):
+        self.client = client
+        self.id = request_id
+        self.op = op
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.final: dict[str, Any] | None = None
+        self._done = threading.Event()
+        self._deliver_lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None  # the process that owes the answer
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        # The reader thread and a crash report (another thread) may race to end a job.
+        with self._deliver_lock:
+            if self._done.is_set():
+                return
+            if event.get("event") not in PROGRESS_EVENTS:
+                self.final = event
+                self.events.put(event)
+                self._done.set()
+            else:
+                self.events.put(event)
+
+    @property
+    def done(self) -> bool:
+        """True once the final event (result, error, cancelled, ...) has arrived."""
+        return self._done.is_set()
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Every event that arrived since the last call, without waiting."""
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Events as they arrive, blocking, ending after the final one (or at once if a
+        previous :meth:`poll` already took it)."""
+        while True:
+            if self.done and self.events.empty():
+                return
+            event = self.events.get()
+            yield event
+            if event is self.final:
+                return
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the final event and return it; ``TimeoutError`` if it does not come."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(
+                f"engine request {self.op} ({self.id}) still running after {timeout} s"
+            )
+        assert self.final is not None
+        return self.final
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; the model stays loaded. Final event: cancelled."""
+        if not self.done:
+            self.client.cancel(self.id)
+
+
+class EngineClient:
+    """A warm engine child process and the requests sent to it.
+
+    ``python`` is the interpreter that has the engine installed. The process starts on
+    :meth:`start` (or the first request) and stays up between requests so the model stays
+    loaded; :meth:`restart` replaces a dead one.
+    """
+
+    def __init__(
+        self,
+        python: str,
+        args: tuple[str, ...] | list[str] = SERVE_ARGS,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stderr_lines: int = 200,
+    ):
+        self.python = python
+        self.args = tuple(args)
+        self.env = env
+        self.cwd = cwd
+        self._stderr_lines = stderr_lines
+        self._stderr: collections.deque[str] = collections.deque(maxlen=stderr_lines)
+        self._proc: subprocess.Popen[str] | None = None
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        # Distinct per client so ids never repeat across restarts or clients in one log.
+        self._prefix = f"{os.getpid():x}{id(self) & 0xFFFF:04x}"
+        self._readers: list[threading.Thread] = []
+
+    # -- Process ------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """True while the engine process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process id, or None before start."""
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> EngineClient:
+        """Start the engine process if it is not running. Raises EngineError(not_installed)."""
+        if self.alive:
+            return self
+        if not self.python or not os.path.isfile(self.python):
+            raise EngineError(
+                NOT_INSTALLED,
+                f"The engine's Python interpreter {self.python!r} does not exist. "
+                + NOT_INSTALLED_HINT,
+            )
+        env = dict(os.environ if self.env is None else self.env)
+        # Line-buffered pipes both ways; the engine's progress must not sit in a buffer.
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("PYTHONIOENCODING", "utf-8")
+        # Blender's own Python settings must not leak into the engine's interpreter.
+        for key in ("PYTHONHOME", "PYTHONPATH") if self.env is None else ():
+            env.pop(key, None)
+        flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
+        try:
+            proc = subprocess.Popen(
+                [self.python, *self.args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                env=env,
+                cwd=self.cwd,
+                creationflags=flags,
+            )
+        except OSError as exc:
+            raise EngineError(
+                NOT_INSTALLED,
+                f"Cannot start the engine with {self.python!r}: {exc.strerror}. "
+                + NOT_INSTALLED_HINT,
+            ) from None
+        # Each process has its own log tail: a dying one's reader may still be reporting its
+        # crash while its replacement starts.
+        tail: collections.deque[str] = collections.deque(maxlen=self._stderr_lines)
+        self._stderr = tail
+        self._proc = proc
+        stderr_reader = threading.Thread(target=self._read_stderr, args=(proc, tail), daemon=True)
+        self._readers = [
+            stderr_reader,
+            threading.Thread(
+                target=self._read_stdout, args=(proc, tail, stderr_reader), daemon=True
+            ),
+        ]
+        for thread in self._readers:
+            thread.start()
+        return self
+
+    def restart(self) -> EngineClient:
+        """Stop the process (if any) and start a fresh one."""
+        self.close()
+        return self.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the engine to shut down, then terminate it if it does not within ``timeout``."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                self._write({"op": "shutdown", "id": self._next_id()})
+                proc.wait(timeout)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for thread in self._readers:
+            thread.join(timeout)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        self._fail_pending(proc)
+        self._proc = None
+
+    def kill(self) -> None:
+        """Kill the engine process at once (what a crash looks like to the client)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines the engine wrote to stderr (its log)."""
+        return "\n".join(list(self._stderr)[-lines:])
+
+    def __enter__(self) -> EngineClient:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- Requests -----------------------------------------------------------------------------
+
+    def request(self, op: str, **fields: Any) -> Job:
+        """Send ``{"op": op, "id": ..., **fields}`` and return its Job (starting the engine)."""
+        self.start()
+        job = Job(self, self._next_id(), op)
+        job._proc = self._proc
+        with self._lock:
+            self._jobs[job.id] = job
+        try:
+            self._write({"op": op, "id": job.id, **fields})
+        except (OSError, ValueError):
+            # The pipe closed under us: the reader thread reports the crash to this job.
+            self._fail_pending(self._proc)
+        return job
+
+    def hello(self, model: str | None = None, timeout: float | None = 120.0) -> dict[str, Any]:
+        """The engine's version, device, dtype and capabilities; with ``model``, whether it exists.
+
+        Blocking. Raises EngineError if the engine cannot start or answers with an error.
+        """
+        fields = {"model": model} if model else {}
+        return self._final(self.request("hello", **fields), timeout)
+
+    def generate(self, layout: dict[str, Any], out: str, model: str | None = None) -> Job:
+        """Start generating ``layout`` (an inline Layout dict, absolute mask paths) into ``out``."""
+        fields: dict[str, Any] = {"layout": layout, "out": os.path.abspath(out)}
+        if model:
+            fields["model"] = model
+        return self.request("generate", **fields)
+
+    def run(
+        self,
+        layout: dict[str, Any],
+        out: str,
+        model: str | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Generate and block until done; return the ``result`` event or raise EngineError.
+
+        ``on_progress`` sees every non-final event (``loading``, ``progress``). On timeout the
+        request is cancelled and EngineError(timeout) raised.
+        """
+        job = self.generate(layout, out, model)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                event = job.events.get(timeout=remaining)
+            except queue.Empty:
+                job.cancel()
+                raise EngineError(
+                    TIMEOUT, f"The engine did not finish within {timeout} s; the job was cancelled."
+                ) from None
+            if event is job.final:
+                return self._check(event)
+            if on_progress is not None:
+                on_progress(event)
+
+    def cancel(self, target: str) -> None:
+        """Ask the engine to stop request ``target``; answered on the target job (cancelled)."""
+        if self.alive:
+            with contextlib.suppress(OSError, ValueError):
+                self._write({"op": "cancel", "id": self._next_id(), "target": target})
+
+    def release(self, timeout: float | None = 60.0) -> dict[str, Any]:
+        """Ask the engine to unload its model and free memory. Blocking."""
+        return self._final(self.request("release"), timeout)
+
+    # -- Internals ----------------------------------------------------------------------------
+
+    def _final(self, job: Job, timeout: float | None) -> dict[str, Any]:
+        try:
+            event = job.wait(timeout)
+        except TimeoutError:
+            raise EngineError(
+                TIMEOUT, f"The engine did not answer '{job.op}' within {timeout} s."
+            ) from None
+        return self._check(event)
+
+    def _check(self, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("event") == "error":
+            raise EngineError(
+                str(event.get("code") or "internal"),
+                str(event.get("message") or "the engine reported an error without a message"),
+                self.stderr_tail(),
+            )
+        return event
+
+    def _next_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    def _write(self, message: dict[str, Any]) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            raise ValueError("engine not started")
+        line = json.dumps(message, allow_nan=False) + "\n"
+        with self._write_lock:
+            proc.stdin.write(line)
+            proc.stdin.flush()
+
+    def _read_stdout(
+        self,
+        proc: subprocess.Popen[str],
+        tail: collections.deque[str],
+        stderr_reader: threading.Thread,
+    ) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                # Libraries sometimes print to stdout; keep it with the log rather than lose it.
+                tail.append(line)
+                continue
+            if not isinstance(event, dict):
+                tail.append(line)
+                continue
+            with self._lock:
+                job = self._jobs.get(str(event.get("id")))
+            if job is None:
+                continue
+            job._deliver(event)
+            if job.done:
+                with self._lock:
+                    self._jobs.pop(job.id, None)
+        # stdout closed: the process is gone (or going). Let stderr finish so the report has it.
+        proc.wait()
+        stderr_reader.join(2.0)
+        self._fail_pending(proc, tail)
+
+    def _read_stderr(self, proc: subprocess.Popen[str], tail: collections.deque[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            tail.append(line.rstrip("\n"))
+
+    def _fail_pending(
+        self, proc: subprocess.Popen[str] | None, tail: collections.deque[str] | None = None
+    ) -> None:
+        """Answer the open requests sent to ``proc`` with an error: it is gone."""
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if job._proc is proc]
+            for job in jobs:
+                del self._jobs[job.id]
+        if not jobs:
+            return
+        error = self._gone_error(proc, self._stderr if tail is None else tail)
+        for job in jobs:
+            job._deliver(
+                {"id": job.id, "event": "error", "code": error.code, "message": error.message}
+            )
+
+    def _gone_error(
+        self, proc: subprocess.Popen[str] | None, lines: collections.deque[str]
+    ) -> EngineError:
+        tail = "\n".join(list(lines)[-8:])
+        code = proc.poll() if proc is not None else None
+        if "No module named" in tail and "engine" in tail:
+            return EngineError(
+                NOT_INSTALLED,
+                f"The engine is not installed in {self.python!r}. " + NOT_INSTALLED_HINT,
+                tail,
+            )
+        detail = f" Last engine output:\n{tail}" if tail else ""
+        return EngineError(
+            ENGINE_GONE,
+            f"The engine stopped unexpectedly (exit code {code}); it restarts on the next "
+            f"request.{detail}",
+            tail,
+        )

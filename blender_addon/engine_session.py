@@ -1,0 +1,240 @@
+"""The add-on's warm engine process, engine set-up and health check (no bpy).
+
+One :class:`~.engine_client.EngineClient` lives at module level and is reused by every
+"Generate" click so the model stays loaded; a client whose process died is restarted on the
+next request. The set-up and the health check run in background threads and publish their
+progress as plain attributes that the preferences panel reads on redraw.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from .engine_client import NOT_INSTALLED, NOT_INSTALLED_HINT, EngineClient, EngineError
+
+TORCH_SPEC = "torch>=2.1"
+"""What Set up engine installs first (the engine's own requirement)."""
+
+_client: EngineClient | None = None
+_client_lock = threading.Lock()
+
+
+# -- Where things are ----------------------------------------------------------------------------
+
+
+def addon_dir() -> str:
+    """The folder this add-on runs from (symlinks resolved)."""
+    return os.path.dirname(os.path.realpath(__file__))
+
+
+def checkout_root() -> str | None:
+    """The project checkout the add-on runs from, or None when installed from a zip."""
+    root = os.path.dirname(addon_dir())
+    if os.path.isfile(os.path.join(root, "engine", "__init__.py")) and os.path.isfile(
+        os.path.join(root, "pyproject.toml")
+    ):
+        return root
+    return None
+
+
+def venv_python(venv: str) -> str:
+    """The interpreter inside a virtual environment folder."""
+    if sys.platform == "win32":
+        return os.path.join(venv, "Scripts", "python.exe")
+    return os.path.join(venv, "bin", "python")
+
+
+def default_python() -> str:
+    """The checkout's ``.venv`` interpreter when running from a checkout that has one, else ''."""
+    root = checkout_root()
+    if root:
+        candidate = venv_python(os.path.join(root, ".venv"))
+        if os.path.isfile(candidate):
+            return candidate
+    return ""
+
+
+def resolve_python(setting: str) -> str:
+    """The interpreter for a preference value that names an interpreter or a venv folder."""
+    path = os.path.abspath(os.path.expanduser(setting.strip())) if setting.strip() else ""
+    if path and os.path.isdir(path):
+        return venv_python(path)
+    return path
+
+
+# -- The warm client -----------------------------------------------------------------------------
+
+
+def get_client(python_setting: str) -> EngineClient:
+    """The shared engine client for this interpreter, started; a dead process is restarted.
+
+    Raises EngineError(not_installed) with what to do when the interpreter is missing.
+    """
+    global _client
+    python = resolve_python(python_setting)
+    if not python:
+        raise EngineError(
+            NOT_INSTALLED, "No Python interpreter is set for the engine. " + NOT_INSTALLED_HINT
+        )
+    with _client_lock:
+        if _client is not None and _client.python != python:
+            _client.close()
+            _client = None
+        if _client is None:
+            # In a checkout the engine package is importable from the root even if not installed.
+            _client = EngineClient(python, cwd=checkout_root())
+        _client.start()
+        return _client
+
+
+def current_client() -> EngineClient | None:
+    """The shared client if one was created (it may have died)."""
+    return _client
+
+
+def shutdown() -> None:
+    """Stop the shared engine process (on add-on unregister or Blender exit)."""
+    global _client
+    with _client_lock:
+        if _client is not None:
+            _client.close()
+            _client = None
+
+
+# Blender quitting must not leave the engine (and its memory) behind.
+atexit.register(shutdown)
+
+
+# -- Background tasks ----------------------------------------------------------------------------
+
+
+class Task:
+    """A background thread whose status text the UI shows while it runs."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.status = "starting"
+        self.log: list[str] = []
+        self.error: str | None = None
+        self.result: Any = None
+        self.done = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Task:
+        self._thread = threading.Thread(target=self._main, name=self.title, daemon=True)
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _main(self) -> None:
+        try:
+            self.result = self.work()
+            self.status = "done"
+        except Exception as exc:  # shown in the UI; the thread must not die silently
+            self.error = str(exc)
+            self.status = "failed"
+        finally:
+            self.done = True
+
+    def work(self) -> Any:
+        raise NotImplementedError
+
+
+def setup_commands(
+    base_python: str,
+    venv: str,
+    source: str,
+    torch_spec: str = TORCH_SPEC,
+    torch_index_url: str = "",
+):
+    """The commands that create ``venv`` and install the engine from ``source`` into it.
+
+    torch goes first, from ``torch_index_url`` if given (e.g. PyTorch's CPU-only index), so the
+    engine's open torch requirement is already met and pip does not pull another build;
+    ``source`` is a project folder or a pip requirement name.
+    """
+    python = venv_python(venv)
+    target = f"{source}[engine]"
+    torch = [python, "-m", "pip", "install", torch_spec]
+    if torch_index_url.strip():
+        torch += ["--index-url", torch_index_url.strip()]
+    return [
+        ("Creating the engine's Python environment", [base_python, "-m", "venv", venv]),
+        ("Updating pip", [python, "-m", "pip", "install", "--upgrade", "pip"]),
+        ("Installing torch (large download)", torch),
+        ("Installing the engine", [python, "-m", "pip", "install", target]),
+        ("Checking the engine", [python, "-c", "import engine, torch, diffusers"]),
+    ]
+
+
+class SetupTask(Task):
+    """Run :func:`setup_commands` one after the other, keeping the last output line as status."""
+
+    def __init__(self, commands, log_limit: int = 200):
+        super().__init__("Set up engine")
+        self.commands = list(commands)
+        self.log_limit = log_limit
+
+    def work(self) -> None:
+        for number, (title, argv) in enumerate(self.commands, 1):
+            self.status = f"{number}/{len(self.commands)} {title}"
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    self.log = (self.log + [line])[-self.log_limit :]
+                    self.status = f"{number}/{len(self.commands)} {title}: {line[:80]}"
+            if proc.wait():
+                tail = "\n".join(self.log[-5:])
+                raise RuntimeError(f"{title} failed (exit code {proc.returncode}):\n{tail}")
+
+
+class HealthCheckTask(Task):
+    """Start (or reuse) the engine and ask ``hello`` with the model, off the UI thread."""
+
+    def __init__(self, python_setting: str, model: str):
+        super().__init__("Engine health check")
+        self.python_setting = python_setting
+        self.model = model
+
+    def work(self) -> dict[str, Any]:
+        self.status = "starting the engine"
+        client = get_client(self.python_setting)
+        self.status = "asking the engine"
+        return client.hello(model=self.model or None)
+
+
+def describe_hello(reply: dict[str, Any]) -> list[str]:
+    """Readable lines for a ``hello`` reply (preferences panel)."""
+    lines = [
+        f"Engine {reply.get('engine_version', '?')} (protocol {reply.get('protocol', '?')}) "
+        f"on {reply.get('device', '?')}, {reply.get('dtype', '?')}"
+    ]
+    model = reply.get("model")
+    if isinstance(model, dict):
+        if model.get("found"):
+            lines.append(f"Model '{model.get('spec')}' found: {model.get('path')}")
+        else:
+            lines.append(
+                f"Model '{model.get('spec')}' not found: {model.get('message') or 'no message'}"
+            )
+    return lines

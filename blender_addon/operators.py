@@ -1,0 +1,449 @@
+"""Operators: generate from the camera (non-blocking), cancel, label and unlabel objects."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from typing import Any
+
+import bpy
+
+from . import engine_session, overlay, preferences
+from .engine_client import ENGINE_GONE, EngineError, Job
+from .props import model_spec
+
+RESULT_IMAGE = "Layout Diffusion Result"
+"""Name of the Image datablock that receives every result (reloaded, never duplicated)."""
+
+
+class UserError(Exception):
+    """Something the artist can fix; the message says what and how."""
+
+
+class GenerationRun:
+    """The generation in flight (at most one): its job, progress and where the result goes."""
+
+    def __init__(self, job: Job, scene_name: str, out: str, width: int, height: int):
+        self.job = job
+        self.scene_name = scene_name
+        self.out = out
+        self.width = width
+        self.height = height
+        self.step = 0
+        self.total = 0
+        self.status = "Starting the engine"
+        self.cancel_requested_at: float | None = None
+        self.skipped: list = []
+        self.started = time.monotonic()
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+    def update(self, event: dict[str, Any]) -> None:
+        """Take in a non-final engine event (queued, loading, progress)."""
+        kind = event.get("event")
+        if kind == "progress":
+            self.step = int(event.get("step", 0))
+            self.total = int(event.get("total", 0))
+        if self.cancel_requested_at is not None:
+            return  # keep saying "Cancelling" until the engine confirms
+        if kind == "queued":
+            self.status = "Waiting for the engine (a render is running)"
+        elif kind == "loading":
+            self.status = "Loading the model"
+        elif kind == "progress":
+            self.status = f"Step {self.step}/{self.total}"
+
+    def cancel(self) -> None:
+        """First call: ask the engine to stop (model stays loaded). Second: kill the engine."""
+        if self.cancel_requested_at is None:
+            self.cancel_requested_at = time.monotonic()
+            self.status = "Cancelling (press again to stop the engine)"
+            self.job.cancel()
+        else:
+            self.job.client.kill()
+
+
+_run: GenerationRun | None = None
+
+
+def current_run() -> GenerationRun | None:
+    """The generation in flight, if any (the sidebar shows its progress)."""
+    return _run if _run is not None and not _run.job.done else None
+
+
+# -- Building the request ----------------------------------------------------------------------
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "scene"
+
+
+def output_dir(scene, create: bool = True) -> str:
+    """Where a scene's Layout, masks and result go: next to the blend file, else a temp folder."""
+    if bpy.data.filepath:
+        base = os.path.join(os.path.dirname(bpy.data.filepath), "layout_diffusion")
+    else:
+        base = os.path.join(tempfile.gettempdir(), "layout_diffusion")
+    folder = os.path.join(base, _safe_name(scene.name))
+    if create:
+        os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def labeled_objects(scene) -> list:
+    """The scene's objects whose label is enabled, as the scene-to-layout code expects them."""
+    from .blender.scene_layout import LabeledObject
+
+    return [
+        LabeledObject(ob, ob.layout_diffusion.prompt, ob.layout_diffusion.weight)
+        for ob in scene.objects
+        if ob.layout_diffusion.enabled
+    ]
+
+
+def layout_settings(settings) -> dict[str, Any]:
+    """The Layout fields that come from ``Scene.layout_diffusion`` (size comes from the render)."""
+    return {
+        "prompt": settings.prompt,
+        "negative_prompt": settings.negative_prompt,
+        "background_prompt": settings.background_prompt.strip() or None,
+        # Blender stores floats in single precision: 0.2 would travel as 0.20000000298.
+        "base_ratio": round(settings.base_ratio, 6),
+        "seed": settings.seed,
+        "steps": settings.steps,
+        "guidance_scale": round(settings.guidance_scale, 6),
+    }
+
+
+def build_layout(context):
+    """Project the labeled objects through the camera into a Layout; returns (layout, skipped).
+
+    Raises UserError when there is nothing to generate from.
+    """
+    from .blender.scene_layout import layout_from_camera
+
+    scene = context.scene
+    settings = scene.layout_diffusion
+    labeled = labeled_objects(scene)
+    if not labeled:
+        raise UserError(
+            "No labeled objects: select proxy objects and press Label Selected "
+            "(3D View sidebar > Layout), or tick Layout in Object properties"
+        )
+    try:
+        made = layout_from_camera(
+            scene,
+            labeled,
+            output_dir(scene),
+            settings=layout_settings(settings),
+            depsgraph=context.evaluated_depsgraph_get(),
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    layout = made.layout
+    return layout, list(made.skipped)
+
+
+def start_generation(context) -> GenerationRun:
+    """Build the Layout, save it, and send it to the (warm) engine. Raises UserError/EngineError."""
+    global _run
+    if current_run() is not None:
+        raise UserError("A generation is already running: wait for it or press Cancel")
+    scene = context.scene
+    # The engine first: a missing one fails before the mask render, and a cold one imports
+    # torch while the masks render.
+    client = engine_session.get_client(preferences.engine_python(context))
+    layout, skipped = build_layout(context)
+    folder = output_dir(scene)
+    layout.save(os.path.join(folder, "layout.json"))
+    overlay.set_layout(scene.name, layout.to_dict())
+    out = os.path.join(folder, "result.png")
+    job = client.generate(layout.to_dict(), out, model_spec(scene.layout_diffusion) or None)
+    _run = GenerationRun(job, scene.name, out, layout.width, layout.height)
+    _run.skipped = skipped
+    return _run
+
+
+# -- Showing the result --------------------------------------------------------------------------
+
+
+def load_result(path: str, scene=None):
+    """Load (or reload) the result into the ``Layout Diffusion Result`` image and show it."""
+    image = bpy.data.images.get(RESULT_IMAGE)
+    if image is None:
+        image = bpy.data.images.load(path, check_existing=False)
+        image.name = RESULT_IMAGE
+    else:
+        image.filepath = path
+        image.reload()
+    show_in_image_editors(image)
+    if scene is not None and scene.layout_diffusion.use_as_camera_background:
+        show_as_camera_background(scene, image)
+    return image
+
+
+def show_in_image_editors(image) -> None:
+    """Show ``image`` in every open Image Editor."""
+    wm = getattr(bpy.context, "window_manager", None)
+    for window in wm.windows if wm else ():
+        for area in window.screen.areas:
+            if area.type == "IMAGE_EDITOR":
+                area.spaces.active.image = image
+                area.tag_redraw()
+
+
+def show_as_camera_background(scene, image) -> None:
+    """Put ``image`` behind the active camera's view (reusing its slot if already there)."""
+    camera = scene.camera
+    if camera is None or camera.type != "CAMERA":
+        return
+    data = camera.data
+    slot = next((bg for bg in data.background_images if bg.image == image), None)
+    if slot is None:
+        slot = data.background_images.new()
+        slot.image = image
+    slot.source = "IMAGE"
+    slot.alpha = 1.0
+    slot.show_background_image = True
+    data.show_background_images = True
+
+
+def finish(run: GenerationRun, report) -> set[str]:
+    """Act on the final event of ``run``; ``report`` is the operator's report method."""
+    global _run
+    _run = None
+    event = run.job.final or {}
+    kind = event.get("event")
+    if kind == "result":
+        scene = bpy.data.scenes.get(run.scene_name)
+        image = load_result(event.get("path") or run.out, scene)
+        seconds = event.get("seconds")
+        took = f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+        report(
+            {"INFO"}, f"Generated {image.size[0]}x{image.size[1]}{took}, seed {event.get('seed')}"
+        )
+        if run.skipped:
+            report({"WARNING"}, "Not in the image: " + _skipped_text(run.skipped))
+        return {"FINISHED"}
+    if kind == "cancelled":
+        report({"INFO"}, "Generation cancelled")
+        return {"CANCELLED"}
+    code = event.get("code", "internal")
+    message = event.get("message") or "the engine failed without a message"
+    if code == "out_of_memory":
+        message += " (lower the render resolution, or press Check engine to see the device)"
+    elif code == ENGINE_GONE:
+        # The report keeps the engine's last error line (the cause), not its whole log.
+        head, _, tail = message.partition(" Last engine output:")
+        causes = [line.strip() for line in tail.splitlines() if "Error" in line]
+        message = head.replace("on the next request", "when you press Generate again")
+        if causes:
+            message += f" Cause: {causes[-1]}"
+
+    report({"ERROR"}, message)
+    return {"CANCELLED"}
+
+
+def _skipped_text(skipped) -> str:
+    parts = []
+    for item in skipped:
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            parts.append(f"{item[0]} ({item[1]})")
+        else:
+            parts.append(str(getattr(item, "name", item)))
+    return ", ".join(parts)
+
+
+# -- Operators -----------------------------------------------------------------------------------
+
+
+def _tag_ui(context) -> None:
+    screen = getattr(context, "screen", None)
+    for area in screen.areas if screen else ():
+        if area.type in {"VIEW_3D", "PROPERTIES"}:
+            area.tag_redraw()
+
+
+class LAYOUT_DIFFUSION_OT_generate(bpy.types.Operator):
+    """Generate an image from the active camera: every labeled object's prompt appears where the
+    object stands"""
+
+    bl_idname = "layout_diffusion.generate"
+    bl_label = "Generate from Camera"
+    # No UNDO flag: nothing in the scene changes while the engine works; the result's undo step
+    # is pushed explicitly once the image arrives.
+    bl_options = {"REGISTER"}
+
+    _timer = None
+    _run: GenerationRun | None = None
+    _shown = ""
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        return context.scene is not None and current_run() is None
+
+    def _start(self, context) -> GenerationRun | None:
+        try:
+            return start_generation(context)
+        except (UserError, EngineError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return None
+
+    def execute(self, context):
+        """Blocking generation: background mode and scripts (timers and modals do not run there)."""
+        run = self._start(context)
+        if run is None:
+            return {"CANCELLED"}
+        for event in run.job:
+            run.update(event)
+        return finish(run, self.report)
+
+    def invoke(self, context, event):
+        if bpy.app.background:
+            return self.execute(context)
+        run = self._start(context)
+        if run is None:
+            return {"CANCELLED"}
+        self._run = run
+        wm = context.window_manager
+        wm.progress_begin(0, 100)
+        self._timer = wm.event_timer_add(0.1, window=context.window)
+        wm.modal_handler_add(self)
+        self._show(context)
+        return {"RUNNING_MODAL"}
+
+    def _show(self, context) -> None:
+        run = self._run
+        self._shown = run.status
+        context.window_manager.progress_update(int(run.fraction * 100))
+        if context.workspace is not None:
+            context.workspace.status_text_set(f"Layout Diffusion: {run.status} (Esc to cancel)")
+        _tag_ui(context)
+
+    def modal(self, context, event):
+        run = self._run
+        if event.type == "ESC" and event.value == "PRESS":
+            run.cancel()
+            self._show(context)
+            return {"RUNNING_MODAL"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        events = run.job.poll()
+        for item in events:
+            run.update(item)
+        if not run.job.done:
+            # The Cancel button changes the status between events.
+            if events or run.status != self._shown:
+                self._show(context)
+            return {"PASS_THROUGH"}
+        wm = context.window_manager
+        wm.event_timer_remove(self._timer)
+        wm.progress_end()
+        if context.workspace is not None:
+            context.workspace.status_text_set(None)
+        result = finish(run, self.report)
+        _tag_ui(context)
+        if result == {"FINISHED"} and not bpy.app.background:
+            # The operator has no UNDO flag (it must not snapshot mid-generation); the new
+            # image and camera background get their own undo step now that they exist.
+            bpy.ops.ed.undo_push(message="Layout Diffusion result")
+        return result
+
+
+class LAYOUT_DIFFUSION_OT_cancel(bpy.types.Operator):
+    """Stop the running generation (the model stays loaded); press again to stop the engine"""
+
+    bl_idname = "layout_diffusion.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        return current_run() is not None
+
+    def execute(self, context):
+        run = current_run()
+        if run is not None:
+            run.cancel()
+        return {"FINISHED"}
+
+
+class _LabelSelected:
+    bl_options = {"REGISTER", "UNDO"}
+    enable = True
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        return bool(context.selected_objects)
+
+    def execute(self, context):
+        count = 0
+        for ob in context.selected_objects:
+            if ob.type in {"CAMERA", "LIGHT"}:
+                continue
+            ob.layout_diffusion.enabled = self.enable
+            count += 1
+        verb = "Labeled" if self.enable else "Unlabeled"
+        self.report({"INFO"}, f"{verb} {count} object{'s' if count != 1 else ''}")
+        return {"FINISHED"}
+
+
+class LAYOUT_DIFFUSION_OT_label_selected(_LabelSelected, bpy.types.Operator):
+    """Label the selected objects so they take part in generation (prompt from their names)"""
+
+    bl_idname = "layout_diffusion.label_selected"
+    bl_label = "Label Selected"
+    enable = True
+
+
+class LAYOUT_DIFFUSION_OT_unlabel_selected(_LabelSelected, bpy.types.Operator):
+    """Remove the selected objects from generation (their prompts are kept)"""
+
+    bl_idname = "layout_diffusion.unlabel_selected"
+    bl_label = "Unlabel Selected"
+    enable = False
+
+
+class LAYOUT_DIFFUSION_OT_show_result(bpy.types.Operator):
+    """Open the last result in an Image Editor window"""
+
+    bl_idname = "layout_diffusion.show_result"
+    bl_label = "Show Result"
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        return RESULT_IMAGE in bpy.data.images
+
+    def execute(self, context):
+        image = bpy.data.images[RESULT_IMAGE]
+        # Opens an Image Editor the way F11 does (window, area or full screen, per the
+        # Preferences > Interface > Temporary Editors setting), then points it at the result.
+        bpy.ops.render.view_show("INVOKE_DEFAULT")
+        show_in_image_editors(image)
+        return {"FINISHED"}
+
+
+CLASSES = (
+    LAYOUT_DIFFUSION_OT_generate,
+    LAYOUT_DIFFUSION_OT_cancel,
+    LAYOUT_DIFFUSION_OT_label_selected,
+    LAYOUT_DIFFUSION_OT_unlabel_selected,
+    LAYOUT_DIFFUSION_OT_show_result,
+)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    global _run
+    if _run is not None and not _run.job.done:
+        _run.job.cancel()
+    _run = None
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,331 @@
+"""The "Layout Diffusion" render engine: F12, Ctrl-F12 and ``blender -b -E LAYOUT_DIFFUSION``.
+
+Each render projects the labeled objects into a Layout at the frame being rendered, sends it to
+the engine process and puts the generated image into the Combined pass, so Blender's own
+machinery does the rest: frame ranges and steps, output paths and formats, Overwrite and
+Placeholders, the compositor, multilayer EXR. Three more passes carry the layout itself:
+
+- ``Layout Region`` (1 channel): the 1-based index of the Layout region seen at each pixel (its
+  object's mask), 0 elsewhere; the frame's sidecar lists the regions in that order;
+- ``Layout Color`` (RGBA): each region in its own flat colour, transparent elsewhere;
+- ``Layout Depth`` (1 channel): the depth map sent to the engine, 1 at the nearest surface, 0 on
+  the background.
+
+The engine process is the add-on's shared one (:mod:`.engine_session`): it starts with the
+first frame and stays loaded for every following one. Each frame's PNG, sidecar and masks are
+kept next to the blend file (``layout_diffusion/<scene>/render/``) so any frame can be
+reproduced. Esc cancels the running generation; the model stays loaded.
+
+The generated image is display-referred (sRGB). It is stored linear in Combined; with the
+Standard view transform a saved PNG gives back the engine's pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+
+import bpy
+import numpy as np
+
+from . import engine_session, frames, preferences
+from .engine_client import EngineError
+from .io.masks import box_pixels, resample_nearest
+from .render import (
+    engine_details,
+    frame_layout,
+    publish_frame,
+    render_settings,
+    scene_seed_mode,
+)
+
+ENGINE_ID = "LAYOUT_DIFFUSION"
+PASS_REGION = "Layout Region"
+PASS_COLOR = "Layout Color"
+PASS_DEPTH = "Layout Depth"
+CANCEL_GRACE = 30.0
+"""Seconds a cancelled generation may take to stop before the engine process is killed."""
+
+# Distinct, saturated colours for the colour pass; regions beyond the list cycle through it.
+PALETTE = np.array(
+    [
+        (0.90, 0.10, 0.10),
+        (0.10, 0.35, 0.95),
+        (0.95, 0.80, 0.05),
+        (0.10, 0.70, 0.20),
+        (0.60, 0.20, 0.80),
+        (0.95, 0.50, 0.05),
+        (0.05, 0.75, 0.80),
+        (0.90, 0.30, 0.65),
+    ],
+    dtype=np.float32,
+)
+
+_hello: dict[int, dict] = {}
+"""``hello`` replies by engine process id: asked once per process, not once per frame."""
+
+
+class RenderCancelled(Exception):
+    """Esc was pressed during a render."""
+
+
+# -- Pixels ---------------------------------------------------------------------------------------
+
+
+def srgb_to_linear(values: np.ndarray) -> np.ndarray:
+    """The sRGB transfer function inverted: display-referred [0, 1] to linear."""
+    values = np.asarray(values, dtype=np.float32)
+    return np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of an (H, W, C) float array (pixel centres aligned, edges clamped)."""
+    if image.shape[:2] == (height, width):
+        return image
+
+    def axis(size_in: int, size_out: int):
+        pos = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+        low = np.floor(pos).astype(int)
+        high = np.minimum(low + 1, size_in - 1)
+        return low, high, (pos - low).astype(np.float32)
+
+    r0, r1, fr = axis(image.shape[0], height)
+    c0, c1, fc = axis(image.shape[1], width)
+    top = image[r0][:, c0] * (1 - fc)[None, :, None] + image[r0][:, c1] * fc[None, :, None]
+    bottom = image[r1][:, c0] * (1 - fc)[None, :, None] + image[r1][:, c1] * fc[None, :, None]
+    return top * (1 - fr)[:, None, None] + bottom * fr[:, None, None]
+
+
+def read_rgb_png(path: str) -> np.ndarray:
+    """An 8-bit PNG as (H, W, 3) float32 in [0, 1], row 0 at the top (via OpenImageIO)."""
+    from .blender.id_render import _import_oiio
+
+    oiio = _import_oiio()
+    image = oiio.ImageInput.open(path)
+    if image is None:
+        raise RuntimeError(f"cannot read the generated image {path}: {oiio.geterror()}")
+    try:
+        spec = image.spec()
+        pixels = np.asarray(image.read_image(oiio.FLOAT), dtype=np.float32)
+    finally:
+        image.close()
+    pixels = pixels.reshape(spec.height, spec.width, spec.nchannels)
+    if spec.nchannels == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return pixels[:, :, :3]
+
+
+def region_ids(layout, height: int, width: int) -> np.ndarray:
+    """(H, W) float32: 1-based region index per pixel from the masks (boxes without masks)."""
+    from .io.png import read_gray_png
+
+    ids = np.zeros((height, width), dtype=np.float32)
+    for index, region in enumerate(layout.regions, start=1):
+        if region.mask:
+            inside = resample_nearest(read_gray_png(region.mask), height, width) > 127
+        else:
+            c0, r0, c1, r1 = box_pixels(np.asarray(region.box), width, height)
+            inside = np.zeros((height, width), dtype=bool)
+            inside[r0:r1, c0:c1] = True
+        ids[inside] = index
+    return ids
+
+
+def layout_passes(layout, height: int, width: int) -> dict[str, np.ndarray]:
+    """The three layout passes as (H, W, C) float32 arrays, row 0 at the top."""
+    from .io.png import read_gray_png
+
+    ids = region_ids(layout, height, width)
+    colour = np.zeros((height, width, 4), dtype=np.float32)
+    inside = ids > 0
+    colour[inside, :3] = PALETTE[(ids[inside].astype(int) - 1) % len(PALETTE)]
+    colour[inside, 3] = 1.0
+    depth = np.zeros((height, width), dtype=np.float32)
+    if layout.depth:
+        depth = resample_nearest(read_gray_png(layout.depth), height, width) / 65535.0
+    return {
+        PASS_REGION: ids[:, :, None],
+        PASS_COLOR: colour,
+        PASS_DEPTH: depth.astype(np.float32)[:, :, None],
+    }
+
+
+def _to_rect(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) top-first to Blender's (H*W, C) rows bottom-first."""
+    flipped = np.ascontiguousarray(image[::-1], dtype=np.float32)
+    return flipped.reshape(-1, image.shape[2])
+
+
+# -- The engine -----------------------------------------------------------------------------------
+
+
+def render_dir(scene) -> str:
+    """Where F12 and Ctrl-F12 keep each frame's engine PNG, sidecar and masks."""
+    from .operators import output_dir
+
+    return os.path.join(output_dir(scene), "render")
+
+
+class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
+    """Renders the camera view by generating it from the labeled objects' Layout."""
+
+    bl_idname = ENGINE_ID
+    bl_label = "Layout Diffusion"
+    bl_use_preview = False
+    bl_use_postprocess = True
+
+    def update_render_passes(self, scene=None, renderlayer=None) -> None:
+        """Tell the compositor and file outputs which passes this engine writes."""
+        self.register_pass(scene, renderlayer, "Combined", 4, "RGBA", "COLOR")
+        self.register_pass(scene, renderlayer, PASS_REGION, 1, "X", "VALUE")
+        self.register_pass(scene, renderlayer, PASS_COLOR, 4, "RGBA", "COLOR")
+        self.register_pass(scene, renderlayer, PASS_DEPTH, 1, "X", "VALUE")
+
+    def render(self, depsgraph) -> None:
+        """Generate the frame the depsgraph is evaluated at and fill the render result."""
+        scene = depsgraph.scene
+        try:
+            self._render(scene, depsgraph)
+        except RenderCancelled:
+            self.update_stats("", "Layout Diffusion: cancelled")
+        except (ValueError, EngineError, OSError, RuntimeError) as exc:
+            message = str(exc)
+            if isinstance(exc, EngineError) and exc.code == "out_of_memory":
+                message += " (lower the render resolution)"
+            # An error report stops an animation render instead of writing an empty frame.
+            self.report({"ERROR"}, f"Layout Diffusion: {message}")
+            self.update_stats("", f"Layout Diffusion: {message}")
+
+    def _render(self, scene, depsgraph) -> None:
+        from .blender.camera import render_resolution
+
+        width, height = render_resolution(scene)
+        frame = scene.frame_current
+        seed_mode = scene_seed_mode(depsgraph.scene_eval)
+        paths = frames.frame_paths(render_dir(scene), frame)
+        started = time.perf_counter()
+        self.update_stats("", f"Layout Diffusion: frame {frame}, building the layout")
+        # The mask render is a nested Cycles render: only safe on the main thread (background
+        # renders); interactive F12 runs in a render thread and uses boxes only.
+        on_main = threading.current_thread() is threading.main_thread()
+        made = frame_layout(scene, depsgraph, paths.layout_dir, frame, seed_mode, masks=on_main)
+        layout_seconds = time.perf_counter() - started
+        if self.test_break():
+            raise RenderCancelled
+        if scene.view_settings.view_transform != "Standard":
+            self.report(
+                {"WARNING"},
+                "Layout Diffusion: the view transform is "
+                f"{scene.view_settings.view_transform!r}; set Color Management > View Transform "
+                "to Standard to see and save the generated image unchanged",
+            )
+
+        client = engine_session.get_client(preferences.engine_python())
+        if client.pid not in _hello:
+            _hello[client.pid] = engine_details(client.hello())
+        layout = made.layout.to_dict()
+        tmp = frames.temp_path(paths.image)
+        model = depsgraph.scene_eval.layout_diffusion.model or None
+        event = self._generate(client, layout, tmp, model, frame)
+        settings = render_settings(scene, seed_mode)
+        settings["skipped"] = [list(item) for item in made.skipped]
+        publish_frame(
+            paths,
+            tmp,
+            event,
+            layout,
+            engine=_hello.get(client.pid, {}),
+            settings=settings,
+            layout_seconds=layout_seconds,
+            started=started,
+        )
+        self._write_result(paths.image, made.layout, width, height)
+        seconds = event.get("seconds") or 0.0
+        self.update_stats("", f"Layout Diffusion: frame {frame} generated in {seconds:.1f} s")
+
+    def _generate(self, client, layout: dict, tmp: str, model: str | None, frame: int) -> dict:
+        """Run one generate request, showing progress and honouring Esc."""
+        job = client.generate(layout, tmp, model)
+        cancelled_at = None
+        while True:
+            try:
+                event = job.events.get(timeout=0.1)
+            except queue.Empty:
+                event = None
+            if cancelled_at is None and self.test_break():
+                job.cancel()
+                cancelled_at = time.monotonic()
+            if cancelled_at is not None and time.monotonic() - cancelled_at > CANCEL_GRACE:
+                client.kill()
+            if event is None:
+                continue
+            if event is job.final:
+                break
+            kind = event.get("event")
+            if kind == "loading":
+                self.update_stats("", f"Layout Diffusion: frame {frame}, loading the model")
+            elif kind == "progress":
+                step, total = int(event.get("step", 0)), int(event.get("total", 0)) or 1
+                self.update_progress(step / total)
+                self.update_stats("", f"Layout Diffusion: frame {frame}, step {step}/{total}")
+        if event.get("event") == "result":
+            return event
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if event.get("event") == "cancelled" or cancelled_at is not None:
+            raise RenderCancelled
+        raise EngineError(
+            str(event.get("code") or "internal"),
+            str(event.get("message") or "the engine failed without a message"),
+        )
+
+    def _write_result(self, image_path: str, layout, width: int, height: int) -> None:
+        pixels = srgb_to_linear(resize_bilinear(read_rgb_png(image_path), height, width))
+        combined = np.concatenate([pixels, np.ones((height, width, 1), np.float32)], axis=2)
+        passes = layout_passes(layout, height, width)
+        result = self.begin_result(0, 0, width, height)
+        try:
+            layer = result.layers[0]
+            layer.passes["Combined"].rect = _to_rect(combined)
+            for name, image in passes.items():
+                render_pass = layer.passes.get(name)
+                if render_pass is not None:
+                    render_pass.rect = _to_rect(image)
+        finally:
+            self.end_result(result)
+
+
+# -- Registration ---------------------------------------------------------------------------------
+
+
+def _compatible_panels() -> list:
+    """Blender's output and colour-management panels, which list the engines they appear for."""
+    from bl_ui import properties_output, properties_render
+
+    panels = [
+        cls
+        for module in (properties_output, properties_render)
+        for cls in vars(module).values()
+        if isinstance(cls, type) and hasattr(cls, "COMPAT_ENGINES")
+    ]
+    return [
+        cls
+        for cls in panels
+        if cls.__module__.endswith("properties_output")
+        or cls.__name__.startswith("RENDER_PT_color_management")
+    ]
+
+
+def register() -> None:
+    bpy.utils.register_class(LayoutDiffusionRenderEngine)
+    for panel in _compatible_panels():
+        panel.COMPAT_ENGINES.add(ENGINE_ID)
+
+
+def unregister() -> None:
+    for panel in _compatible_panels():
+        panel.COMPAT_ENGINES.discard(ENGINE_ID)
+    bpy.utils.unregister_class(LayoutDiffusionRenderEngine)
+    _hello.clear()
