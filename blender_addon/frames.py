@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .layout import write_text_atomic
+from .layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS, write_text_atomic
 
 SIDECAR_FORMAT = "layout-diffusion-frame"
 SIDECAR_VERSION = 1
@@ -202,9 +202,10 @@ def make_sidecar(
 
 
 def relative_layout(layout: Mapping[str, Any], folder: str) -> dict[str, Any]:
-    """A copy of a Layout dict with mask and depth paths made relative to ``folder``."""
+    """A copy of a Layout dict with its image paths (masks, depth, ...) relative to ``folder``."""
     data = json.loads(json.dumps(layout))
-    holders = [(data, "depth")] + [(region, "mask") for region in data.get("regions", [])]
+    holders = [(data, key) for key in IMAGE_FIELDS]
+    holders += [(region, key) for region in data.get("regions", []) for key in REGION_IMAGE_FIELDS]
     for holder, key in holders:
         value = holder.get(key)
         if value and os.path.isabs(value):

@@ -1,6 +1,7 @@
 """Properties: ``Object.layout_diffusion`` (the label) and ``Scene.layout_diffusion`` (settings).
 
-These names are stable: saved blend files and scripts refer to them.
+These names are stable: saved blend files and scripts refer to them. Defaults of settings that
+are Layout fields come from the Layout itself, so the add-on and the engine agree on them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from bpy.props import (
     StringProperty,
 )
 
-from .layout import Layout
+from .layout import Layout, Region
 
 _DEFAULTS = Layout(prompt="")
+_REGION_DEFAULTS = Region(prompt="", box=(0.0, 0.0, 1.0, 1.0))
+
+INIT_SOURCES = (
+    ("NONE", "None", "Generate from noise"),
+    ("RESULT", "Last Result", "Start from the last generated image"),
+    ("IMAGE", "Image", "Start from an image in the blend file (a painted plate, a photo)"),
+)
 
 
 def readable_name(name: str) -> str:
@@ -34,9 +42,10 @@ def readable_name(name: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def model_spec(settings) -> str:
-    """The scene's model setting as the engine needs it: blend-relative paths made absolute."""
-    model = settings.model.strip()
+def model_spec(settings, name: str = "model") -> str:
+    """A model setting (``model``, ``controlnet``, ``ip_adapter``) as the engine needs it:
+    blend-relative paths made absolute."""
+    model = getattr(settings, name).strip()
     return bpy.path.abspath(model) if model.startswith("//") else model
 
 
@@ -76,6 +85,49 @@ class LayoutDiffusionObjectSettings(bpy.types.PropertyGroup):
         min=0.0,
         max=10.0,
         soft_max=3.0,
+    )
+    strength: FloatProperty(
+        name="Strength",
+        description=(
+            "With an init image: 0 keeps the init image's pixels for this object, 1 "
+            "regenerates it freely"
+        ),
+        default=1.0,
+        min=0.0,
+        max=1.0,
+        subtype="FACTOR",
+    )
+    reference_image: PointerProperty(
+        name="Reference Image",
+        type=bpy.types.Image,
+        description=(
+            "What this object should look like (needs an IP-Adapter, Scene > Conditions); "
+            "applied inside the object's mask only"
+        ),
+    )
+    reference_image_scale: FloatProperty(
+        name="Image Scale",
+        description="How strongly the reference image shapes the object (0 ignores it)",
+        default=_REGION_DEFAULTS.image_scale,
+        min=0.0,
+        max=5.0,
+        soft_max=1.5,
+    )
+    use_depth_scale: BoolProperty(
+        name="Own Depth Scale",
+        description="Give this object its own depth-follow scale instead of the scene's",
+        default=False,
+    )
+    depth_scale: FloatProperty(
+        name="Depth Follow",
+        description=(
+            "How closely the object keeps the proxy's shape (depth ControlNet scale inside its "
+            "mask; 0 lets it leave the proxy's shape)"
+        ),
+        default=1.0,
+        min=0.0,
+        max=5.0,
+        soft_max=2.0,
     )
 
 
@@ -133,6 +185,130 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         min=0.0,
         max=100.0,
         soft_max=15.0,
+    )
+    mode: EnumProperty(
+        name="Guidance",
+        description="How each object's prompt is held to its area",
+        items=(
+            (
+                "ATTENTION",
+                "Attention",
+                "Mask each prompt's cross-attention to its object: about the cost of one image",
+            ),
+            (
+                "LATENT",
+                "Latent",
+                "Denoise each object with its own model call and blend by masks: stronger "
+                "separation, about (R + 2) / 2 times the time for R objects",
+            ),
+        ),
+        default=_DEFAULTS.mode.upper(),
+    )
+    use_reference: BoolProperty(
+        name="Guide Toward Proxy Render",
+        description=(
+            "Pull the first steps toward a flat-colour render of the proxies, so each object "
+            "keeps its place and colour"
+        ),
+        default=False,
+    )
+    reference_scale: FloatProperty(
+        name="Pull",
+        description=(
+            "Strength of the pull toward the proxy render: 0.25 goes halfway each step, 0.5 "
+            "all the way"
+        ),
+        default=0.25,
+        min=0.0,
+        max=10.0,
+        soft_max=1.0,
+    )
+    reference_fraction: FloatProperty(
+        name="Steps",
+        description="Fraction of the steps, from the first, during which the proxy render pulls",
+        default=_DEFAULTS.reference_fraction,
+        min=0.0,
+        max=1.0,
+        subtype="FACTOR",
+    )
+    init_source: EnumProperty(
+        name="Init Image",
+        description="Image to start from; each object keeps it according to its Strength",
+        items=INIT_SOURCES,
+        default="NONE",
+    )
+    init_image: PointerProperty(
+        name="Image",
+        type=bpy.types.Image,
+        description="The image to start from when Init Image is Image",
+    )
+    strength: FloatProperty(
+        name="Background Strength",
+        description=(
+            "With an init image: how freely pixels outside every object are regenerated "
+            "(0 keeps the init image, 1 ignores it)"
+        ),
+        default=_DEFAULTS.strength,
+        min=0.0,
+        max=1.0,
+        subtype="FACTOR",
+    )
+    controlnet: StringProperty(
+        name="Depth ControlNet",
+        description=(
+            "SDXL depth ControlNet that makes the image follow the proxies' depth: a diffusers "
+            "folder, a cached Hugging Face repo id or a .safetensors file (// paths are relative "
+            "to the blend file); empty: no depth conditioning"
+        ),
+        default="",
+    )
+    depth_scale: FloatProperty(
+        name="Depth Scale",
+        description="How closely the image follows the proxies' depth (0 turns it off)",
+        default=_DEFAULTS.depth_scale,
+        min=0.0,
+        max=5.0,
+        soft_max=2.0,
+    )
+    depth_start: FloatProperty(
+        name="Start",
+        description="Fraction of the steps after which depth conditioning starts",
+        default=_DEFAULTS.depth_start,
+        min=0.0,
+        max=1.0,
+        subtype="FACTOR",
+    )
+    depth_end: FloatProperty(
+        name="End",
+        description="Fraction of the steps after which depth conditioning stops",
+        default=_DEFAULTS.depth_end,
+        min=0.0,
+        max=1.0,
+        subtype="FACTOR",
+    )
+    ip_adapter: StringProperty(
+        name="IP-Adapter",
+        description=(
+            "SDXL IP-Adapter that applies objects' reference images: a weights file, a folder "
+            "holding one, or a cached repo id such as h94/IP-Adapter; empty: reference images "
+            "cannot be used"
+        ),
+        default="",
+    )
+    regenerate_seed: EnumProperty(
+        name="New Seed",
+        description="Which seed Re-generate Object uses",
+        items=(
+            ("NEXT", "Next", "The last result's seed + 1"),
+            ("RANDOM", "Random", "A random seed"),
+        ),
+        default="NEXT",
+    )
+    result_seed: IntProperty(
+        name="Result Seed",
+        description="Seed of the last result (Re-generate Object starts from it)",
+        default=-1,
+        min=-1,
     )
     show_overlay: BoolProperty(
         name="Show Boxes",

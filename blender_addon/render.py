@@ -2,6 +2,7 @@
 
     python -m blender_addon.render SCENE.blend --frames 1-48 --out DIR [--model shapes]
         [--engine-python PATH] [--step N] [--seed-mode shot|frame] [--overwrite]
+        [--init-previous STRENGTH]
 
 Needs only the ``bpy`` wheel on the Blender side; the engine runs in its own Python as one
 subprocess for the whole batch, so the model loads once. Every frame goes to
@@ -14,7 +15,7 @@ The Blender work for frame N+1 (frame change, projection, mask render) runs whil
 generates frame N; the next request is sent once frame N is written, so a stopped batch never
 leaves a later frame half done.
 
-The per-frame steps (:func:`evaluated_labels`, :func:`frame_layout`) are shared with the render
+The per-frame steps (:func:`evaluated_labels`, :func:`frame_request`) are shared with the render
 engine (:mod:`blender_addon.render_engine`) that F12 and Ctrl-F12 use.
 """
 
@@ -67,7 +68,20 @@ def scene_seed_mode(scene) -> str:
     return str(value).lower()
 
 
-def frame_layout(
+@dataclass
+class FrameRequest:
+    """Everything one frame's generate request needs, built from the scene at that frame."""
+
+    layout: Any
+    """The :class:`~.layout.Layout` (absolute image paths; files already written)."""
+    skipped: list
+    """(object name, why it is not in the Layout), as :func:`layout_from_camera` reports."""
+    model: str | None
+    options: dict[str, Any]
+    """The request's engine ``options`` (depth ControlNet, IP-Adapter)."""
+
+
+def frame_request(
     scene,
     depsgraph,
     out_dir: str,
@@ -75,35 +89,70 @@ def frame_layout(
     seed_mode: str,
     *,
     masks: bool = True,
-):
-    """Build the Layout of the depsgraph's frame into ``out_dir`` (emptied first).
+    init: str | None = None,
+    strength: float | None = None,
+) -> FrameRequest:
+    """Build the request for the depsgraph's frame, writing its images into ``out_dir``.
 
-    Returns the :class:`~.blender.scene_layout.SceneLayout`. Settings come from the evaluated
-    scene, so animated scene settings are honoured; the seed follows ``seed_mode``. Raises
-    ValueError with what to fix when nothing can be generated.
+    The same steps as Generate from Camera (:func:`.operators.build_layout`), with settings
+    read from the evaluated scene so keyframed settings are honoured, the seed following
+    ``seed_mode``, and ``init`` (with ``strength``) replacing the scene's init image when given.
+    ``masks=False`` skips the mask, depth and reference render (boxes only). Raises ValueError
+    with what to fix when nothing can be generated.
     """
+    from . import request
     from .blender.scene_layout import layout_from_camera
-    from .operators import layout_settings
+    from .props import model_spec
 
-    scene_eval = depsgraph.scene_eval
-    settings = layout_settings(scene_eval.layout_diffusion)
-    settings["seed"] = frames.seed_for_frame(int(settings["seed"]), frame, seed_mode)
+    settings = depsgraph.scene_eval.layout_diffusion
     labeled = evaluated_labels(scene, depsgraph)
     if not labeled:
         raise ValueError(
             "No labeled objects: select proxy objects and press Label Selected "
             "(3D View sidebar > Layout), or tick Layout in Object properties"
         )
-    # Masks of objects labeled in an earlier attempt must not linger next to this frame's.
+    # Files of objects labeled in an earlier attempt must not linger next to this frame's.
     shutil.rmtree(out_dir, ignore_errors=True)
-    return layout_from_camera(
-        scene,
-        labeled,
-        out_dir,
-        settings=settings,
-        depsgraph=depsgraph,
-        masks=masks,
-        depth=masks,
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        # Everything is read from the evaluated scene before the mask render: that render
+        # changes bpy.data, after which the evaluated copy may be re-evaluated or freed.
+        request.check_settings(settings)
+        fields = request.layout_settings(settings)
+        fields["seed"] = frames.seed_for_frame(int(fields["seed"]), frame, seed_mode)
+        options = request.engine_options(settings, model_spec)
+        model = model_spec(settings) or None
+        reference = masks and settings.use_reference
+        if strength is None:
+            strength = settings.strength
+        if init is None and settings.init_source == "IMAGE":
+            # "Last Result" belongs to Generate from Camera; animations use --init-previous.
+            init = request.init_image(settings, out_dir)
+        made = layout_from_camera(
+            scene,
+            labeled,
+            out_dir,
+            settings=fields,
+            depsgraph=depsgraph,
+            masks=masks,
+            depth=masks,
+            reference=reference,
+        )
+        layout = request.apply_objects(
+            made.layout,
+            {item.obj.name: item.obj for item in labeled},
+            out_dir,
+            init=init,
+            strength=strength,
+            ip_adapter=options["ip_adapter"],
+        )
+    except request.UserError as exc:
+        raise ValueError(str(exc)) from None
+    return FrameRequest(
+        layout=layout,
+        skipped=[list(item) for item in made.skipped],
+        model=model,
+        options=options,
     )
 
 
@@ -235,6 +284,7 @@ class BatchRenderer:
         model: str | None = None,
         seed_mode: str = "shot",
         overwrite: bool = False,
+        init_previous: float | None = None,
         on_frame: Callable[[FrameOutcome], None] | None = None,
         progress: Callable[[int, int, FrameOutcome], None] | None = None,
     ):
@@ -243,9 +293,17 @@ class BatchRenderer:
         self.scene = scene
         self.out_dir = os.path.abspath(out_dir)
         self.client = client
-        self.model = model or scene.layout_diffusion.model or None
+        self.model = model
+        """The model every frame uses; None: each frame's scene setting."""
         self.seed_mode = seed_mode
+        if init_previous is not None and not 0.0 <= init_previous <= 1.0:
+            raise BatchError(
+                f"--init-previous is a strength from 0 (keep the previous frame) to 1 "
+                f"(ignore it), got {init_previous}"
+            )
         self.overwrite = overwrite
+        self.init_previous = init_previous
+        self._previous: dict[int, int] = {}
         self.on_frame = on_frame
         self.progress = progress
         self.engine: dict[str, Any] = {}
@@ -265,12 +323,16 @@ class BatchRenderer:
         frames.sweep_temp_files(self.out_dir)
         todo, done = frames.plan_frames(self.out_dir, frame_list, overwrite=self.overwrite)
         total = len(frame_list)
+        ordered = sorted(frame_list)
+        self._previous = dict(zip(ordered[1:], ordered[:-1], strict=True))
         for state in done:
             self._record(summary, FrameOutcome(state.frame, "skipped", "already complete"), total)
         if not todo:
             return
+        from .props import model_spec
+
         try:
-            hello = self.client.hello(model=self.model)
+            hello = self.client.hello(model=self.model or model_spec(self.scene.layout_diffusion))
         except EngineError as exc:
             summary.stopped = exc.message
             return
@@ -284,9 +346,17 @@ class BatchRenderer:
             self.scene.frame_set(paths.frame)
             depsgraph = _depsgraph(self.scene)
             layout_start = time.perf_counter()
+            previous = self._previous_paths(paths.frame)
+            init = previous.image if previous else None
             try:
-                made = frame_layout(
-                    self.scene, depsgraph, paths.layout_dir, paths.frame, self.seed_mode
+                made = frame_request(
+                    self.scene,
+                    depsgraph,
+                    paths.layout_dir,
+                    paths.frame,
+                    self.seed_mode,
+                    init=init,
+                    strength=self.init_previous if init else None,
                 )
                 error = None
             except ValueError as exc:
@@ -320,10 +390,16 @@ class BatchRenderer:
             self._finish(pending, summary, total)
         frames.sweep_temp_files(self.out_dir)
 
-    def _submit(self, paths, made, layout_seconds: float, summary: BatchSummary) -> _Pending:
+    def _submit(
+        self, paths, made: FrameRequest, layout_seconds: float, summary: BatchSummary
+    ) -> _Pending:
         layout = made.layout.to_dict()
+        previous = self._previous_paths(paths.frame)
+        if previous is not None and not frames.frame_state(previous).complete:
+            # The frame before failed: this one starts from noise instead.
+            layout = _without_init(layout)
         tmp = frames.temp_path(paths.image)
-        job = self.client.generate(layout, tmp, self.model)
+        job = self.client.generate(layout, tmp, self.model or made.model, options=made.options)
         if self.client.pid is not None and self.client.pid not in summary.engine_pids:
             summary.engine_pids.append(self.client.pid)
         return _Pending(
@@ -335,6 +411,15 @@ class BatchRenderer:
             layout_seconds=layout_seconds,
             started=time.perf_counter() - layout_seconds,
         )
+
+    def _previous_paths(self, frame: int) -> frames.FramePaths | None:
+        """With ``init_previous``: the frame whose image ``frame`` starts from (the one before).
+
+        Requests go out only after the frame before is written, so it is on disk by then.
+        """
+        if self.init_previous is None or frame not in self._previous:
+            return None
+        return frames.frame_paths(self.out_dir, self._previous[frame])
 
     def _finish(self, pending: _Pending, summary: BatchSummary, total: int) -> None:
         paths = pending.paths
@@ -350,6 +435,7 @@ class BatchRenderer:
             return
         settings = render_settings(self.scene, self.seed_mode)
         settings["skipped"] = pending.skipped
+        settings["init_previous"] = self.init_previous
         timings = publish_frame(
             paths,
             pending.tmp,
@@ -376,6 +462,13 @@ class BatchRenderer:
             self.progress(len(summary.outcomes), total, outcome)
         if self.on_frame is not None:
             self.on_frame(outcome)
+
+
+def _without_init(layout: dict[str, Any]) -> dict[str, Any]:
+    """A Layout dict generating from noise: no init image, no strengths."""
+    layout = dict(layout, init_image=None, strength=1.0, keep_outside=False)
+    layout["regions"] = [dict(region, strength=None) for region in layout["regions"]]
+    return layout
 
 
 def _depsgraph(scene):
@@ -428,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="render every frame again, even complete ones"
+    )
+    parser.add_argument(
+        "--init-previous",
+        type=float,
+        metavar="STRENGTH",
+        help="start each frame from the previous frame's image (img2img): 0 keeps it, "
+        "1 ignores it; steadier animations at around 0.5-0.7",
     )
     return parser
 
@@ -524,7 +624,6 @@ def _main(args: argparse.Namespace) -> int:
     python = engine_session.resolve_python(python)
     seed_mode = args.seed_mode or scene_seed_mode(scene)
     client = EngineClient(python, cwd=engine_session.checkout_root())
-    progress = _Progress(len(frame_list))
     renderer = BatchRenderer(
         scene,
         args.out,
@@ -532,8 +631,9 @@ def _main(args: argparse.Namespace) -> int:
         model=args.model,
         seed_mode=seed_mode,
         overwrite=args.overwrite,
-        progress=progress,
+        init_previous=args.init_previous,
     )
+    progress = renderer.progress = _Progress(len(frame_list))
     try:
         summary = renderer.run(frame_list)
     except KeyboardInterrupt:

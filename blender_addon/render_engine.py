@@ -18,6 +18,10 @@ reproduced. Esc cancels the running generation; the model stays loaded.
 
 The generated image is display-referred (sRGB). It is stored linear in Combined; with the
 Standard view transform a saved PNG gives back the engine's pixels.
+
+Masks, depth and the reference image come from a nested Cycles render, which is only safe on
+the main thread: background renders (``blender -b``, the tests) have them; an interactive F12,
+rendered in a worker thread, sends boxes only (use Generate from Camera for masks there).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .engine_client import EngineError
 from .io.masks import box_pixels, resample_nearest
 from .render import (
     engine_details,
-    frame_layout,
+    frame_request,
     publish_frame,
     render_settings,
     scene_seed_mode,
@@ -210,7 +214,7 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         # The mask render is a nested Cycles render: only safe on the main thread (background
         # renders); interactive F12 runs in a render thread and uses boxes only.
         on_main = threading.current_thread() is threading.main_thread()
-        made = frame_layout(scene, depsgraph, paths.layout_dir, frame, seed_mode, masks=on_main)
+        made = frame_request(scene, depsgraph, paths.layout_dir, frame, seed_mode, masks=on_main)
         layout_seconds = time.perf_counter() - started
         if self.test_break():
             raise RenderCancelled
@@ -227,10 +231,9 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
             _hello[client.pid] = engine_details(client.hello())
         layout = made.layout.to_dict()
         tmp = frames.temp_path(paths.image)
-        model = depsgraph.scene_eval.layout_diffusion.model or None
-        event = self._generate(client, layout, tmp, model, frame)
+        event = self._generate(client, layout, tmp, made, frame)
         settings = render_settings(scene, seed_mode)
-        settings["skipped"] = [list(item) for item in made.skipped]
+        settings["skipped"] = made.skipped
         publish_frame(
             paths,
             tmp,
@@ -245,9 +248,9 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         seconds = event.get("seconds") or 0.0
         self.update_stats("", f"Layout Diffusion: frame {frame} generated in {seconds:.1f} s")
 
-    def _generate(self, client, layout: dict, tmp: str, model: str | None, frame: int) -> dict:
+    def _generate(self, client, layout: dict, tmp: str, made, frame: int) -> dict:
         """Run one generate request, showing progress and honouring Esc."""
-        job = client.generate(layout, tmp, model)
+        job = client.generate(layout, tmp, made.model, options=made.options)
         cancelled_at = None
         while True:
             try:
