@@ -29,12 +29,13 @@ shift || true
 case "$job" in
     demo)
         setup
-        exec "$PY" -m engine demo "$@"
+        exec "$PY" -m blender_addon.render samples/demo.blend --frames 1 --out out/demo \
+            --engine-python "$PY" "$@"
         ;;
     test)
         setup
-        "$PY" -m ruff check engine blender_addon tests benchmarks
-        "$PY" -m ruff format --check engine blender_addon tests benchmarks
+        "$PY" -m ruff check .
+        "$PY" -m ruff format --check .
         exec "$PY" -m pytest -q "$@"
         ;;
     *)

@@ -1,11 +1,13 @@
-"""What regional attention costs over a plain SDXL step.
+"""What regional guidance costs over a plain SDXL step, in attention mode and latent mode.
 
 1. FLOPs of one denoising step with classifier-free guidance (batch 2) at 1024x1024 on the real
    SDXL base UNet topology, built on the meta device (no weights, nothing downloaded), counted
-   with torch's FlopCounterMode around exactly what the processors execute.
+   with torch's FlopCounterMode around exactly what the processors execute. Latent mode: the
+   UNet calls its plan makes (negative prompt and blocks, two per call; cropped blocks alone),
+   with the default crops and with none.
 2. Wall time per denoising step on the tiny SDXL model on CPU (median over steps and runs).
 
-Run: ``python benchmarks/regional_cost.py`` (prints one table; takes about a minute on 2 cores).
+Run: ``python benchmarks/regional_cost.py`` (prints two tables; takes a few minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dataclasses  # noqa: E402
+
 from engine.attention import RegionalContext, install_regional_attention  # noqa: E402
+from engine.latent_regions import CropPolicy, plan_latent_regions  # noqa: E402
 from engine.layout import Layout, Region  # noqa: E402
 from engine.regions import RegionalState, plan_regions  # noqa: E402
 
@@ -76,6 +81,10 @@ SDXL_BASE_UNET = {
     "use_linear_projection": True,
 }
 
+# The default crops' proportions (margin 8, min side 64 of a 128 latent) on the tiny model's
+# 64 latent pixels at 128x128.
+TINY_CROPS = CropPolicy(margin=4, min_side=32)
+
 CASES = [("plain", 0, False), ("1 region", 1, False), ("8 distinct", 8, False)]
 CASES += [("16 distinct", 16, False), ("100 shared", 100, True)]
 
@@ -119,6 +128,31 @@ def meta_step_flops(unet: UNet2DConditionModel, context: RegionalContext, layout
     return counter.get_total_flops(), blocks * 77
 
 
+def meta_latent_flops(unet: UNet2DConditionModel, layout: Layout, cropped: bool) -> float:
+    """FLOPs of one guided latent-mode step: every UNet call of the plan, on the meta device."""
+    latent = (layout.height // 8, layout.width // 8)
+    multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+    kwargs = {} if cropped else {"crops": None}
+    plan = plan_latent_regions(layout, latent, multiple, **kwargs)
+    meta = torch.device("meta")
+    total = 0
+    for call in plan.calls(guided=True):
+        crop = None if call[0] is None else plan.blocks[call[0]].crop
+        size = latent if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
+        rows = len(call)
+        added = {
+            "text_embeds": torch.empty(rows, 1280, device=meta),
+            "time_ids": torch.empty(rows, 6, device=meta),
+        }
+        sample = torch.empty(rows, 4, *size, device=meta)
+        text = torch.empty(rows, 77, 2048, device=meta)
+        counter = FlopCounterMode(display=False)  # entering a counter resets it
+        with counter:
+            unet(sample, torch.tensor(500, device=meta), text, added_cond_kwargs=added)
+        total += counter.get_total_flops()
+    return total
+
+
 def step_gaps(pipe, layout: Layout) -> list[float]:
     """Seconds between consecutive denoising steps of one call (steady state, no set-up)."""
     stamps: list[float] = []
@@ -131,20 +165,24 @@ def step_gaps(pipe, layout: Layout) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-def tiny_step_seconds(pipe, layout: Layout, runs: int = 5) -> tuple[float, float]:
-    """Median seconds per step, plain and regional, from interleaved calls.
+def tiny_step_seconds(pipe, layout: Layout, runs: int = 5) -> tuple[float, ...]:
+    """Median seconds per step: plain, attention mode, latent mode uncropped and cropped
+    (``TINY_CROPS``), from interleaved calls.
 
     Plain calls (the scene prompt alone) alternate with regional ones so that load from other
-    processes hits both alike.
+    processes hits all alike.
     """
     plain = Layout(
         prompt=layout.prompt, width=layout.width, height=layout.height, steps=layout.steps
     )
-    plain_gaps, regional_gaps = [], []
+    latent = dataclasses.replace(layout, mode="latent")
+    cases = [(plain, None), (layout, None), (latent, None), (latent, TINY_CROPS)]
+    gaps: list[list[float]] = [[] for _ in cases]
     for _ in range(runs):
-        plain_gaps += step_gaps(pipe, plain)
-        regional_gaps += step_gaps(pipe, layout)
-    return statistics.median(plain_gaps), statistics.median(regional_gaps)
+        for times, (case, crops) in zip(gaps, cases, strict=True):
+            pipe.latent_crops = crops
+            times += step_gaps(pipe, case)
+    return tuple(statistics.median(times) for times in gaps)
 
 
 def main() -> None:
@@ -169,23 +207,29 @@ def main() -> None:
         for name, count, shared in CASES:
             layout = layout_for(count, shared, 1024)
             flops, tokens = meta_step_flops(unet, context, layout)
+            latent_flops = (
+                meta_latent_flops(unet, layout, cropped=True),
+                meta_latent_flops(unet, layout, cropped=False),
+            )
+            blocks = len(plan_latent_regions(layout, (128, 128), 4).blocks)
             started = time.perf_counter()
             plan_regions(layout, (128, 128))
             plan_ms = (time.perf_counter() - started) * 1000
-            plain_s, regional_s = tiny_step_seconds(pipe, layout_for(count, shared, tiny_size))
-            rows.append((name, tokens, flops, plan_ms, plain_s, regional_s))
+            seconds = tiny_step_seconds(pipe, layout_for(count, shared, tiny_size))
+            rows.append((name, tokens, flops, plan_ms, seconds, blocks, latent_flops))
 
     base_flops = rows[0][2]
     print(f"SDXL base UNet, one CFG step at 1024x1024: {base_flops / 1e12:.2f} TFLOP plain")
     print(f"wall time: tiny SDXL on CPU, {tiny_size}x{tiny_size}, 1 thread, median per step")
     print()
+    print("attention mode")
     header = (
         f"{'case':<12} {'tokens':>6} {'TFLOP':>7} {'FLOPs':>7} {'plan ms':>8} "
         f"{'plain s':>8} {'region s':>8} {'time':>6}"
     )
     print(header)
     print("-" * len(header))
-    for name, tokens, flops, plan_ms, plain_s, regional_s in rows:
+    for name, tokens, flops, plan_ms, (plain_s, regional_s, *_), _, _ in rows:
         print(
             f"{name:<12} {tokens:>6} {flops / 1e12:>7.2f} {flops / base_flops:>6.3f}x "
             f"{plan_ms:>8.1f} {plain_s:>8.4f} {regional_s:>8.4f} {regional_s / plain_s:>5.2f}x"
@@ -193,6 +237,26 @@ def main() -> None:
     print()
     print("tokens: text tokens per positive prompt (scene, background, one block per distinct")
     print("region prompt); plan ms: masks and block weights on every grid at 1024x1024.")
+    print()
+    print("latent mode")
+    header = (
+        f"{'case':<12} {'blocks':>6} {'FLOPs':>7} {'uncropped':>9} {'plain s':>8} "
+        f"{'latent s':>8} {'time':>6} {'cropped s':>9} {'time':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, _, _, _, seconds, blocks, (cropped, full) in rows:
+        plain_s, _, latent_s, cropped_s = seconds
+        print(
+            f"{name:<12} {blocks:>6} {cropped / base_flops:>6.2f}x {full / base_flops:>8.2f}x "
+            f"{plain_s:>8.4f} {latent_s:>8.4f} {latent_s / plain_s:>5.2f}x "
+            f"{cropped_s:>9.4f} {cropped_s / plain_s:>5.2f}x"
+        )
+    print()
+    print("blocks: UNet predictions per step besides the negative prompt (scene, background,")
+    print("distinct region prompts); FLOPs / uncropped: SDXL FLOPs per step relative to plain,")
+    print("with the default crops and without; latent s: tiny model uncropped; cropped s: tiny")
+    print("model with crops in the default's proportions (margin 4, min side 32 latent pixels).")
 
 
 if __name__ == "__main__":

@@ -283,19 +283,40 @@ class EngineClient:
             self._fail_pending(self._proc)
         return job
 
-    def hello(self, model: str | None = None, timeout: float | None = 120.0) -> dict[str, Any]:
+    def hello(
+        self,
+        model: str | None = None,
+        timeout: float | None = 120.0,
+        options: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The engine's version, device, dtype and capabilities; with ``model``, whether it exists.
 
-        Blocking. Raises EngineError if the engine cannot start or answers with an error.
+        ``options`` (e.g. ``{"controlnet": spec}``) are checked as a generate would use them:
+        the reply's ``conditions`` say whether each is available and why not. Blocking. Raises
+        EngineError if the engine cannot start or answers with an error.
         """
-        fields = {"model": model} if model else {}
+        fields: dict[str, Any] = {"model": model} if model else {}
+        if options:
+            fields["options"] = options
         return self._final(self.request("hello", **fields), timeout)
 
-    def generate(self, layout: dict[str, Any], out: str, model: str | None = None) -> Job:
-        """Start generating ``layout`` (an inline Layout dict, absolute mask paths) into ``out``."""
+    def generate(
+        self,
+        layout: dict[str, Any],
+        out: str,
+        model: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Job:
+        """Start generating ``layout`` (an inline Layout dict, absolute mask paths) into ``out``.
+
+        ``options`` override the engine's start-up options for this request (``controlnet``,
+        ``ip_adapter``, ...; None values turn one off).
+        """
         fields: dict[str, Any] = {"layout": layout, "out": os.path.abspath(out)}
         if model:
             fields["model"] = model
+        if options:
+            fields["options"] = options
         return self.request("generate", **fields)
 
     def run(

@@ -3,7 +3,8 @@
 One :class:`~.engine_client.EngineClient` lives at module level and is reused by every
 "Generate" click so the model stays loaded; a client whose process died is restarted on the
 next request. The set-up and the health check run in background threads and publish their
-progress as plain attributes that the preferences panel reads on redraw.
+progress as plain attributes that the panels read on redraw; the last health check's reply is
+kept, so the panels can grey out the conditions (depth ControlNet, IP-Adapter) the engine lacks.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def get_client(python_setting: str) -> EngineClient:
         if _client is not None and _client.python != python:
             _client.close()
             _client = None
+            forget_hello()  # another interpreter: what the old engine offered no longer holds
         if _client is None:
             # In a checkout the engine package is importable from the root even if not installed.
             _client = EngineClient(python, cwd=checkout_root())
@@ -208,19 +210,72 @@ class SetupTask(Task):
                 raise RuntimeError(f"{title} failed (exit code {proc.returncode}):\n{tail}")
 
 
-class HealthCheckTask(Task):
-    """Start (or reuse) the engine and ask ``hello`` with the model, off the UI thread."""
+_last_hello: dict[str, Any] | None = None
 
-    def __init__(self, python_setting: str, model: str):
+
+def last_hello() -> dict[str, Any] | None:
+    """The reply of the last successful health check (None before one), for the panels."""
+    return _last_hello
+
+
+def forget_hello() -> None:
+    """Drop the remembered health check (the engine interpreter changed)."""
+    global _last_hello
+    _last_hello = None
+
+
+class HealthCheckTask(Task):
+    """Start (or reuse) the engine and ask ``hello`` with the model and the conditions' options,
+    off the UI thread. The reply is remembered for :func:`condition_state`."""
+
+    def __init__(self, python_setting: str, model: str, options: dict[str, Any] | None = None):
         super().__init__("Engine health check")
         self.python_setting = python_setting
         self.model = model
+        self.options = options
 
     def work(self) -> dict[str, Any]:
+        global _last_hello
         self.status = "starting the engine"
         client = get_client(self.python_setting)
         self.status = "asking the engine"
-        return client.hello(model=self.model or None)
+        reply = client.hello(model=self.model or None, options=self.options)
+        _last_hello = reply
+        return reply
+
+
+CONDITION_LABELS = {"controlnet": "Depth ControlNet", "ip_adapter": "IP-Adapter"}
+
+
+def condition_state(
+    name: str, spec: str, reply: dict[str, Any] | None = None
+) -> tuple[bool | None, str]:
+    """Whether the engine can apply condition ``name`` (``controlnet``, ``ip_adapter``) with
+    model ``spec``, and what to tell the artist.
+
+    From the last health check (or ``reply``): None when it is unknown (no check yet, or one
+    made with another spec), then the message says to press Check engine.
+    """
+    reply = reply if reply is not None else _last_hello
+    label = CONDITION_LABELS.get(name, name)
+    if not spec:
+        return False, f"No {label} set"
+    conditions = (reply or {}).get("conditions")
+    state = conditions.get(name) if isinstance(conditions, dict) else None
+    if not isinstance(state, dict) or (state.get("spec") or "") != spec:
+        return None, f"Press Check engine to see whether the {label} is available"
+    if state.get("available"):
+        return True, f"{label} found: {state.get('message') or spec}"
+    return False, f"{label} unavailable: {state.get('message') or 'no reason given'}"
+
+
+def has_capability(name: str, reply: dict[str, Any] | None = None) -> bool | None:
+    """Whether the engine lists capability ``name`` (a mode such as ``latent``); None if no
+    health check has run."""
+    reply = reply if reply is not None else _last_hello
+    if not reply or not isinstance(reply.get("capabilities"), list):
+        return None
+    return name in reply["capabilities"]
 
 
 def describe_hello(reply: dict[str, Any]) -> list[str]:
@@ -237,4 +292,17 @@ def describe_hello(reply: dict[str, Any]) -> list[str]:
             lines.append(
                 f"Model '{model.get('spec')}' not found: {model.get('message') or 'no message'}"
             )
+    capabilities = reply.get("capabilities")
+    if isinstance(capabilities, list):
+        modes = [mode for mode in ("attention", "latent") if mode in capabilities]
+        lines.append("Guidance modes: " + (", ".join(modes) or "none reported"))
+    conditions = reply.get("conditions")
+    for name, label in CONDITION_LABELS.items():
+        state = conditions.get(name) if isinstance(conditions, dict) else None
+        if not isinstance(state, dict):
+            continue
+        if state.get("available"):
+            lines.append(f"{label}: available ({state.get('message') or state.get('spec')})")
+        else:
+            lines.append(f"{label}: unavailable: {state.get('message') or 'no reason given'}")
     return lines

@@ -1,4 +1,5 @@
-"""Operators: generate from the camera (non-blocking), cancel, label and unlabel objects."""
+"""Operators: generate from the camera (non-blocking), re-generate one object, cancel, label and
+unlabel objects."""
 
 from __future__ import annotations
 
@@ -10,23 +11,35 @@ from typing import Any
 
 import bpy
 
-from . import engine_session, overlay, preferences
+from . import engine_session, overlay, preferences, request
 from .engine_client import ENGINE_GONE, EngineError, Job
 from .props import model_spec
+
+# layout_settings is also imported from here by the batch renderer.
+from .request import UserError, layout_settings
 
 RESULT_IMAGE = "Layout Diffusion Result"
 """Name of the Image datablock that receives every result (reloaded, never duplicated)."""
 
 
-class UserError(Exception):
-    """Something the artist can fix; the message says what and how."""
-
-
 class GenerationRun:
     """The generation in flight (at most one): its job, progress and where the result goes."""
 
-    def __init__(self, job: Job, scene_name: str, out: str, width: int, height: int):
+    def __init__(
+        self,
+        job: Job,
+        scene_name: str,
+        out: str,
+        width: int,
+        height: int,
+        layout: dict[str, Any] | None = None,
+        what: str = "Generated",
+    ):
         self.job = job
+        self.layout = layout
+        """The Layout dict sent (its regions name the objects in error messages)."""
+        self.what = what
+        """How the result report starts: "Generated", "Re-generated 'Car'"."""
         self.scene_name = scene_name
         self.out = out
         self.width = width
@@ -105,24 +118,12 @@ def labeled_objects(scene) -> list:
     ]
 
 
-def layout_settings(settings) -> dict[str, Any]:
-    """The Layout fields that come from ``Scene.layout_diffusion`` (size comes from the render)."""
-    return {
-        "prompt": settings.prompt,
-        "negative_prompt": settings.negative_prompt,
-        "background_prompt": settings.background_prompt.strip() or None,
-        # Blender stores floats in single precision: 0.2 would travel as 0.20000000298.
-        "base_ratio": round(settings.base_ratio, 6),
-        "seed": settings.seed,
-        "steps": settings.steps,
-        "guidance_scale": round(settings.guidance_scale, 6),
-    }
-
-
-def build_layout(context):
+def build_layout(context, regenerate: str | None = None, seed: int | None = None):
     """Project the labeled objects through the camera into a Layout; returns (layout, skipped).
 
-    Raises UserError when there is nothing to generate from.
+    With ``regenerate`` (an object name), the Layout re-generates that object of the last result
+    with ``seed``, keeping every other pixel. Raises UserError when there is nothing to generate
+    from or a setting cannot be used.
     """
     from .blender.scene_layout import layout_from_camera
 
@@ -134,22 +135,47 @@ def build_layout(context):
             "No labeled objects: select proxy objects and press Label Selected "
             "(3D View sidebar > Layout), or tick Layout in Object properties"
         )
+    request.check_settings(settings)
+    folder = output_dir(scene)
+    options = request.engine_options(settings, model_spec)
     try:
         made = layout_from_camera(
             scene,
             labeled,
-            output_dir(scene),
+            folder,
             settings=layout_settings(settings),
             depsgraph=context.evaluated_depsgraph_get(),
+            reference=settings.use_reference,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    layout = made.layout
+    objects = {item.obj.name: item.obj for item in labeled}
+    init = None if regenerate else request.init_image(settings, folder)
+    layout = request.apply_objects(
+        made.layout,
+        objects,
+        folder,
+        init=init,
+        strength=settings.strength,
+        ip_adapter=options["ip_adapter"],
+    )
+    if regenerate:
+        skipped = dict(made.skipped)
+        if regenerate in skipped:
+            raise UserError(f"{regenerate!r} cannot be re-generated: it {skipped[regenerate]}")
+        previous = request.previous_result(folder, (layout.width, layout.height))
+        layout = request.regenerate(layout, regenerate, previous, seed)
     return layout, list(made.skipped)
 
 
-def start_generation(context) -> GenerationRun:
-    """Build the Layout, save it, and send it to the (warm) engine. Raises UserError/EngineError."""
+def start_generation(
+    context, regenerate: str | None = None, seed: int | None = None
+) -> GenerationRun:
+    """Build the Layout, save it, and send it to the (warm) engine. Raises UserError/EngineError.
+
+    With ``regenerate`` (an object name): re-generate that object of the last result with
+    ``seed`` (see :func:`build_layout`).
+    """
     global _run
     if current_run() is not None:
         raise UserError("A generation is already running: wait for it or press Cancel")
@@ -157,15 +183,30 @@ def start_generation(context) -> GenerationRun:
     # The engine first: a missing one fails before the mask render, and a cold one imports
     # torch while the masks render.
     client = engine_session.get_client(preferences.engine_python(context))
-    layout, skipped = build_layout(context)
+    layout, skipped = build_layout(context, regenerate, seed)
     folder = output_dir(scene)
     layout.save(os.path.join(folder, "layout.json"))
     overlay.set_layout(scene.name, layout.to_dict())
-    out = os.path.join(folder, "result.png")
-    job = client.generate(layout.to_dict(), out, model_spec(scene.layout_diffusion) or None)
-    _run = GenerationRun(job, scene.name, out, layout.width, layout.height)
+    out = os.path.join(folder, request.RESULT_NAME)
+    settings = scene.layout_diffusion
+    sent = layout.to_dict()
+    job = client.generate(
+        sent,
+        out,
+        model_spec(settings) or None,
+        options=request.engine_options(settings, model_spec),
+    )
+    what = f"Re-generated {regenerate!r}" if regenerate else "Generated"
+    _run = GenerationRun(job, scene.name, out, layout.width, layout.height, sent, what)
     _run.skipped = skipped
     return _run
+
+
+def regenerate_target(context, name: str = ""):
+    """The object Re-generate Object acts on: ``name``, else the active object."""
+    if name:
+        return context.scene.objects.get(name)
+    return getattr(context, "object", None) or getattr(context, "active_object", None)
 
 
 # -- Showing the result --------------------------------------------------------------------------
@@ -221,20 +262,26 @@ def finish(run: GenerationRun, report) -> set[str]:
     if kind == "result":
         scene = bpy.data.scenes.get(run.scene_name)
         image = load_result(event.get("path") or run.out, scene)
+        seed = event.get("seed")
+        if scene is not None and isinstance(seed, int) and 0 <= seed <= request.MAX_SEED:
+            scene.layout_diffusion.result_seed = seed
         seconds = event.get("seconds")
         took = f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
-        report(
-            {"INFO"}, f"Generated {image.size[0]}x{image.size[1]}{took}, seed {event.get('seed')}"
-        )
+        report({"INFO"}, f"{run.what} {image.size[0]}x{image.size[1]}{took}, seed {seed}")
         if run.skipped:
             report({"WARNING"}, "Not in the image: " + _skipped_text(run.skipped))
+        for warning in _condition_warnings(event, scene):
+            report({"WARNING"}, warning)
         return {"FINISHED"}
     if kind == "cancelled":
         report({"INFO"}, "Generation cancelled")
         return {"CANCELLED"}
     code = event.get("code", "internal")
     message = event.get("message") or "the engine failed without a message"
-    if code == "out_of_memory":
+    explained = request.explain_error(event, run.layout)
+    if explained:
+        message = explained
+    elif code == "out_of_memory":
         message += " (lower the render resolution, or press Check engine to see the device)"
     elif code == ENGINE_GONE:
         # The report keeps the engine's last error line (the cause), not its whole log.
@@ -246,6 +293,21 @@ def finish(run: GenerationRun, report) -> set[str]:
 
     report({"ERROR"}, message)
     return {"CANCELLED"}
+
+
+def _condition_warnings(event: dict[str, Any], scene) -> list[str]:
+    """Warnings for conditions the scene asks for that the engine reports it did not apply."""
+    used = event.get("conditions")
+    if scene is None or not isinstance(used, dict):
+        return []
+    settings = scene.layout_diffusion
+    warnings = []
+    if settings.controlnet.strip() and used.get("controlnet") is None:
+        warnings.append(
+            "The depth ControlNet did not act: every depth scale is 0 or no object's depth "
+            "was rendered"
+        )
+    return warnings
 
 
 def _skipped_text(skipped) -> str:
@@ -268,12 +330,10 @@ def _tag_ui(context) -> None:
             area.tag_redraw()
 
 
-class LAYOUT_DIFFUSION_OT_generate(bpy.types.Operator):
-    """Generate an image from the active camera: every labeled object's prompt appears where the
-    object stands"""
+class _GenerationOperator:
+    """What Generate and Re-generate Object share: blocking execute for scripts and background
+    mode, a modal timer loop with progress and Esc in the UI. Subclasses say how to start."""
 
-    bl_idname = "layout_diffusion.generate"
-    bl_label = "Generate from Camera"
     # No UNDO flag: nothing in the scene changes while the engine works; the result's undo step
     # is pushed explicitly once the image arrives.
     bl_options = {"REGISTER"}
@@ -282,16 +342,8 @@ class LAYOUT_DIFFUSION_OT_generate(bpy.types.Operator):
     _run: GenerationRun | None = None
     _shown = ""
 
-    @classmethod
-    def poll(cls, context) -> bool:
-        return context.scene is not None and current_run() is None
-
     def _start(self, context) -> GenerationRun | None:
-        try:
-            return start_generation(context)
-        except (UserError, EngineError) as exc:
-            self.report({"ERROR"}, str(exc))
-            return None
+        raise NotImplementedError
 
     def execute(self, context):
         """Blocking generation: background mode and scripts (timers and modals do not run there)."""
@@ -352,6 +404,73 @@ class LAYOUT_DIFFUSION_OT_generate(bpy.types.Operator):
             # image and camera background get their own undo step now that they exist.
             bpy.ops.ed.undo_push(message="Layout Diffusion result")
         return result
+
+
+class LAYOUT_DIFFUSION_OT_generate(_GenerationOperator, bpy.types.Operator):
+    """Generate an image from the active camera: every labeled object's prompt appears where the
+    object stands"""
+
+    bl_idname = "layout_diffusion.generate"
+    bl_label = "Generate from Camera"
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        return context.scene is not None and current_run() is None
+
+    def _start(self, context) -> GenerationRun | None:
+        try:
+            return start_generation(context)
+        except (UserError, EngineError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return None
+
+
+class LAYOUT_DIFFUSION_OT_regenerate_object(_GenerationOperator, bpy.types.Operator):
+    """Generate this object again with a new seed, keeping every other pixel of the last result"""
+
+    bl_idname = "layout_diffusion.regenerate_object"
+    bl_label = "Re-generate Object"
+
+    object_name: bpy.props.StringProperty(
+        name="Object",
+        description="The labeled object to re-generate (empty: the active object)",
+        options={"SKIP_SAVE"},
+    )
+    seed: bpy.props.IntProperty(
+        name="Seed",
+        description="Seed for the new attempt (-1: from the scene's New Seed setting)",
+        default=-1,
+        min=-1,
+        options={"SKIP_SAVE"},
+    )
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        if context.scene is None or current_run() is not None:
+            return False
+        obj = regenerate_target(context)
+        return obj is not None and obj.layout_diffusion.enabled
+
+    def _start(self, context) -> GenerationRun | None:
+        obj = regenerate_target(context, self.object_name)
+        try:
+            if obj is None or not obj.layout_diffusion.enabled:
+                what = repr(self.object_name) if self.object_name else "The active object"
+                raise UserError(
+                    f"{what} is not a labeled object: label it (Object properties > Layout) "
+                    "and generate the whole image first"
+                )
+            settings = context.scene.layout_diffusion
+            seed = (
+                self.seed
+                if self.seed >= 0
+                else request.next_seed(settings, settings.regenerate_seed)
+            )
+            self.report({"INFO"}, f"Re-generating {obj.name!r} with seed {seed}")
+            return start_generation(context, regenerate=obj.name, seed=seed)
+        except (UserError, EngineError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return None
 
 
 class LAYOUT_DIFFUSION_OT_cancel(bpy.types.Operator):
@@ -428,6 +547,7 @@ class LAYOUT_DIFFUSION_OT_show_result(bpy.types.Operator):
 
 CLASSES = (
     LAYOUT_DIFFUSION_OT_generate,
+    LAYOUT_DIFFUSION_OT_regenerate_object,
     LAYOUT_DIFFUSION_OT_cancel,
     LAYOUT_DIFFUSION_OT_label_selected,
     LAYOUT_DIFFUSION_OT_unlabel_selected,

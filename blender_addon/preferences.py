@@ -8,7 +8,7 @@ import sys
 import bpy
 from bpy.props import StringProperty
 
-from . import engine_session, props
+from . import engine_session, props, request
 
 _tasks: dict[str, engine_session.Task | None] = {"setup": None, "check": None}
 
@@ -102,6 +102,11 @@ class LayoutDiffusionPreferences(bpy.types.AddonPreferences):
                 box.label(text=line)
 
 
+def check_task() -> engine_session.Task | None:
+    """The last (or running) health check, for panels that show its outcome."""
+    return _tasks["check"]
+
+
 def _draw_task(layout, task) -> None:
     if task is None:
         return
@@ -120,7 +125,8 @@ def _watch(task: engine_session.Task, on_done=None) -> None:
     def tick():
         for window in bpy.context.window_manager.windows:
             for area in window.screen.areas:
-                if area.type == "PREFERENCES":
+                # The sidebar shows the health check's outcome too.
+                if area.type in {"PREFERENCES", "VIEW_3D", "PROPERTIES"}:
                     area.tag_redraw()
         if task.done:
             if on_done is not None:
@@ -172,7 +178,8 @@ class LAYOUT_DIFFUSION_OT_setup_engine(bpy.types.Operator):
 
 
 class LAYOUT_DIFFUSION_OT_check_engine(bpy.types.Operator):
-    """Start the engine and show its version, device and whether the scene's model is found"""
+    """Start the engine and show its version, device, and whether the scene's model, depth
+    ControlNet and IP-Adapter are found"""
 
     bl_idname = "layout_diffusion.check_engine"
     bl_label = "Check engine"
@@ -183,7 +190,11 @@ class LAYOUT_DIFFUSION_OT_check_engine(bpy.types.Operator):
             return {"CANCELLED"}
         settings = getattr(context.scene, "layout_diffusion", None)
         model = props.model_spec(settings) if settings else ""
-        task = _tasks["check"] = engine_session.HealthCheckTask(engine_python(context), model)
+        # The scene's ControlNet and IP-Adapter go along, so the reply says whether they exist.
+        options = request.engine_options(settings, props.model_spec) if settings else None
+        task = _tasks["check"] = engine_session.HealthCheckTask(
+            engine_python(context), model, options
+        )
         task.start()
         if bpy.app.background:
             task.join()

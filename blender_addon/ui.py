@@ -1,18 +1,22 @@
-"""Panels: the object's label (Object properties), the Layout sidebar tab, the camera header."""
+"""Panels: the object's label (Object properties), the Layout sidebar tab, the camera header,
+and Re-generate Object in the 3D View's object context menu."""
 
 from __future__ import annotations
 
 import bpy
 
-from . import operators
+from . import engine_session, operators, preferences, request
 from .blender.camera import render_resolution
+from .props import model_spec
 
 MAX_LISTED = 40
 """Labeled objects listed in the sidebar; the rest are counted (the list is for checking)."""
 
 
 class OBJECT_PT_layout_diffusion(bpy.types.Panel):
-    """Object properties > Layout: whether the object is labeled, its prompt and weight."""
+    """Object properties > Layout: whether the object is labeled, its prompt and weight, how much
+    of an init image it keeps, its reference image, how closely it follows the proxy's depth,
+    and Re-generate Object."""
 
     bl_label = "Layout"
     bl_space_type = "PROPERTIES"
@@ -28,11 +32,40 @@ class OBJECT_PT_layout_diffusion(bpy.types.Panel):
 
     def draw(self, context) -> None:
         settings = context.object.layout_diffusion
+        scene_settings = context.scene.layout_diffusion
         layout = self.layout
         layout.use_property_split = True
         layout.active = settings.enabled
         layout.prop(settings, "prompt")
         layout.prop(settings, "weight")
+        col = layout.column()
+        # Strength says how much of the init image to keep: without one it does nothing.
+        col.active = scene_settings.init_source != "NONE"
+        col.prop(settings, "strength")
+        _image_field(layout, settings, "reference_image", "Reference Image")
+        if settings.reference_image is not None:
+            col = layout.column()
+            spec = model_spec(scene_settings, "ip_adapter")
+            available, message = engine_session.condition_state("ip_adapter", spec)
+            col.active = available is not False
+            col.prop(settings, "reference_image_scale")
+            if available is not True:
+                col.label(text=message, icon="ERROR" if available is False else "INFO")
+        row = layout.row(heading="Depth Follow")
+        row.prop(settings, "use_depth_scale", text="")
+        sub = row.row()
+        sub.active = settings.use_depth_scale
+        sub.prop(settings, "depth_scale", text="")
+        layout.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+
+
+def _image_field(layout, data, prop: str, text: str) -> None:
+    """An image selector with New/Open buttons, labeled like the property-split rows around it
+    (``template_ID`` takes no label of its own)."""
+    split = layout.split(factor=0.4)
+    split.alignment = "RIGHT"
+    split.label(text=text)
+    split.template_ID(data, prop, open="image.open")
 
 
 class _SidebarPanel:
@@ -67,10 +100,37 @@ class VIEW3D_PT_layout_diffusion(_SidebarPanel, bpy.types.Panel):
         col.prop(settings, "negative_prompt", text="Negative")
         col.prop(settings, "background_prompt", text="Background")
         col.prop(settings, "model")
+        summary = guidance_summary(scene)
+        if summary:
+            layout.label(text=summary, icon="MODIFIER")
         row = layout.row(align=True)
         row.prop(settings, "show_overlay", toggle=True, icon="SELECT_SET")
         row.prop(settings, "use_as_camera_background", toggle=True, icon="IMAGE_BACKGROUND")
         row.operator("layout_diffusion.show_result", text="", icon="IMAGE")
+
+
+def guidance_summary(scene) -> str:
+    """One line naming the guidance and conditions in use (empty when none are), so the
+    closed sub-panels do not hide them."""
+    settings = scene.layout_diffusion
+    parts = []
+    if settings.mode == "LATENT":
+        parts.append("Latent mode")
+    if settings.use_reference:
+        parts.append("proxy pull")
+    if settings.init_source != "NONE":
+        parts.append("init image")
+    if settings.controlnet.strip():
+        parts.append("depth")
+    images = sum(
+        1
+        for ob in scene.objects
+        if ob.layout_diffusion.enabled and ob.layout_diffusion.reference_image is not None
+    )
+    if images:
+        parts.append(f"{images} reference image{'s' if images != 1 else ''}")
+    text = ", ".join(parts)
+    return text[:1].upper() + text[1:]
 
 
 class VIEW3D_PT_layout_diffusion_settings(_SidebarPanel, bpy.types.Panel):
@@ -88,6 +148,115 @@ class VIEW3D_PT_layout_diffusion_settings(_SidebarPanel, bpy.types.Panel):
         layout.prop(settings, "steps")
         layout.prop(settings, "guidance_scale")
         layout.prop(settings, "base_ratio")
+
+
+def latent_cost(regions: int) -> float:
+    """Time of latent mode relative to attention mode for ``regions`` distinct object prompts:
+    one model call per prompt plus the scene's, against attention's one (both with the negative
+    prompt's call). The engine crops small regions, so this is an upper bound."""
+    return (regions + 2) / 2
+
+
+class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
+    """Guidance mode, the pull toward the proxy render, the init image and Re-generate."""
+
+    bl_label = "Guidance"
+    bl_parent_id = "VIEW3D_PT_layout_diffusion"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context) -> None:
+        scene = context.scene
+        settings = scene.layout_diffusion
+        layout = self.layout
+        layout.use_property_split = True
+        layout.prop(settings, "mode", expand=True)
+        if settings.mode == "LATENT":
+            # Objects sharing a prompt share its model call.
+            count = len(
+                {ob.layout_diffusion.prompt for ob in scene.objects if ob.layout_diffusion.enabled}
+            )
+            layout.label(
+                text=f"Up to {latent_cost(count):.1f}x the time of Attention ({count} prompts)",
+                icon="TIME",
+            )
+            if engine_session.has_capability("latent") is False:
+                layout.label(text="This engine has no latent mode: update it", icon="ERROR")
+        layout.prop(settings, "use_reference")
+        col = layout.column()
+        col.active = settings.use_reference
+        col.prop(settings, "reference_scale")
+        col.prop(settings, "reference_fraction")
+        layout.separator()
+        layout.prop(settings, "init_source")
+        if settings.init_source == "IMAGE":
+            _image_field(layout, settings, "init_image", "Image")
+        col = layout.column()
+        col.active = settings.init_source != "NONE"
+        col.prop(settings, "strength")
+        layout.separator()
+        layout.prop(settings, "regenerate_seed")
+        if settings.result_seed >= 0:
+            text = f"Last result: seed {settings.result_seed}"
+            if settings.regenerate_seed == "NEXT":
+                text += f", next {request.next_seed(settings)}"
+            layout.label(text=text, icon="INFO")
+        layout.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+
+
+class VIEW3D_PT_layout_diffusion_conditions(_SidebarPanel, bpy.types.Panel):
+    """Depth ControlNet and IP-Adapter: which models, how strong, and whether the engine has
+    them (from the last health check)."""
+
+    bl_label = "Conditions"
+    bl_parent_id = "VIEW3D_PT_layout_diffusion"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context) -> None:
+        scene = context.scene
+        settings = scene.layout_diffusion
+        layout = self.layout
+        layout.use_property_split = True
+
+        layout.prop(settings, "controlnet")
+        available, message = engine_session.condition_state(
+            "controlnet", model_spec(settings, "controlnet")
+        )
+        _state_label(layout, available, message)
+        col = layout.column(align=True)
+        col.active = available is not False
+        col.prop(settings, "depth_scale")
+        col.prop(settings, "depth_start")
+        col.prop(settings, "depth_end")
+
+        layout.separator()
+        layout.prop(settings, "ip_adapter")
+        available, message = engine_session.condition_state(
+            "ip_adapter", model_spec(settings, "ip_adapter")
+        )
+        _state_label(layout, available, message)
+        with_images = [
+            ob.name
+            for ob in scene.objects
+            if ob.layout_diffusion.enabled and ob.layout_diffusion.reference_image is not None
+        ]
+        if with_images:
+            layout.label(text=f"Reference images on {len(with_images)} objects", icon="IMAGE_DATA")
+            if available is False:
+                layout.label(text="Clear them or fix the IP-Adapter to generate", icon="ERROR")
+
+        task = preferences.check_task()
+        row = layout.row()
+        row.enabled = not (task is not None and task.running)
+        row.operator("layout_diffusion.check_engine", icon="CHECKMARK")
+        if task is not None and task.running:
+            layout.label(text=task.status, icon="SORTTIME")
+        elif task is not None and task.error:
+            layout.label(text=task.error.splitlines()[0], icon="ERROR")
+
+
+def _state_label(layout, available: bool | None, message: str) -> None:
+    icon = {True: "CHECKMARK", False: "ERROR", None: "INFO"}[available]
+    layout.label(text=message, icon=icon)
 
 
 class VIEW3D_PT_layout_diffusion_objects(_SidebarPanel, bpy.types.Panel):
@@ -129,10 +298,21 @@ def draw_camera_header(self, context) -> None:
         self.layout.operator("layout_diffusion.cancel", text="Cancel", icon="X")
 
 
+def draw_object_context_menu(self, context) -> None:
+    """3D View object context menu: Re-generate Object for a labeled active object."""
+    obj = context.active_object
+    if obj is None or not obj.layout_diffusion.enabled:
+        return
+    self.layout.separator()
+    self.layout.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+
+
 CLASSES = (
     OBJECT_PT_layout_diffusion,
     VIEW3D_PT_layout_diffusion,
     VIEW3D_PT_layout_diffusion_settings,
+    VIEW3D_PT_layout_diffusion_guidance,
+    VIEW3D_PT_layout_diffusion_conditions,
     VIEW3D_PT_layout_diffusion_objects,
 )
 
@@ -141,9 +321,11 @@ def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     bpy.types.VIEW3D_HT_header.append(draw_camera_header)
+    bpy.types.VIEW3D_MT_object_context_menu.append(draw_object_context_menu)
 
 
 def unregister() -> None:
+    bpy.types.VIEW3D_MT_object_context_menu.remove(draw_object_context_menu)
     bpy.types.VIEW3D_HT_header.remove(draw_camera_header)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

@@ -49,6 +49,16 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
         "--vae-tiling", action="store_true", help="decode large images in tiles to save memory"
     )
     group.add_argument(
+        "--controlnet",
+        help="SDXL depth ControlNet (diffusers folder, cached repo id or .safetensors file), "
+        "applied with the Layout's depth map",
+    )
+    group.add_argument(
+        "--ip-adapter",
+        help="SDXL IP-Adapter (weights file, folder or cached repo id such as h94/IP-Adapter) "
+        "applying each region's reference image inside its mask",
+    )
+    group.add_argument(
         "--allow-pickle",
         action="store_true",
         help="allow pickle checkpoints (.ckpt/.bin/.pt), which can run code: trusted files only",
@@ -96,12 +106,15 @@ def _load_options(args: argparse.Namespace) -> LoadOptions:
         vae_tiling=args.vae_tiling,
         allow_pickle=args.allow_pickle,
         config=args.config,
+        controlnet=args.controlnet,
+        ip_adapter=args.ip_adapter,
     )
 
 
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from engine.conditions import check_conditions
     from engine.generate import check_layout_files, run_generation
     from engine.loading import PipelineCache, default_model_spec
 
@@ -114,6 +127,7 @@ def _generate(args: argparse.Namespace) -> int:
     out = args.out or os.path.splitext(args.layout)[0] + ".png"
     model = args.model or default_model_spec()
     options = _load_options(args)
+    check_conditions(layout, options.ip_adapter)
 
     def announce(location: ModelLocation) -> None:
         print(f"loading {model} from {location.path}", file=sys.stderr)
@@ -153,6 +167,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}")
     print(f"device: {info['device']}, dtype: {info['dtype']}")
     print(f"capabilities: {', '.join(info['capabilities'])}")
+    for name, state in info["conditions"].items():
+        status = "available" if state["available"] else "unavailable"
+        print(f"{name}: {status}: {state['message']}")
     print(
         f"model {model['spec']}: {'found, ' if model['found'] else 'NOT FOUND: '}{model['message']}"
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.conditions import conditions_used
 from engine.errors import CancelledError, OutOfMemoryError, OutputError, is_out_of_memory
 from engine.layout import Layout, LayoutError
 from engine.provenance import sampler_name, save_png
@@ -28,12 +29,16 @@ class GenerationResult:
     height: int
     seconds: float
     """Time spent generating and writing the image, model loading excluded."""
+    conditions: dict[str, Any] | None = None
+    """The optional conditions that acted (see :func:`conditions_used`)."""
 
 
 def check_layout_files(layout: Layout) -> None:
-    """Raise LayoutError naming the field of the first mask or depth image that is missing."""
-    named = [(f"regions[{i}].mask", r.mask) for i, r in enumerate(layout.regions)]
-    named.append(("depth", layout.depth))
+    """Raise LayoutError naming the field of the first image of the Layout that is missing."""
+    named = [("depth", layout.depth), ("reference", layout.reference)]
+    named.append(("init_image", layout.init_image))
+    for i, region in enumerate(layout.regions):
+        named += [(f"regions[{i}].mask", region.mask), (f"regions[{i}].image", region.image)]
     for field, path in named:
         if path is not None and not os.path.isfile(path):
             raise LayoutError(
@@ -69,6 +74,7 @@ def run_generation(
             on_step(step + 1, int(total))
         return {}
 
+    conditions = conditions_used(pipe, layout)
     start = time.perf_counter()
     try:
         image = pipe(layout=layout, callback_on_step_end=step_end, output_type="pil").images[0]
@@ -83,7 +89,9 @@ def run_generation(
             ) from exc
         raise
     try:
-        path = save_png(image, out, layout, model, sampler_name(pipe.scheduler))
+        path = save_png(
+            image, out, layout, model, sampler_name(pipe.scheduler), conditions=conditions
+        )
     except OSError as exc:
         raise OutputError(
             f"cannot write {out}: {exc.strerror or exc}; choose a folder you can write to",
@@ -95,4 +103,5 @@ def run_generation(
         width=image.width,
         height=image.height,
         seconds=time.perf_counter() - start,
+        conditions=conditions,
     )

@@ -32,8 +32,18 @@ MAX_SIZE = 4096
 SIZE_MULTIPLE = 8
 """Image sides must be multiples of the VAE's downsampling factor (8 for SDXL)."""
 
-MODES = ("attention",)
-"""Regional guidance modes this schema knows. ``attention`` masks cross-attention per region."""
+IMAGE_FIELDS = ("depth", "reference", "init_image")
+"""Layout fields holding image paths, resolved, checked and saved like region masks."""
+
+REGION_IMAGE_FIELDS = ("mask", "image")
+"""Region fields holding image paths."""
+
+MODES = ("attention", "latent")
+"""Regional guidance modes this schema knows. ``attention`` masks cross-attention per region
+(about the cost of a plain image); ``latent`` denoises each distinct prompt with its own UNet
+call and blends the predictions by feathered masks: about ``(R + 3) / 2`` times the cost for
+``R`` distinct region prompts (``(R + 2) / 2`` with ``base_ratio`` 0), less where small
+regions run on crops."""
 
 
 class LayoutError(ValueError):
@@ -56,6 +66,17 @@ class Region:
     """Strength of the region's prompt inside its mask; 0 turns the region off."""
     name: str = ""
     """Free label (the Blender object's name); carried through for reports and provenance."""
+    strength: float | None = None
+    """How freely the region is regenerated from the Layout's ``init_image``: 0 keeps it, 1
+    ignores it. ``None``: the Layout's ``strength``. Needs ``init_image``."""
+    depth_scale: float | None = None
+    """Depth ControlNet strength inside the region (0: its shape is free to leave the proxy's).
+    ``None``: the Layout's ``depth_scale``."""
+    image: str | None = None
+    """Reference image of the object (IP-Adapter), applied inside the region's mask only;
+    resolved like ``mask``."""
+    image_scale: float = 0.5
+    """Strength of ``image`` inside the region; 0 ignores the image."""
 
 
 @dataclass
@@ -77,6 +98,34 @@ class Layout:
     regions: list[Region] = field(default_factory=list)
     depth: str | None = None
     """Camera depth map (16-bit grayscale PNG, near = white), resolved like region masks."""
+    depth_scale: float = 1.0
+    """Conditioning scale of the depth map for a depth ControlNet (when the engine has one)
+    outside the regions that set their own; 0 turns depth conditioning off."""
+    depth_start: float = 0.0
+    """Fraction of the steps after which the depth ControlNet starts acting."""
+    depth_end: float = 1.0
+    """Fraction of the steps after which the depth ControlNet stops acting."""
+    reference: str | None = None
+    """RGB image (e.g. the add-on's flat-colour render of the proxies) whose layout the first
+    steps are pulled toward inside the regions; resolved like region masks. ``None`` with
+    ``reference_scale`` above 0: the engine makes one with a low-resolution first pass."""
+    reference_scale: float = 0.0
+    """Strength of the pull toward ``reference`` (gamma); 0 turns reference guidance off. Each
+    guided step moves a region's latents ``2 * gamma`` of the way to the reference's (more for
+    small regions, never past it): 0.25 goes halfway, 0.5 all the way."""
+    reference_fraction: float = 0.1
+    """Fraction of the steps, from the first, during which the reference pulls."""
+    init_image: str | None = None
+    """Image to start from (a previous result, a painted plate), resolved like region masks.
+    Each region keeps it according to its ``strength``; the background according to the
+    Layout's ``strength``."""
+    strength: float = 1.0
+    """With ``init_image``: how freely pixels outside every region (and regions without their
+    own strength) are regenerated. 0 keeps the init image, 1 ignores it."""
+    keep_outside: bool = False
+    """With ``init_image``: copy the init image's pixels exactly wherever no region with
+    strength above 0 is (beyond a narrow feathered band), so only those regions change.
+    Needs ``strength`` 0."""
     version: int = SCHEMA_VERSION
 
     # -- JSON ---------------------------------------------------------------------------------
@@ -129,7 +178,9 @@ class Layout:
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         data = self.to_dict()
-        for holder, key in [(data, "depth")] + [(r, "mask") for r in data["regions"]]:
+        images = [(data, key) for key in IMAGE_FIELDS]
+        images += [(r, key) for r in data["regions"] for key in REGION_IMAGE_FIELDS]
+        for holder, key in images:
             if holder[key] and os.path.isabs(holder[key]):
                 # Another drive on Windows has no relative path: keep it absolute.
                 with contextlib.suppress(ValueError):
@@ -237,6 +288,18 @@ def _parse_layout(data: Any, base_dir: str | None) -> Layout:
         raise LayoutError("'regions' must be a list of region objects", "regions")
     regions = [_parse_region(item, i, base_dir) for i, item in enumerate(regions_data)]
     depth = _path(data.get("depth"), "depth", base_dir)
+    depth_start = _float(data, "depth_start", 0.0, 0.0, 1.0)
+    depth_end = _float(data, "depth_end", 1.0, 0.0, 1.0)
+    if depth_end <= depth_start:
+        raise LayoutError(
+            f"'depth_end' ({depth_end:g}) must be after 'depth_start' ({depth_start:g}): they are "
+            "the fractions of the steps between which depth conditioning acts",
+            "depth_end",
+        )
+    init_image = _path(data.get("init_image"), "init_image", base_dir)
+    strength = _float(data, "strength", 1.0, 0.0, 1.0)
+    keep_outside = _bool(data, "keep_outside", False)
+    _check_init_image(init_image, strength, keep_outside, regions)
     return Layout(
         prompt=_str(data, "prompt", ""),
         width=width,
@@ -250,8 +313,40 @@ def _parse_layout(data: Any, base_dir: str | None) -> Layout:
         mode=mode,
         regions=regions,
         depth=depth,
+        depth_scale=_float(data, "depth_scale", 1.0, 0.0, 5.0),
+        depth_start=depth_start,
+        depth_end=depth_end,
+        reference=_path(data.get("reference"), "reference", base_dir),
+        reference_scale=_float(data, "reference_scale", 0.0, 0.0, 10.0),
+        reference_fraction=_float(data, "reference_fraction", 0.1, 0.0, 1.0),
+        init_image=init_image,
+        strength=strength,
+        keep_outside=keep_outside,
         version=version,
     )
+
+
+def _check_init_image(
+    init_image: str | None, strength: float, keep_outside: bool, regions: list[Region]
+) -> None:
+    """Strengths and ``keep_outside`` say how much of ``init_image`` to keep: they need one."""
+    if init_image is None:
+        used = [("strength", strength != 1.0), ("keep_outside", keep_outside)]
+        used += [(f"regions[{i}].strength", r.strength is not None) for i, r in enumerate(regions)]
+        for name, is_set in used:
+            if is_set:
+                raise LayoutError(
+                    f"'{name}' says how much of 'init_image' to keep, but there is no "
+                    "'init_image'; give the image to start from or remove it",
+                    name,
+                )
+    if keep_outside and strength > 0.0:
+        raise LayoutError(
+            f"'keep_outside' keeps every pixel outside the regenerated regions, but the "
+            f"background 'strength' is {strength:g}; set 'strength' to 0 (and a region's "
+            "'strength' above 0 for what should change)",
+            "strength",
+        )
 
 
 def _parse_region(data: Any, index: int, base_dir: str | None) -> Region:
@@ -274,6 +369,10 @@ def _parse_region(data: Any, index: int, base_dir: str | None) -> Region:
         mask=_path(data.get("mask"), f"{where}.mask", base_dir),
         weight=_float(data, "weight", 1.0, 0.0, 10.0, where),
         name=_str(data, "name", "", where),
+        strength=_optional_float(data, "strength", 0.0, 1.0, where),
+        depth_scale=_optional_float(data, "depth_scale", 0.0, 5.0, where),
+        image=_path(data.get("image"), f"{where}.image", base_dir),
+        image_scale=_float(data, "image_scale", 0.5, 0.0, 5.0, where),
     )
 
 
@@ -341,6 +440,21 @@ def _int(data: dict, key: str, default: int, low: int, high: int, where: str | N
     if not low <= value <= high:
         raise LayoutError(f"'{name}' must be between {low} and {high}, got {value}", name)
     return value
+
+
+def _bool(data: dict, key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise LayoutError(f"'{key}' must be true or false, got {value!r}", key)
+    return value
+
+
+def _optional_float(
+    data: dict, key: str, low: float, high: float, where: str | None = None
+) -> float | None:
+    if data.get(key) is None:
+        return None
+    return _float(data, key, 0.0, low, high, where)
 
 
 def _float(

@@ -82,6 +82,22 @@ class LoadOptions:
     allow_pickle: bool = False
     config: str | None = None
     """Diffusers folder or cached repo id with the configs a single-file checkpoint needs."""
+    controlnet: str | None = None
+    """SDXL depth ControlNet: diffusers folder, cached repo id or single .safetensors file."""
+    ip_adapter: str | None = None
+    """SDXL IP-Adapter: weights file, folder holding one, or cached repo id (h94/IP-Adapter)."""
+
+
+@dataclass(frozen=True)
+class ComponentLocation:
+    """Where an optional conditioning model (ControlNet, IP-Adapter) is on this machine."""
+
+    spec: str
+    kind: str
+    """``folder`` or ``single_file`` (ControlNet); ``ip_adapter`` (weights file + encoder)."""
+    path: str
+    encoder: str | None = None
+    """IP-Adapter only: the folder of its CLIP image encoder."""
 
 
 # -- Resolving specs -----------------------------------------------------------------------------
@@ -301,6 +317,176 @@ def _config_folder(path: str, options: LoadOptions) -> str:
     )
 
 
+# -- Conditioning models ----------------------------------------------------------------------
+
+CONTROLNET_HELP = (
+    "The engine works offline; get an SDXL depth ControlNet on a machine with network "
+    "(`hf download diffusers/controlnet-depth-sdxl-1.0`) and pass its folder, or its repo id "
+    "once it is in the Hugging Face cache here"
+)
+IP_ADAPTER_HELP = (
+    "The engine works offline; get the SDXL IP-Adapter on a machine with network "
+    "(`hf download h94/IP-Adapter --include 'sdxl_models/*'`) and pass its repo id once it is "
+    "in the Hugging Face cache here, or a folder holding ip-adapter_sdxl.safetensors and "
+    "image_encoder/"
+)
+
+
+def resolve_controlnet(spec: str, options: LoadOptions | None = None) -> ComponentLocation:
+    """Find a ControlNet spec (folder, single file, cached repo id) without loading it."""
+    options = options or LoadOptions()
+    spec = (spec or "").strip()
+    if not spec:
+        raise ModelNotFoundError("the ControlNet spec is empty; " + CONTROLNET_HELP, "controlnet")
+    path = os.path.abspath(os.path.expanduser(spec))
+    if os.path.isdir(path):
+        return _controlnet_folder(spec, path, options)
+    if os.path.isfile(path):
+        if path.lower().endswith(PICKLE_SUFFIXES) and not options.allow_pickle:
+            raise UnsafeCheckpointError(
+                f"ControlNet {path} is a pickle checkpoint, which can run code when loaded. Use a "
+                ".safetensors version, or pass --allow-pickle if you trust its source",
+                "controlnet",
+            )
+        if not path.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
+            raise ModelNotFoundError(
+                f"ControlNet {path} is not a model: expected a .safetensors file or a diffusers "
+                "folder with config.json",
+                "controlnet",
+            )
+        return ComponentLocation(spec=spec, kind="single_file", path=path)
+    if _REPO_ID.match(spec):
+        snapshot = cached_repo_snapshot(spec)
+        if snapshot:
+            return _controlnet_folder(spec, snapshot, options)
+    raise ModelNotFoundError(
+        f"ControlNet {spec!r} not found: no file or folder {path}, and no such repo in the "
+        f"Hugging Face cache {hub_cache_dir()}. {CONTROLNET_HELP}",
+        "controlnet",
+    )
+
+
+def _controlnet_folder(spec: str, folder: str, options: LoadOptions) -> ComponentLocation:
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ModelNotFoundError(
+            f"{folder} is not a diffusers ControlNet (no config.json). Pass the folder that holds "
+            "config.json and diffusion_pytorch_model.safetensors, or a single .safetensors file",
+            "controlnet",
+        )
+    weights = [f for f in os.listdir(folder) if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
+    if not weights:
+        raise ModelNotFoundError(
+            f"ControlNet folder {folder} has a config.json but no weights: a partial download? "
+            + CONTROLNET_HELP,
+            "controlnet",
+        )
+    if not options.allow_pickle and not any(w.endswith(SAFE_SUFFIXES) for w in weights):
+        raise UnsafeCheckpointError(
+            f"ControlNet folder {folder} holds only pickle weights, which can run code when "
+            "loaded. Convert them to .safetensors, or pass --allow-pickle if you trust them",
+            "controlnet",
+        )
+    return ComponentLocation(spec=spec, kind="folder", path=folder)
+
+
+def resolve_ip_adapter(spec: str, options: LoadOptions | None = None) -> ComponentLocation:
+    """Find an IP-Adapter spec and its image encoder without loading them.
+
+    ``spec`` is a ``.safetensors`` weights file, a folder holding one (directly or in
+    ``sdxl_models/``, the ``h94/IP-Adapter`` layout), or a cached repo id with that layout.
+    The image encoder is the ``image_encoder`` folder next to the weights (for ``vit-h``
+    weights in that layout: ``models/image_encoder``).
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        raise ModelNotFoundError("the IP-Adapter spec is empty; " + IP_ADAPTER_HELP, "ip_adapter")
+    path = os.path.abspath(os.path.expanduser(spec))
+    if os.path.isfile(path):
+        weights = path
+    elif os.path.isdir(path):
+        weights = _ip_adapter_weights(path)
+    elif _REPO_ID.match(spec) and (snapshot := cached_repo_snapshot(spec)):
+        weights = _ip_adapter_weights(snapshot)
+    else:
+        raise ModelNotFoundError(
+            f"IP-Adapter {spec!r} not found: no file or folder {path}, and no such repo in the "
+            f"Hugging Face cache {hub_cache_dir()}. {IP_ADAPTER_HELP}",
+            "ip_adapter",
+        )
+    if not weights.lower().endswith(SAFE_SUFFIXES):
+        raise UnsafeCheckpointError(
+            f"IP-Adapter weights {weights} are not .safetensors; pickle weights can run code "
+            "when loaded. Use the .safetensors file of the same adapter",
+            "ip_adapter",
+        )
+    folder = os.path.dirname(weights)
+    candidates = [os.path.join(folder, "image_encoder")]
+    if "vit-h" in os.path.basename(weights).lower():
+        candidates.insert(0, os.path.join(os.path.dirname(folder), "models", "image_encoder"))
+    for encoder in candidates:
+        if os.path.isfile(os.path.join(encoder, "config.json")):
+            return ComponentLocation(spec=spec, kind="ip_adapter", path=weights, encoder=encoder)
+    raise ModelNotFoundError(
+        f"IP-Adapter {weights} has no image encoder: expected a CLIP vision model folder at "
+        f"{' or '.join(candidates)}. {IP_ADAPTER_HELP}",
+        "ip_adapter",
+    )
+
+
+def _ip_adapter_weights(folder: str) -> str:
+    """The one IP-Adapter weights file in ``folder`` or its ``sdxl_models`` subfolder."""
+    found = []
+    for where in (folder, os.path.join(folder, "sdxl_models")):
+        if os.path.isdir(where):
+            found += [
+                os.path.join(where, name)
+                for name in sorted(os.listdir(where))
+                if name.lower().endswith(SAFE_SUFFIXES) and "ip-adapter" in name.lower()
+            ]
+    preferred = [f for f in found if os.path.basename(f) == "ip-adapter_sdxl.safetensors"]
+    if preferred:
+        return preferred[0]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ModelNotFoundError(
+            f"{folder} holds no IP-Adapter weights (ip-adapter*.safetensors). {IP_ADAPTER_HELP}",
+            "ip_adapter",
+        )
+    names = ", ".join(os.path.relpath(f, folder) for f in found[:4])
+    raise ModelNotFoundError(
+        f"{folder} holds several IP-Adapters ({names}); pass the path of the one to use",
+        "ip_adapter",
+    )
+
+
+def describe_conditions(options: LoadOptions | None = None) -> dict[str, dict[str, Any]]:
+    """For each optional condition, whether it is available here and why not; never loads."""
+    options = options or LoadOptions()
+    checks = (
+        ("controlnet", options.controlnet, resolve_controlnet, "depth ControlNet"),
+        ("ip_adapter", options.ip_adapter, resolve_ip_adapter, "IP-Adapter"),
+    )
+    report = {}
+    for name, spec, resolve, label in checks:
+        if not spec:
+            flag = name.replace("_", "-")
+            report[name] = {
+                "available": False,
+                "spec": None,
+                "message": f"no {label} configured; start the engine with --{flag} or send "
+                f"options.{name} with a request",
+            }
+            continue
+        try:
+            location = resolve(spec, options)
+        except (ModelNotFoundError, UnsafeCheckpointError) as exc:
+            report[name] = {"available": False, "spec": spec, "message": str(exc)}
+        else:
+            report[name] = {"available": True, "spec": spec, "message": location.path}
+    return report
+
+
 # -- Device and precision ------------------------------------------------------------------------
 
 _DTYPES = {
@@ -418,6 +604,32 @@ def _weights_variant(folder: str) -> str | None:
     return "fp16" if not plain and any(".fp16." in n for n in names) else None
 
 
+Conditions = tuple["ComponentLocation | None", "ComponentLocation | None"]
+
+
+def resolve_conditions(options: LoadOptions) -> Conditions:
+    """The ControlNet and IP-Adapter ``options`` name, resolved (None where not configured)."""
+    controlnet = resolve_controlnet(options.controlnet, options) if options.controlnet else None
+    ip_adapter = resolve_ip_adapter(options.ip_adapter, options) if options.ip_adapter else None
+    return controlnet, ip_adapter
+
+
+def attach_conditions(
+    pipe: Any, options: LoadOptions, conditions: Conditions | None = None
+) -> bool:
+    """Give ``pipe`` the ControlNet and IP-Adapter ``options`` name, dropping others.
+
+    Kept when unchanged; True if anything was loaded or unloaded. The ControlNet is placed on
+    the UNet's device and dtype (with ``cpu_offload`` it stays on the GPU for the whole call).
+    """
+    from engine.controlnet import attach_controlnet
+    from engine.ip_adapter import attach_ip_adapter
+
+    controlnet, ip_adapter = conditions or resolve_conditions(options)
+    changed = attach_controlnet(pipe, controlnet, options.allow_pickle)
+    return attach_ip_adapter(pipe, ip_adapter) or changed
+
+
 class PipelineCache:
     """Keeps one loaded pipeline, keyed by (resolved path, device, dtype, options).
 
@@ -441,6 +653,8 @@ class PipelineCache:
         ``on_load`` is called just before a load starts, so callers can tell their users.
         """
         location = resolve_model(spec, options)
+        # Resolved first, so a missing ControlNet fails before minutes of loading the base.
+        conditions = resolve_conditions(options)
         device = pick_device(options.device)
         key = (
             location.path,
@@ -450,15 +664,18 @@ class PipelineCache:
             options.cpu_offload,
             options.vae_tiling,
         )
-        if self.pipe is not None and key == self.key:
-            return self.pipe, location, 0.0
-        self.release()
-        if on_load is not None:
-            on_load(location)
         start = time.perf_counter()
-        self.pipe = load_pipeline(location, options)
-        self.key, self.location = key, location
-        return self.pipe, location, time.perf_counter() - start
+        loaded = False
+        if self.pipe is None or key != self.key:
+            self.release()
+            if on_load is not None:
+                on_load(location)
+            self.pipe = load_pipeline(location, options)
+            self.key, self.location = key, location
+            loaded = True
+        # A change of ControlNet or IP-Adapter alone keeps the base model loaded.
+        loaded = attach_conditions(self.pipe, options, conditions) or loaded
+        return self.pipe, location, time.perf_counter() - start if loaded else 0.0
 
     def release(self) -> bool:
         """Drop the kept pipeline and return device memory; True if one was loaded."""

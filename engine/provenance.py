@@ -62,8 +62,14 @@ def model_label(model: str) -> str:
     return model
 
 
-def provenance_record(layout: Layout, model: str, sampler: str) -> dict[str, Any]:
-    """The JSON stored under ``layout-diffusion``."""
+def provenance_record(
+    layout: Layout, model: str, sampler: str, conditions: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The JSON stored under ``layout-diffusion``.
+
+    ``conditions`` records the optional models that acted (depth ControlNet, IP-Adapter) with
+    their settings; the Layout's own conditioning fields are in ``layout``.
+    """
     return {
         "engine": "layout-diffusion",
         "engine_version": __version__,
@@ -73,6 +79,7 @@ def provenance_record(layout: Layout, model: str, sampler: str) -> dict[str, Any
         "negative_prompt": layout.negative_prompt,
         "seed": layout.seed,
         "steps": layout.steps,
+        "conditions": conditions or {"controlnet": None, "ip_adapter": None},
         "layout": layout.to_dict(),
     }
 
@@ -84,7 +91,9 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def a1111_parameters(layout: Layout, model: str, sampler: str) -> str:
+def a1111_parameters(
+    layout: Layout, model: str, sampler: str, conditions: dict[str, Any] | None = None
+) -> str:
     """The AUTOMATIC1111 ``parameters`` text for an image generated from ``layout``."""
     lines = [layout.prompt]
     if layout.negative_prompt:
@@ -98,24 +107,48 @@ def a1111_parameters(layout: Layout, model: str, sampler: str) -> str:
         ("Model", model_label(model)),
         ("Regions", str(len(layout.regions))),
         ("Regional mode", layout.mode),
-        ("Version", f"layout-diffusion {__version__}"),
     ]
+    controlnet = (conditions or {}).get("controlnet")
+    if controlnet:
+        settings += [
+            ("ControlNet", model_label(controlnet["model"])),
+            ("ControlNet condition", "depth"),
+            ("ControlNet scale", f"{controlnet['scale']:g}"),
+            ("ControlNet steps", f"{controlnet['start']:g}-{controlnet['end']:g}"),
+        ]
+    ip_adapter = (conditions or {}).get("ip_adapter")
+    if ip_adapter:
+        settings += [
+            ("IP-Adapter", model_label(ip_adapter["model"])),
+            ("IP-Adapter images", str(ip_adapter["images"])),
+        ]
+    settings.append(("Version", f"layout-diffusion {__version__}"))
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings))
     return "\n".join(lines)
 
 
-def png_info(layout: Layout, model: str, sampler: str) -> Any:
+def png_info(
+    layout: Layout, model: str, sampler: str, conditions: dict[str, Any] | None = None
+) -> Any:
     """A ``PIL.PngImagePlugin.PngInfo`` holding both provenance chunks."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text(PARAMETERS_KEY, a1111_parameters(layout, model, sampler))
-    record = json.dumps(provenance_record(layout, model, sampler), ensure_ascii=False)
+    info.add_text(PARAMETERS_KEY, a1111_parameters(layout, model, sampler, conditions))
+    record = provenance_record(layout, model, sampler, conditions)
+    record = json.dumps(record, ensure_ascii=False)
     info.add_itxt(PROVENANCE_KEY, record)
     return info
 
 
-def save_png(image: Any, path: str, layout: Layout, model: str, sampler: str) -> str:
+def save_png(
+    image: Any,
+    path: str,
+    layout: Layout,
+    model: str,
+    sampler: str,
+    conditions: dict[str, Any] | None = None,
+) -> str:
     """Write ``image`` to ``path`` as a PNG with provenance, atomically; returns the absolute path.
 
     The folder is created if needed.
@@ -128,7 +161,7 @@ def save_png(image: Any, path: str, layout: Layout, model: str, sampler: str) ->
     )
     try:
         with open(tmp, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=png_info(layout, model, sampler))
+            image.save(handle, format="PNG", pnginfo=png_info(layout, model, sampler, conditions))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -89,20 +89,41 @@ class RegionPlan:
         return self.weights[self.grids.index(grid)]
 
 
+def prompt_blocks(layout: Layout) -> tuple[list[str], list[int]]:
+    """The Layout's distinct prompts (scene first, background second unless they coincide)
+    and, for each region, the index of its prompt's block."""
+    index: dict[str, int] = {}
+    for text in [layout.prompt, layout.effective_background_prompt()]:
+        index.setdefault(_prompt_key(text), len(index))
+    region_blocks = [index.setdefault(_prompt_key(r.prompt), len(index)) for r in layout.regions]
+    return list(index), region_blocks
+
+
+def combine_block_weights(
+    layout: Layout, regional: torch.Tensor, coverage: torch.Tensor
+) -> torch.Tensor:
+    """Per-block weights ``(blocks, h, w)`` from the regions' ``regional`` weights (largest
+    ``weight_r * mask_r`` per block) and their ``coverage`` (largest mask), as the module
+    docstring describes."""
+    # Block order as prompt_blocks gives it: scene first, then the background unless equal.
+    background = _prompt_key(layout.effective_background_prompt())
+    scene_block, background_block = 0, (0 if background == _prompt_key(layout.prompt) else 1)
+    weights = regional * (1.0 - layout.base_ratio)
+    weights[scene_block] += layout.base_ratio * coverage
+    weights[background_block] += 1.0 - coverage
+    silent = ~(weights > 0).any(dim=0)
+    weights[scene_block][silent] = 1.0
+    return weights
+
+
 def plan_regions(layout: Layout, latent_size: tuple[int, int]) -> RegionPlan:
     """Group the Layout's prompts into blocks and weigh them on every attention grid."""
-    scene = layout.prompt
-    background = layout.effective_background_prompt()
-    index: dict[str, int] = {}
-    for text in [scene, background] + [r.prompt for r in layout.regions]:
-        index.setdefault(_prompt_key(text), len(index))
-    prompts = list(index)
+    prompts, region_blocks = prompt_blocks(layout)
     grids = attention_grids(latent_size)
     coverage = [torch.zeros(grid) for grid in grids]
     regional = [torch.zeros((len(prompts), *grid)) for grid in grids]
     image_size = (layout.height, layout.width)
-    for i, region in enumerate(layout.regions):
-        block = index[_prompt_key(region.prompt)]
+    for i, (region, block) in enumerate(zip(layout.regions, region_blocks, strict=True)):
         mask = region_mask(region, i, image_size, latent_size)
         if not mask.any():
             continue  # fully hidden object: nothing to place
@@ -112,15 +133,10 @@ def plan_regions(layout: Layout, latent_size: tuple[int, int]) -> RegionPlan:
             torch.maximum(
                 regional[level][block], region.weight * pooled, out=regional[level][block]
             )
-    scene_block, background_block = index[_prompt_key(scene)], index[_prompt_key(background)]
-    weights = []
-    for cover, regions_w in zip(coverage, regional, strict=True):
-        w = regions_w * (1.0 - layout.base_ratio)
-        w[scene_block] += layout.base_ratio * cover
-        w[background_block] += 1.0 - cover
-        silent = ~(w > 0).any(dim=0)
-        w[scene_block][silent] = 1.0
-        weights.append(w)
+    weights = [
+        combine_block_weights(layout, regions_w, cover)
+        for cover, regions_w in zip(coverage, regional, strict=True)
+    ]
     used = torch.stack([(w > 0).flatten(1).any(dim=1) for w in weights]).any(dim=0)
     keep = [k for k in range(len(prompts)) if used[k]]
     return RegionPlan(

@@ -15,7 +15,10 @@ Requests:
 ``{"op": "hello", "id": 1, "model": "shapes"}``
     Answers ``{"id": 1, "event": "hello", "protocol": 1, "engine_version": "0.1.0",
     "device": "cuda", "dtype": "float16", "capabilities": ["attention", "cancel", ...],
-    "default_model": "shapes", "loaded_model": null}``. With ``model`` (optional), it also
+    "default_model": "shapes", "loaded_model": null, "conditions": {...}}``. ``capabilities``
+    also lists ``controlnet`` and ``ip_adapter`` when a depth ControlNet / an IP-Adapter is
+    configured and present; ``conditions`` says for each ``{"available": bool, "spec": ...,
+    "message": ...}``, the message saying why one is unavailable. With ``model`` (optional), it also
     reports whether that model is on this machine, without loading it:
     ``"model": {"spec": "shapes", "found": true, "path": "/...", "message": "..."}``.
 
@@ -24,7 +27,12 @@ Requests:
     the absolute PNG path to write, ``model`` optional (default: the model of the previous
     generate, else the serve ``--model``, else ``shapes``). Optional ``options`` overrides the
     serve flags for this request: ``{"device", "dtype", "cpu_offload", "vae_tiling",
-    "allow_pickle", "config"}``. The request is validated when it arrives (Layout, image files,
+    "allow_pickle", "config", "controlnet", "ip_adapter"}``; ``controlnet`` names an SDXL depth
+    ControlNet (folder, cached repo id or .safetensors file) applied with the Layout's ``depth``
+    and ``depth_scale``/``depth_start``/``depth_end`` and each region's ``depth_scale``;
+    ``ip_adapter`` an SDXL IP-Adapter (weights file, folder or cached repo id) applying each
+    region's ``image`` inside its mask at its ``image_scale``. Changing either keeps the base
+    model loaded. The request is validated when it arrives (Layout, image files,
     model presence) and errors come back at once. Events, in order:
 
     - ``{"id": "r1", "event": "queued", "position": 1}`` only if another generate is ahead;
@@ -32,8 +40,10 @@ Requests:
       is not the one already loaded;
     - ``{"id": "r1", "event": "progress", "step": k, "total": n}`` after each step, k = 1..n;
     - ``{"id": "r1", "event": "result", "path": "/abs/out.png", "seed": 7, "width": 1024,
-      "height": 1024, "seconds": 12.3, "load_seconds": 0.0, "model": "shapes"}``: ``seconds``
-      is generation time without loading, ``load_seconds`` is 0 when the model was kept loaded.
+      "height": 1024, "seconds": 12.3, "load_seconds": 0.0, "model": "shapes",
+      "conditions": {"controlnet": null, "ip_adapter": null}}``: ``seconds`` is generation time
+      without loading, ``load_seconds`` is 0 when the model was kept loaded; ``conditions``
+      says which optional conditions acted, with their settings (also in the PNG's provenance).
 
     The PNG is written atomically and carries provenance (``engine.provenance``).
 
@@ -103,7 +113,10 @@ _OPTION_TYPES = {
     "vae_tiling": bool,
     "allow_pickle": bool,
     "config": str,
+    "controlnet": str,
+    "ip_adapter": str,
 }
+_NULLABLE_OPTIONS = ("config", "controlnet", "ip_adapter")
 
 
 @dataclasses.dataclass
@@ -271,8 +284,9 @@ class Server:
         return True
 
     def _generate(self, request: dict) -> bool:
+        from engine.conditions import check_conditions
         from engine.generate import check_layout_files
-        from engine.loading import pick_device, resolve_model
+        from engine.loading import pick_device, resolve_conditions, resolve_model
 
         out = request.get("out")
         if not isinstance(out, str) or not out:
@@ -287,6 +301,8 @@ class Server:
         pick_device(options.device)
         model = _optional_str(request, "model") or self._last_model or self._default_model
         resolve_model(model, options)
+        resolve_conditions(options)
+        check_conditions(layout, options.ip_adapter)
         job = _Job(request["id"], "generate", layout, out, model, options)
         with self._cond:
             waiting = sum(1 for j in self._jobs if j.op == "generate")
@@ -356,7 +372,7 @@ class Server:
                     f"unknown option {key!r}; known options are {sorted(_OPTION_TYPES)}",
                     f"options.{key}",
                 )
-            if not isinstance(value, kind) and not (key == "config" and value is None):
+            if not isinstance(value, kind) and not (key in _NULLABLE_OPTIONS and value is None):
                 raise BadRequestError(
                     f"option {key!r} must be a {kind.__name__}, got {value!r}", f"options.{key}"
                 )
@@ -421,21 +437,29 @@ class Server:
             "seconds": round(result.seconds, 4),
             "load_seconds": round(load_seconds, 4),
             "model": job.model,
+            "conditions": result.conditions,
         }
 
 
 def engine_info(options: LoadOptions | None = None) -> dict[str, Any]:
-    """Version, protocol, device, dtype and capabilities: the body of a ``hello`` reply."""
-    from engine.loading import LoadOptions, dtype_name, pick_device, pick_dtype
+    """Version, protocol, device, dtype and capabilities: the body of a ``hello`` reply.
+
+    ``capabilities`` lists ``controlnet`` / ``ip_adapter`` when that model is configured and
+    present; ``conditions`` says, for each, whether it is available and if not, why.
+    """
+    from engine.loading import LoadOptions, describe_conditions, dtype_name, pick_device, pick_dtype
 
     options = options or LoadOptions()
     device = pick_device(options.device)
+    conditions = describe_conditions(options)
+    available = [name for name, state in conditions.items() if state["available"]]
     return {
         "protocol": PROTOCOL_VERSION,
         "engine_version": __version__,
         "device": device,
         "dtype": dtype_name(pick_dtype(device, options.dtype)),
-        "capabilities": CAPABILITIES,
+        "capabilities": [*CAPABILITIES, *available],
+        "conditions": conditions,
     }
 
 

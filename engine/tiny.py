@@ -38,10 +38,10 @@ def tiny_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
 
 
-def tiny_sdxl_components(seed: int = 0) -> dict:
-    """The components of a StableDiffusionXLPipeline, randomly initialised from ``seed``."""
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    """The UNet of ``tiny_sdxl_components(seed)``, built alone (same weights)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
@@ -58,6 +58,11 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
         cross_attention_dim=64,
         norm_num_groups=8,
     )
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """The components of a StableDiffusionXLPipeline, randomly initialised from ``seed``."""
+    unet = tiny_unet(seed)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -113,4 +118,100 @@ def save_tiny_sdxl(path: str | os.PathLike[str], seed: int = 0) -> str:
     path = os.fspath(path)
     pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
     pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# -- Conditioning models: depth ControlNet, IP-Adapter ------------------------------------------
+
+IP_ADAPTER_WEIGHTS = "ip-adapter_tiny.safetensors"
+"""File name of the tiny IP-Adapter written by :func:`save_tiny_ip_adapter`."""
+
+
+def tiny_controlnet(seed: int = 0) -> torch.nn.Module:
+    """A ControlNetModel mirroring the tiny UNet of ``tiny_sdxl_components(seed)``.
+
+    Its conditioning embedding downsamples by 2, the tiny VAE's factor (SDXL's is 8). The
+    zero-initialised output convolutions of a fresh ControlNet would make every residual zero,
+    which no test could tell from "no ControlNet"; they get small random weights instead.
+    """
+    from diffusers import ControlNetModel
+
+    unet = tiny_unet(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    torch.manual_seed(seed + 2)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    for conv in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
+        torch.nn.init.normal_(conv.weight, std=0.05)
+        torch.nn.init.normal_(conv.bias, std=0.05)
+    return controlnet
+
+
+def save_tiny_controlnet(path: str | os.PathLike[str], seed: int = 0) -> str:
+    """Write a tiny ControlNet diffusers folder (config.json + safetensors) and return it."""
+    path = os.fspath(path)
+    tiny_controlnet(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def tiny_image_encoder(seed: int = 0) -> torch.nn.Module:
+    """A tiny CLIPVisionModelWithProjection (32 px images, 32-wide image embeddings)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+    )
+    torch.manual_seed(seed)
+    return CLIPVisionModelWithProjection(config)
+
+
+def tiny_ip_adapter_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """IP-Adapter weights for the tiny UNet, with the key names of the published SDXL files.
+
+    ``image_proj.*`` maps one image embedding to 4 tokens of the UNet's cross-attention width;
+    ``ip_adapter.{k}.to_k_ip/to_v_ip`` project them at the cross-attention layer numbered ``k``
+    (1, 3, 5 ... in the UNet's processor order, as diffusers' loader counts them).
+    """
+    unet = tiny_unet(seed)
+    generator = torch.Generator().manual_seed(seed + 3)
+    width = unet.config.cross_attention_dim
+    embed_dim = tiny_image_encoder(seed).config.projection_dim
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.2
+
+    state = {
+        "image_proj.proj.weight": rand(4 * width, embed_dim),
+        "image_proj.proj.bias": rand(4 * width),
+        "image_proj.norm.weight": torch.ones(width),
+        "image_proj.norm.bias": torch.zeros(width),
+    }
+    key_id = 1
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            hidden = module.to_q.out_features
+            state[f"ip_adapter.{key_id}.to_k_ip.weight"] = rand(hidden, width)
+            state[f"ip_adapter.{key_id}.to_v_ip.weight"] = rand(hidden, width)
+            key_id += 2
+    return state
+
+
+def save_tiny_ip_adapter(path: str | os.PathLike[str], seed: int = 0) -> str:
+    """Write a tiny IP-Adapter folder: ``ip-adapter_tiny.safetensors`` and ``image_encoder/``.
+
+    The layout is that of the published SDXL IP-Adapter folders (``h94/IP-Adapter``'s
+    ``sdxl_models``), so it loads through the same code as real weights.
+    """
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    save_file(tiny_ip_adapter_state(seed), os.path.join(path, IP_ADAPTER_WEIGHTS))
+    tiny_image_encoder(seed).save_pretrained(os.path.join(path, "image_encoder"))
     return path

@@ -498,7 +498,7 @@ class _Recorder:
             self._log["errors"].append(f"UILayout has no {name}")
 
         def call(*args, **kwargs):
-            if name == "prop":
+            if name in {"prop", "template_ID"}:
                 data, prop = args[0], args[1]
                 if prop not in data.bl_rna.properties:
                     self._log["errors"].append(f"{data} has no property {prop}")

@@ -132,3 +132,11 @@ def test_hello_text_says_when_the_model_is_missing(capsys):
     printed = capsys.readouterr().out
     assert "device: cpu, dtype: float32" in printed
     assert "model /no/such/model: NOT FOUND" in printed and "no file or folder" in printed
+
+
+def test_info_says_why_conditions_are_unavailable(capsys, tiny_model_dir, tmp_path):
+    args = ["info", "--device", "cpu", "--model", tiny_model_dir]
+    assert main([*args, "--controlnet", str(tmp_path / "none")]) == 0
+    printed = capsys.readouterr().out
+    assert "controlnet: unavailable: ControlNet" in printed and "no file or folder" in printed
+    assert "ip_adapter: unavailable: no IP-Adapter configured; start the engine with" in printed

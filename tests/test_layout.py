@@ -122,3 +122,137 @@ def test_background_prompt_defaults_to_scene_without_regions():
 def test_weights_must_be_finite():
     with pytest.raises(LayoutError, match="weight"):
         Layout.from_dict(base(regions=[{"prompt": "x", "box": [0, 0, 1, 1], "weight": math.inf}]))
+
+
+def test_old_layouts_keep_their_meaning_under_the_image_fields():
+    layout = Layout.from_dict(base())
+    assert (layout.reference, layout.reference_scale, layout.reference_fraction) == (None, 0.0, 0.1)
+    assert (layout.init_image, layout.strength, layout.keep_outside) == (None, 1.0, False)
+    assert layout.regions[0].strength is None
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"strength": 0.5}, "strength"),
+        ({"keep_outside": True}, "keep_outside"),
+        (
+            {
+                "regions": [
+                    {"prompt": "x", "box": [0, 0, 1, 1]},
+                    {"prompt": "y", "box": [0, 0, 1, 1], "strength": 0.0},
+                ]
+            },
+            "regions[1].strength",
+        ),
+    ],
+)
+def test_strengths_without_an_init_image_name_the_field(overrides, field):
+    with pytest.raises(LayoutError, match="no 'init_image'") as info:
+        Layout.from_dict(base(**overrides))
+    assert info.value.field == field
+
+
+def test_keep_outside_needs_the_background_kept():
+    data = base(init_image="/tmp/previous.png", keep_outside=True)
+    with pytest.raises(LayoutError, match="set 'strength' to 0") as info:
+        Layout.from_dict(data)
+    assert info.value.field == "strength"
+    data["strength"] = 0
+    data["regions"][0]["strength"] = 1
+    layout = Layout.from_dict(data)
+    assert layout.keep_outside and layout.strength == 0.0 and layout.regions[0].strength == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"init_image": "/i.png", "strength": 1.5}, "strength"),
+        ({"init_image": "/i.png", "strength": 0, "keep_outside": "yes"}, "keep_outside"),
+        ({"reference_scale": -1}, "reference_scale"),
+        ({"reference_fraction": 2}, "reference_fraction"),
+        ({"reference": ""}, "reference"),
+        (
+            {
+                "init_image": "/i.png",
+                "regions": [{"prompt": "x", "box": [0, 0, 1, 1], "strength": -0.1}],
+            },
+            "regions[0].strength",
+        ),
+    ],
+)
+def test_bad_image_settings_name_the_field(overrides, field):
+    with pytest.raises(LayoutError) as info:
+        Layout.from_dict(base(**overrides))
+    assert info.value.field == field
+
+
+def test_reference_and_init_image_resolve_and_save_like_masks(tmp_path):
+    data = base(reference="refs/proxies.png", init_image="previous.png", reference_scale=0.3)
+    with pytest.raises(LayoutError, match="relative"):
+        Layout.from_dict(data)
+    layout = Layout.from_dict(data, base_dir=str(tmp_path))
+    assert layout.reference == str(tmp_path / "refs" / "proxies.png")
+    assert layout.init_image == str(tmp_path / "previous.png")
+    layout.save(tmp_path / "layout.json")
+    stored = json.loads((tmp_path / "layout.json").read_text())
+    assert (stored["reference"], stored["init_image"]) == ("refs/proxies.png", "previous.png")
+    assert Layout.load(tmp_path / "layout.json") == layout
+
+
+# -- Depth ControlNet and per-object reference images -------------------------------------------
+
+
+def test_conditioning_fields_default_to_their_documented_values():
+    layout = Layout.from_dict(base())
+    assert (layout.depth_scale, layout.depth_start, layout.depth_end) == (1.0, 0.0, 1.0)
+    region = layout.regions[0]
+    assert (region.depth_scale, region.image, region.image_scale) == (None, None, 0.5)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"depth_scale": -0.5}, "depth_scale"),
+        ({"depth_start": 1.5}, "depth_start"),
+        ({"depth_start": 0.6, "depth_end": 0.4}, "depth_end"),
+        (
+            {"regions": [{"prompt": "x", "box": [0, 0, 1, 1], "depth_scale": "high"}]},
+            "regions[0].depth_scale",
+        ),
+        ({"regions": [{"prompt": "x", "box": [0, 0, 1, 1], "image": 3}]}, "regions[0].image"),
+        (
+            {"regions": [{"prompt": "x", "box": [0, 0, 1, 1], "image_scale": -1}]},
+            "regions[0].image_scale",
+        ),
+    ],
+)
+def test_bad_conditioning_settings_name_the_field(overrides, field):
+    with pytest.raises(LayoutError) as info:
+        Layout.from_dict(base(**overrides))
+    assert info.value.field == field
+
+
+def test_region_image_resolves_and_saves_like_its_mask(tmp_path):
+    region = {"prompt": "a car", "box": [0, 0, 1, 1], "image": "refs/car.png", "image_scale": 0.8}
+    data = base(regions=[region], depth_scale=0.4, depth_start=0.1, depth_end=0.7)
+    with pytest.raises(LayoutError, match="relative") as info:
+        Layout.from_dict(data)
+    assert info.value.field == "regions[0].image"
+    layout = Layout.from_dict(data, base_dir=str(tmp_path))
+    assert layout.regions[0].image == str(tmp_path / "refs" / "car.png")
+    layout.save(tmp_path / "layout.json")
+    stored = json.loads((tmp_path / "layout.json").read_text())
+    assert stored["regions"][0]["image"] == "refs/car.png"
+    assert (stored["depth_scale"], stored["depth_start"], stored["depth_end"]) == (0.4, 0.1, 0.7)
+    assert Layout.load(tmp_path / "layout.json") == layout
+
+
+def test_latent_mode_is_accepted_and_other_modes_are_named_in_the_error(tmp_path):
+    layout = Layout.from_dict(base(mode="latent"))
+    assert layout.mode == "latent"
+    layout.save(tmp_path / "latent.json")
+    assert Layout.load(tmp_path / "latent.json").mode == "latent"
+    with pytest.raises(LayoutError, match=r"\['attention', 'latent'\]") as info:
+        Layout.from_dict(base(mode="tiles"))
+    assert info.value.field == "mode"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +253,62 @@ def test_several_images_per_layout(pipe):
     out = pipe(layout=_two_regions(), num_images_per_prompt=2, output_type="np")
     assert out.images.shape == (2, 64, 96, 3)
     assert np.abs(out.images[0] - out.images[1]).max() > 1e-3
+
+
+# -- Step hooks (reference guidance, per-region strength) run inside the Layout call ------------
+
+
+def _flat_png(path, colour, size=(96, 64)) -> str:
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def test_reference_guidance_runs_once_inside_the_call_before_the_callback(pipe, tmp_path):
+    from engine.step_hooks import prepare_step_hooks
+
+    reference = _flat_png(tmp_path / "reference.png", (230, 20, 20))
+    guided = dataclasses.replace(
+        _two_regions(), reference=reference, reference_scale=0.25, reference_fraction=0.5
+    )
+    seen = []
+
+    def record(_pipe, step, _t, tensors):
+        seen.append((step, tensors["latents"].clone()))
+        return {}
+
+    out = pipe(layout=guided, callback_on_step_end=record, output_type="latent").images
+    # The same hooks applied by hand to a call whose Layout has none gives the same latents.
+    generator = torch.Generator("cpu").manual_seed(guided.seed)
+    hooks = prepare_step_hooks(pipe, guided, generator)
+    by_hand = pipe(
+        layout=dataclasses.replace(guided, reference_scale=0.0),
+        generator=generator,
+        latents=hooks.latents,
+        callback_on_step_end=hooks.callback(),
+        output_type="latent",
+    ).images
+    assert torch.equal(out, by_hand)
+    assert not torch.equal(out, pipe(layout=_two_regions(), output_type="latent").images)
+    # The caller's callback saw the latents after the pull, one call per step.
+    assert [step for step, _ in seen] == [0, 1]
+    assert torch.equal(seen[-1][1], out)
+
+
+def test_keep_outside_returns_the_init_image_outside_the_regenerated_region(pipe, tmp_path):
+    init = _flat_png(tmp_path / "init.png", (40, 90, 200))
+    car, tree = _two_regions().regions
+    layout = dataclasses.replace(
+        _two_regions(),
+        init_image=init,
+        strength=0.0,
+        keep_outside=True,
+        regions=[dataclasses.replace(car, strength=1.0), tree],
+    )
+    image = np.asarray(pipe(layout=layout, output_type="pil").images[0])
+    # The car's box is x 0..48, y 16..48; beyond a band of 2 * 2 px the init image is exact.
+    outside = np.ones((64, 96), dtype=bool)
+    outside[16 - 4 : 48 + 4, : 48 + 4] = False
+    assert (image[outside] == (40, 90, 200)).all()
+    assert (image[20:44, 4:44] != (40, 90, 200)).any()
+    with pytest.raises(TypeError, match="output_type='pil'"):
+        pipe(layout=layout, output_type="latent")

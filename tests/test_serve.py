@@ -9,7 +9,7 @@ from PIL import Image
 from serve_client import EngineClient
 
 from engine.layout import PROTOCOL_VERSION
-from engine.provenance import layout_from_png
+from engine.provenance import layout_from_png, read_provenance
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +351,49 @@ def test_stray_prints_go_to_stderr_not_the_protocol():
     assert done.returncode == 0, done.stderr
     assert done.stdout == '{"id": 1}\n'
     assert "python print" in done.stderr and "C-level write" in done.stderr
+
+
+def test_depth_controlnet_and_region_images_through_serve(
+    engine, tiny_model_dir, tiny_controlnet_dir, tiny_ip_adapter_dir, condition_images, tmp_path
+):
+    options = {"controlnet": tiny_controlnet_dir, "ip_adapter": tiny_ip_adapter_dir}
+    hello = engine.request({"op": "hello", "id": "c0", "options": options})
+    assert {"controlnet", "ip_adapter"} <= set(hello["capabilities"])
+    assert hello["conditions"]["controlnet"]["available"] is True
+    plain = engine.request({"op": "hello", "id": "c1"})
+    assert not {"controlnet", "ip_adapter"} & set(plain["capabilities"])
+    assert "--controlnet" in plain["conditions"]["controlnet"]["message"]
+
+    data = layout(depth=condition_images["depth"], depth_scale=0.8, depth_end=0.9)
+    data["regions"][0].update(image=condition_images["reference"], image_scale=0.7, depth_scale=0.0)
+    out = str(tmp_path / "conditioned.png")
+    request = {"op": "generate", "model": tiny_model_dir, "layout": data, "out": out}
+    reply = engine.request({**request, "id": "c2", "options": options}, timeout=300)
+    assert reply["event"] == "result", reply
+    assert reply["conditions"] == {
+        "controlnet": {
+            "model": tiny_controlnet_dir,
+            "scale": 0.8,
+            "start": 0.0,
+            "end": 0.9,
+            "region_scales": [0.0],
+        },
+        "ip_adapter": {"model": tiny_ip_adapter_dir, "images": 1},
+    }
+    record = read_provenance(out)
+    assert record["conditions"] == reply["conditions"]
+    assert record["layout"]["regions"][0]["image"] == condition_images["reference"]
+    assert record["layout"]["depth_scale"] == 0.8
+    assert "ControlNet: tiny-controlnet, ControlNet condition: depth" in record["parameters"]
+
+    # Without an IP-Adapter the region image is refused at once, naming the field.
+    refused = engine.request({**request, "id": "c3"})
+    assert (refused["code"], refused["field"]) == ("bad_layout", "layout.regions[0].image")
+    missing = {"controlnet": str(tmp_path / "no-controlnet")}
+    refused = engine.request({**request, "id": "c4", "options": missing})
+    assert (refused["code"], refused["field"]) == ("model_not_found", "controlnet")
+
+    # The depth map alone, with no ControlNet configured, is simply not used.
+    data["regions"][0]["image"] = None
+    reply = engine.request({**request, "id": "c5", "layout": data}, timeout=300)
+    assert reply["conditions"] == {"controlnet": None, "ip_adapter": None}

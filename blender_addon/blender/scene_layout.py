@@ -53,7 +53,7 @@ class SceneLayout:
     pixel_counts: dict[str, int]
     """Visible mask pixels per object name (empty when masks were not rendered)."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds spent per stage: boxes, render, masks, png."""
+    """Seconds spent per stage: boxes, render, masks, png, reference."""
 
 
 def _default_depsgraph(scene):
@@ -211,6 +211,15 @@ def _write_object_masks(
     return visible, pixel_counts
 
 
+def _write_reference(ids: np.ndarray, placed: list[_Placed], others, out_dir: str) -> str:
+    """Paint the id render in flat object colours; ids 1..N are ``placed`` in order."""
+    from .reference_render import REFERENCE_NAME, id_colors, write_reference
+
+    tracked = [(entry.item.obj, entry.item.prompt) for entry in placed]
+    path = os.path.join(out_dir, REFERENCE_NAME)
+    return write_reference(path, ids, id_colors(tracked, others))
+
+
 def layout_from_camera(
     scene,
     labeled: list[LabeledObject],
@@ -221,6 +230,7 @@ def layout_from_camera(
     depsgraph=None,
     masks: bool = True,
     depth: bool = True,
+    reference: bool = False,
 ) -> SceneLayout:
     """Project labeled objects through the scene camera into a Layout, writing masks and depth.
 
@@ -233,7 +243,9 @@ def layout_from_camera(
     Masks (8-bit PNG, 255 inside) hold each object's visible pixels only, exactly; the depth
     map (16-bit PNG) is white at the nearest visible surface, 0 on the background. Both come
     from one Cycles render in a temporary copy of the scene, so the user's scene, render
-    settings and pass indices are left as they were.
+    settings and pass indices are left as they were. With ``reference``, the same render is
+    painted in flat object colours and written as ``reference.png``, the Layout's
+    ``reference`` (see :mod:`.reference_render`).
 
     Objects that cannot appear are left out and listed in ``skipped`` with the reason. Raises
     ``ValueError`` when there is no camera or no labeled object is visible.
@@ -244,7 +256,7 @@ def layout_from_camera(
             "Set an active camera: the scene has none (Scene properties > Camera, or select a "
             "camera and press Ctrl+Numpad 0)"
         )
-    timings = {"boxes": 0.0, "render": 0.0, "masks": 0.0, "png": 0.0}
+    timings = {"boxes": 0.0, "render": 0.0, "masks": 0.0, "png": 0.0, "reference": 0.0}
     started = time.perf_counter()
     depsgraph = depsgraph or _default_depsgraph(scene)
     cam = camera_model(scene, camera, depsgraph)
@@ -256,8 +268,8 @@ def layout_from_camera(
     timings["boxes"] = time.perf_counter() - started
 
     pixel_counts: dict[str, int] = {}
-    depth_path = None
-    if placed and (masks or depth):
+    depth_path = reference_path = None
+    if placed and (masks or depth or reference):
         from .id_render import render_ids
 
         started = time.perf_counter()
@@ -271,6 +283,10 @@ def layout_from_camera(
         ids = mask_ops.resample_nearest(rendered.ids, height, width)
         distances = mask_ops.resample_nearest(rendered.depth, height, width)
         timings["render"] = time.perf_counter() - started
+        if reference:
+            started = time.perf_counter()
+            reference_path = _write_reference(ids, placed, rendered.others, out_dir)
+            timings["reference"] = time.perf_counter() - started
         if masks:
             placed, pixel_counts = _write_object_masks(
                 ids, placed, rendered.others, out_dir, skipped, timings
@@ -295,6 +311,7 @@ def layout_from_camera(
         width=width,
         height=height,
         depth=depth_path,
+        reference=reference_path,
         regions=[
             {
                 "prompt": entry.item.prompt,

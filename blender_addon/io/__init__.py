@@ -1,5 +1,6 @@
 """Pure data conversions for the add-on (numpy and the standard library only, never bpy).
 
 ``projection``: camera model, projection and boxes; ``masks``: id and depth images to masks and
-depth maps; ``png``: grayscale PNG files. Kept free of Blender so they are tested directly.
+depth maps; ``colors``: flat colours for the reference render; ``png``: grayscale and RGB PNG
+files. Kept free of Blender so they are tested directly.
 """

@@ -1,7 +1,8 @@
-"""Grayscale PNG writing with the standard library (Blender's Python has no PIL).
+"""PNG writing with the standard library (Blender's Python has no PIL).
 
-Writes 8-bit masks and 16-bit depth maps: one IHDR, one IDAT, IEND, filter type 0 on every row.
-Masks are mostly flat, so a fast zlib level already compresses them to a few kilobytes.
+Writes 8-bit masks, 16-bit depth maps and 8-bit RGB reference renders: one IHDR, one IDAT, IEND,
+filter type 0 on every row. Masks and flat-colour renders are mostly flat, so a fast zlib level
+already compresses them to a few kilobytes.
 """
 
 from __future__ import annotations
@@ -103,6 +104,34 @@ def encode_gray_png(image: np.ndarray, level: int = 1) -> bytes:
 def write_gray_png(path: str | os.PathLike[str], image: np.ndarray, level: int = 1) -> None:
     """Write a (H, W) uint8 or uint16 array as a grayscale PNG file."""
     data = encode_gray_png(image, level)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def encode_rgb_png(image: np.ndarray, level: int = 1) -> bytes:
+    """Encode an (H, W, 3) uint8 array as an 8-bit RGB PNG (row 0 at the top)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or not image.size:
+        raise ValueError(
+            f"an RGB PNG needs a non-empty (H, W, 3) uint8 array, got {image.dtype} {image.shape}"
+        )
+    height, width, _ = image.shape
+    rows = np.zeros((height, width * 3 + 1), dtype=np.uint8)  # column 0: filter "none"
+    rows[:, 1:] = image.reshape(height, -1)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"".join(
+        [
+            PNG_SIGNATURE,
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
+            _chunk(b"IEND", b""),
+        ]
+    )
+
+
+def write_rgb_png(path: str | os.PathLike[str], image: np.ndarray, level: int = 1) -> None:
+    """Write an (H, W, 3) uint8 array as an 8-bit RGB PNG file."""
+    data = encode_rgb_png(image, level)
     with open(path, "wb") as handle:
         handle.write(data)
 

@@ -1,0 +1,179 @@
+"""Reference guidance (LSReGen): the first steps' latents are pulled toward a layout reference.
+
+A reference image already has the right low-frequency layout: the add-on's flat-colour render of
+the proxies from the camera, or an upsampled low-resolution first pass. During the first
+``reference_fraction`` of the steps, each step's latents move down the gradient of
+``||M * (z_t - z_ref_t)||^2``, where ``z_ref_t`` is the reference's latents noised to the same
+level with the run's own noise (see :mod:`engine.step_hooks`)::
+
+    z_t <- z_t - gamma * 2 * M^2 * (z_t - z_ref_t)
+
+The gradient is closed-form: no backward pass through the UNet, so a guided step costs what a
+plain one does. ``M^2`` is 0 outside the regions (the background is left to the prompt) and,
+inside region ``r``, ``scale_r * mask_r^2`` where small regions get a larger scale (LSReGen:
+they need a stronger pull to hold their place)::
+
+    scale_r = clip((AREA_REF / area_r) ** AREA_POWER, 1, AREA_CAP)
+
+The per-pixel step ``2 * gamma * M^2`` is capped at 1, which lands exactly on ``z_ref_t``: a
+larger step would overshoot the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from engine.layout import MIN_SIZE, SIZE_MULTIPLE, Layout
+from engine.masks import region_mask
+from engine.step_hooks import encode_image, load_rgb, noised
+
+AREA_REF = 0.25
+"""Regions covering at least this fraction of the image are pulled with scale 1."""
+AREA_POWER = 0.5
+"""How fast the scale grows as a region shrinks below AREA_REF."""
+AREA_CAP = 4.0
+"""Largest per-region scale (reached at AREA_REF / 16 with AREA_POWER 0.5)."""
+
+FIRST_PASS_FACTOR = 0.5
+"""Side length of the two-pass mode's first pass, relative to the Layout's."""
+
+
+def region_scale(
+    area: float, area_ref: float = AREA_REF, power: float = AREA_POWER, cap: float = AREA_CAP
+) -> float:
+    """A region's pull scale from its area (fraction of the image): larger for small regions."""
+    if area <= 0:
+        return 0.0
+    return min(max((area_ref / area) ** power, 1.0), cap)
+
+
+def pull_map(layout: Layout, latent_size: tuple[int, int], gamma: float) -> torch.Tensor:
+    """Per-latent-pixel step ``min(1, 2 * gamma * M^2)``, shape ``latent_size``.
+
+    ``M^2`` is the largest ``scale_r * mask_r^2`` over the regions covering the pixel; regions
+    with weight 0 (turned off) and fully hidden ones do not pull.
+    """
+    weight = torch.zeros(latent_size)
+    image_size = (layout.height, layout.width)
+    for index, region in enumerate(layout.regions):
+        if region.weight <= 0:
+            continue
+        mask = region_mask(region, index, image_size, latent_size)
+        area = float(mask.mean())
+        if area <= 0:
+            continue
+        torch.maximum(weight, region_scale(area) * mask.square(), out=weight)
+    return (2.0 * gamma * weight).clamp(0.0, 1.0)
+
+
+def guided_levels(fraction: float, steps: int) -> int:
+    """How many levels, from level 0, are pulled: the nearest whole number of steps, at least
+    one when ``fraction`` is above 0."""
+    if fraction <= 0:
+        return 0
+    return min(steps, max(1, round(fraction * steps)))
+
+
+@dataclasses.dataclass
+class ReferenceGuidance:
+    """Step-end hook pulling levels ``0 .. levels - 1`` toward the noised reference."""
+
+    reference: torch.Tensor
+    """Clean reference latents ``(1, C, h, w)``."""
+    noise: torch.Tensor
+    """The run's starting noise ``(B, C, h, w)``."""
+    pull: torch.Tensor
+    """Per-pixel step in 0..1, ``(1, 1, h, w)``."""
+    levels: int
+
+    def apply(self, latents: torch.Tensor, scheduler: Any, level: int) -> torch.Tensor:
+        """Latents at ``level`` after the pull (the same tensor when the level is not pulled)."""
+        if level >= self.levels:
+            return latents
+        target = noised(scheduler, self.reference, self.noise, level).to(latents.dtype)
+        return latents - self.pull.to(latents.dtype) * (latents - target)
+
+    def start(self, latents: torch.Tensor, scheduler: Any) -> torch.Tensor:
+        """The starting latents, pulled at level 0."""
+        return self.apply(latents, scheduler, 0)
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        """diffusers' step-end callback: pulls the latents of the next level while guided."""
+        level = step + 1
+        if level >= self.levels:
+            return {}
+        return {"latents": self.apply(tensors["latents"], pipe.scheduler, level)}
+
+
+def prepare_reference_guidance(
+    pipe: Any, layout: Layout, image: Any, noise: torch.Tensor
+) -> ReferenceGuidance:
+    """Encode the reference ``image`` and weigh the regions for ``layout``'s settings.
+
+    ``noise`` is the run's starting noise (:func:`engine.step_hooks.initial_noise`).
+    """
+    reference = encode_image(pipe, image, layout.width, layout.height).to(noise.dtype)
+    pull = pull_map(layout, tuple(reference.shape[-2:]), layout.reference_scale)
+    levels = guided_levels(layout.reference_fraction, layout.steps)
+    return ReferenceGuidance(
+        reference=reference,
+        noise=noise,
+        pull=pull[None, None].to(device=noise.device),
+        levels=levels if layout.reference_scale > 0 else 0,
+    )
+
+
+def first_pass_layout(layout: Layout, factor: float = FIRST_PASS_FACTOR) -> Layout:
+    """The Layout of the two-pass mode's first pass: ``factor`` times smaller (sides kept
+    multiples of 8, at least 64), in attention mode (the cheapest), with no reference
+    guidance and no init image."""
+
+    def side(value: int) -> int:
+        scaled = round(value * factor / SIZE_MULTIPLE) * SIZE_MULTIPLE
+        return min(value, max(MIN_SIZE, scaled))
+
+    return dataclasses.replace(
+        layout,
+        width=side(layout.width),
+        height=side(layout.height),
+        mode="attention",
+        reference=None,
+        reference_scale=0.0,
+        init_image=None,
+        strength=1.0,
+        keep_outside=False,
+        regions=[dataclasses.replace(region, strength=None) for region in layout.regions],
+    )
+
+
+def first_pass_reference(
+    pipe: Any, layout: Layout, factor: float = FIRST_PASS_FACTOR, **call_kwargs: Any
+):
+    """Two-pass mode: generate ``layout`` small with regional attention and upsample it to
+    the Layout's size, as the reference for the full-size pass (a PIL image).
+
+    ``pipe`` is a :class:`engine.pipeline.RegionalSDXLPipeline`; ``call_kwargs`` go to its call
+    (a generator, a step-end callback for progress).
+    """
+    from PIL import Image
+
+    small = first_pass_layout(layout, factor)
+    image = pipe(layout=small, output_type="pil", **call_kwargs).images[0]
+    if image.size == (layout.width, layout.height):
+        return image
+    return image.resize((layout.width, layout.height), Image.Resampling.BICUBIC)
+
+
+def reference_image(pipe: Any, layout: Layout, **first_pass_kwargs: Any):
+    """The reference to guide ``layout`` toward, or None when reference guidance is off.
+
+    The ``reference`` file when the Layout names one, else a first pass of ``pipe``.
+    """
+    if layout.reference_scale <= 0 or guided_levels(layout.reference_fraction, layout.steps) == 0:
+        return None
+    if layout.reference is not None:
+        return load_rgb(layout.reference, "reference")
+    return first_pass_reference(pipe, layout, **first_pass_kwargs)

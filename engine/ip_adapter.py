@@ -1,0 +1,380 @@
+"""A reference image per object: IP-Adapter applied inside each region's mask only.
+
+A region may carry an ``image`` (a photo of the object, a product shot). With SDXL IP-Adapter
+weights and their CLIP image encoder on this machine, each image is encoded once per call and
+attended to by the UNet's cross-attention layers, but its contribution is kept to its region:
+multiplied by the region's mask on each attention grid and by the region's ``image_scale``.
+
+Coexisting with regional prompts. diffusers' ``IPAdapterAttnProcessor2_0`` adds, to the text
+attention's output (before the output projection), ``scale * attention(query, image tokens)``,
+times a mask when ``ip_adapter_masks`` are given. Regional prompting replaces the text part.
+:class:`RegionalIPAdapterAttnProcessor` does both: it *is* a ``RegionalAttnProcessor`` (text
+part, plain or regional), keeps the IP-Adapter's ``to_k_ip`` / ``to_v_ip`` projections, and adds
+the image part after the output projection. The output projection is linear, so
+``to_out(text + image) = to_out(text) + W_out @ image``: the result equals diffusers'
+processor up to float rounding, and the regional code is reused, not copied.
+
+Masks come from the same region masks as regional prompting, area-averaged to each attention
+grid (``engine.regions``), rather than diffusers' ``IPAdapterMaskProcessor`` resampling, which
+guesses the grid from the aspect ratio and can miss odd latent sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from engine.attention import RegionalAttnProcessor, RegionalContext
+from engine.layout import Layout, LayoutError
+from engine.masks import region_mask
+from engine.regions import attention_grids, downsample_mask, grid_for_query
+
+
+class ReferenceState:
+    """The reference images of one call: per image, its mask on every grid and its scale."""
+
+    def __init__(self, masks: list[torch.Tensor], scales: list[float], latent_size: tuple):
+        """``masks``: one ``(height, width)`` mask per image at the latent size."""
+        self.scales = list(scales)
+        self.latent_size = tuple(latent_size)
+        self.grids = attention_grids(self.latent_size)
+        self._masks = masks
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def count(self) -> int:
+        """How many images the call carries."""
+        return len(self.scales)
+
+    def masks_for_query(self, query_len: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+        """``(images, query_len, 1)`` masks on the grid of ``query_len`` positions."""
+        key = (query_len, dtype, device)
+        if key not in self._cache:
+            grid = grid_for_query(query_len, self.latent_size)
+            stacked = [downsample_mask(mask, grid).reshape(-1, 1) for mask in self._masks]
+            self._cache[key] = torch.stack(stacked).to(device=device, dtype=dtype)
+        return self._cache[key]
+
+
+class ReferenceContext:
+    """The reference state the IP-Adapter processors of one UNet read; None between calls."""
+
+    def __init__(self) -> None:
+        self.state: ReferenceState | None = None
+
+    @contextlib.contextmanager
+    def active(self, state: ReferenceState) -> Iterator[ReferenceState]:
+        """Make ``state`` visible to the processors during a ``with`` block.
+
+        Nested calls (a low-resolution first pass inside a Layout call) restore the outer
+        call's state on the way out.
+        """
+        outer, self.state = self.state, state
+        try:
+            yield state
+        finally:
+            self.state = outer
+
+
+class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
+    """Regional text cross-attention plus IP-Adapter image attention, masked per image.
+
+    Without an active ReferenceState (a plain diffusers call with ``ip_adapter_image``) the
+    image part is diffusers' unmasked one at ``scale``.
+    """
+
+    def __init__(
+        self,
+        context: RegionalContext,
+        references: ReferenceContext,
+        to_k_ip: torch.nn.Linear,
+        to_v_ip: torch.nn.Linear,
+        scale: float = 1.0,
+    ):
+        torch.nn.Module.__init__(self)
+        RegionalAttnProcessor.__init__(self, context)
+        self.references = references
+        self.to_k_ip = to_k_ip
+        self.to_v_ip = to_v_ip
+        self.scale = scale
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        images = None
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states, image_states = encoder_hidden_states
+            images = image_states[0]
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if images is None:
+            return out
+        image_part = self.image_attention(attn, hidden_states, images, temb)
+        if image_part is None:
+            return out
+        projected = F.linear(image_part, attn.to_out[0].weight) / attn.rescale_output_factor
+        if out.ndim == 4:
+            batch, channel, height, width = out.shape
+            projected = projected.transpose(-1, -2).reshape(batch, channel, height, width)
+        return out + projected.to(out.dtype)
+
+    def image_attention(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        images: torch.Tensor,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The summed, masked, scaled image attention ``(batch, queries, inner)`` before the
+        output projection; None when no image contributes.
+
+        ``images`` are the projected image tokens ``(batch, images, tokens, width)``.
+        """
+        state = self.references.state
+        if state is not None and not any(s != 0 for s in state.scales):
+            return None
+        if state is None and self.scale == 0:
+            return None
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if hidden_states.ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if state is None:
+            # diffusers' unmasked path: every image's tokens form one key sequence.
+            flat = images.reshape(images.shape[0], -1, images.shape[-1])
+            return self.scale * self._attend(attn, query, flat)
+        if images.shape[1] != state.count:
+            raise ValueError(
+                f"the IP-Adapter got {images.shape[1]} image(s) but the call's references hold "
+                f"{state.count}; image embeddings must not be replaced during a Layout call"
+            )
+        masks = state.masks_for_query(query.shape[1], query.dtype, query.device)
+        total = None
+        for i, scale in enumerate(state.scales):
+            if scale == 0:
+                continue
+            part = scale * masks[i] * self._attend(attn, query, images[:, i])
+            total = part if total is None else total + part
+        return total
+
+    def _attend(self, attn: Attention, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        batch = query.shape[0]
+        key = self.to_k_ip(tokens)
+        value = self.to_v_ip(tokens)
+        head_dim = key.shape[-1] // attn.heads
+        q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+
+# -- Installation and loading -------------------------------------------------------------------
+
+
+def install_masked_ip_adapter(unet: torch.nn.Module, context: RegionalContext) -> ReferenceContext:
+    """Replace the IP-Adapter processors diffusers installed with regional, masked ones.
+
+    Each takes over its layer's ``to_k_ip`` / ``to_v_ip`` weights (one adapter only). Returns
+    the ReferenceContext they read.
+    """
+    from diffusers.models.attention_processor import (
+        IPAdapterAttnProcessor,
+        IPAdapterAttnProcessor2_0,
+        IPAdapterXFormersAttnProcessor,
+    )
+
+    kinds = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
+    references = ReferenceContext()
+    processors = dict(unet.attn_processors)
+    for name, processor in processors.items():
+        if isinstance(processor, kinds):
+            if len(processor.to_k_ip) != 1:
+                raise ValueError("only one IP-Adapter at a time can be applied per region")
+            processors[name] = RegionalIPAdapterAttnProcessor(
+                context, references, processor.to_k_ip[0], processor.to_v_ip[0]
+            )
+    unet.set_attn_processor(processors)
+    return references
+
+
+@dataclass
+class ReferenceAdapter:
+    """An IP-Adapter attached to a pipeline: where it came from and the context it reads."""
+
+    location: Any
+    references: ReferenceContext
+
+
+def detach_ip_adapter(pipe: Any) -> None:
+    """Remove the IP-Adapter, its image encoder and its processors from ``pipe``."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    # diffusers' unload rebuilds every processor by calling its class with no arguments,
+    # which regional processors (they need their context) do not support.
+    processors = {
+        name: AttnProcessor2_0() if isinstance(p, RegionalAttnProcessor) else p
+        for name, p in pipe.unet.attn_processors.items()
+    }
+    pipe.unet.set_attn_processor(processors)
+    pipe.unload_ip_adapter()
+    pipe.reference_adapter = None
+
+
+def attach_ip_adapter(pipe: Any, location: Any) -> bool:
+    """Load the IP-Adapter at ``location`` into ``pipe`` (None: remove it). True if changed.
+
+    The CLIP image encoder is loaded from ``location.encoder``, the weights through diffusers'
+    ``load_ip_adapter`` (offline), and the processors made regional and masked.
+    """
+    current: ReferenceAdapter | None = getattr(pipe, "reference_adapter", None)
+    if (current.location if current else None) == location:
+        return False
+    if current is not None:
+        detach_ip_adapter(pipe)
+    if location is None:
+        return True
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    dtype, device = pipe.unet.dtype, pipe._execution_device
+    encoder = CLIPVisionModelWithProjection.from_pretrained(
+        location.encoder, torch_dtype=dtype, local_files_only=True
+    )
+    size = encoder.config.image_size
+    pipe.register_modules(
+        image_encoder=encoder.to(device),
+        feature_extractor=CLIPImageProcessor(size=size, crop_size=size),
+    )
+    state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in load_file(location.path).items():
+        group, _, rest = key.partition(".")
+        if group in state:
+            state[group][rest] = tensor
+    if not state["image_proj"] or not state["ip_adapter"]:
+        from engine.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"{location.path} is not an IP-Adapter (no image_proj / ip_adapter weights); "
+            "pass an SDXL IP-Adapter .safetensors file",
+            "ip_adapter",
+        )
+    # The regional context must exist before diffusers swaps the cross-attention processors.
+    context = pipe.regional_context()
+    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+    references = install_masked_ip_adapter(pipe.unet, context)
+    pipe.reference_adapter = ReferenceAdapter(location, references)
+    return True
+
+
+# -- Per-call references ------------------------------------------------------------------------
+
+
+def _load_image(path: str, field: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise LayoutError(
+            f"'{field}' {path!r} does not exist; save the reference image first or remove it",
+            field,
+        ) from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise LayoutError(
+            f"'{field}' {path!r} is not a readable image ({exc}); save it as a PNG or JPEG", field
+        ) from None
+
+
+def images_unavailable(layout: Layout, pipe: Any) -> str | None:
+    """Why region images will not act for this Layout (None: they will, or there are none)."""
+    used = [i for i, r in enumerate(layout.regions) if r.image is not None and r.image_scale > 0]
+    if used and getattr(pipe, "reference_adapter", None) is None:
+        return (
+            f"'regions[{used[0]}].image' is a reference image, but no IP-Adapter is loaded to "
+            "apply it; start the engine with --ip-adapter (or send options.ip_adapter), or "
+            "remove 'image'"
+        )
+    return None
+
+
+@torch.no_grad()
+def prepare_references(
+    pipe: Any, layout: Layout, guided: bool
+) -> tuple[dict[str, Any], ReferenceState | None]:
+    """The pipeline arguments and reference state for a Layout's region images.
+
+    Returns ``({"ip_adapter_image_embeds": [...]}, state)``; with no IP-Adapter attached,
+    ``({}, None)``. With one attached, every call needs image embeddings: a Layout without
+    images gets a single zero image at scale 0, which no processor computes with.
+    """
+    adapter: ReferenceAdapter | None = getattr(pipe, "reference_adapter", None)
+    if adapter is None:
+        reason = images_unavailable(layout, pipe)
+        if reason:
+            first = next(i for i, r in enumerate(layout.regions) if r.image and r.image_scale > 0)
+            raise LayoutError(reason, f"regions[{first}].image")
+        return {}, None
+    scale = pipe.vae_scale_factor
+    latent_size = (layout.height // scale, layout.width // scale)
+    image_size = (layout.height, layout.width)
+    images, masks, scales = [], [], []
+    for index, region in enumerate(layout.regions):
+        if region.image is None or region.image_scale <= 0:
+            continue
+        mask = region_mask(region, index, image_size, latent_size)
+        if not mask.any():
+            continue
+        images.append(_load_image(region.image, f"regions[{index}].image"))
+        masks.append(mask)
+        scales.append(region.image_scale)
+    device = pipe._execution_device
+    projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    from diffusers.models.embeddings import ImageProjection
+
+    hidden_states = not isinstance(projection, ImageProjection)
+    if images:
+        embeds, negative = pipe.encode_image(images, device, 1, hidden_states)
+    else:
+        encoder = pipe.image_encoder.config
+        if hidden_states:
+            tokens = (encoder.image_size // encoder.patch_size) ** 2 + 1
+            shape = (1, tokens, encoder.hidden_size)
+        else:
+            shape = (1, encoder.projection_dim)
+        embeds = negative = torch.zeros(shape, device=device, dtype=pipe.image_encoder.dtype)
+        masks, scales = [torch.zeros(latent_size)], [0.0]
+    stacked = torch.cat([negative[None], embeds[None]]) if guided else embeds[None]
+    state = ReferenceState(masks, scales, latent_size)
+    return {"ip_adapter_image_embeds": [stacked]}, state
+
+
+@contextlib.contextmanager
+def reference_images(pipe: Any, layout: Layout, guided: bool) -> Iterator[dict[str, Any]]:
+    """During a ``with`` block, the Layout's region images act through the IP-Adapter.
+
+    Yields the extra pipeline arguments (empty without an IP-Adapter).
+    """
+    arguments, state = prepare_references(pipe, layout, guided)
+    if state is None:
+        yield arguments
+        return
+    with pipe.reference_adapter.references.active(state):
+        yield arguments

@@ -1,0 +1,461 @@
+"""Train the shapes model on synthetic scenes and export it as a diffusers folder.
+
+    python -m engine.shapes.train --minutes 90 [--resume]
+
+Two phases: the VAE alone (short), then the VAE frozen and the UNet trained jointly with both
+text encoders (v-prediction, min-SNR weighting, EMA, caption dropout to zero embeddings, which
+is what the SDXL pipeline feeds for an empty negative prompt). A share of the UNet batches
+(``--regional-fraction``) is trained the way regional guidance runs at inference: every
+object's phrase, the background prompt and the full caption are separate token blocks, and
+each pixel's cross-attention is biased toward its blocks by the engine's own region plan
+(``engine.regions.plan_regions``), so the model learns to draw a phrase where it is allowed
+to be heard and nothing where only the background prompt is. Every ``--checkpoint-minutes`` the
+run writes a resumable state (fp32 weights, EMA, optimizer, step and RNG states as safetensors
+plus a JSON file; no pickle) and exports the EMA weights as an fp16 pipeline folder, written
+aside and swapped in so a reader never sees half a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors.torch import load_file, save_file
+
+from engine.layout import Layout, Region
+from engine.regions import plan_regions
+from engine.shapes import model as shapes_model
+from engine.shapes.detect import colour_labels
+from engine.shapes.world import BACKGROUND_CAPTION, ShapeObject, scene_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = os.path.join(REPO, "engine", "models", "shapes")
+DEFAULT_STATE = os.path.join(REPO, "engine", "models", "shapes-train")
+TRAINED = ("unet", "text_encoder", "text_encoder_2")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, required=True, help="wall-clock budget of this run")
+    p.add_argument("--out", default=DEFAULT_OUT, help="exported diffusers folder")
+    p.add_argument("--state", default=DEFAULT_STATE, help="resumable training state folder")
+    p.add_argument("--resume", action="store_true", help="continue from --state")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=1000, help="most VAE steps")
+    p.add_argument(
+        "--vae-agreement",
+        type=float,
+        default=0.97,
+        help="end the VAE phase early once this share of coloured pixels keeps its colour",
+    )
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--min-snr", type=float, default=5.0)
+    p.add_argument(
+        "--regional-fraction",
+        type=float,
+        default=0.5,
+        help="share of UNet batches trained with regional cross-attention blocks",
+    )
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads; on a busy machine 1 wastes far less CPU time than several",
+    )
+    return p.parse_args(argv)
+
+
+class BiasedCrossAttention:
+    """Cross-attention with a per-sample, per-pixel additive bias over the tokens.
+
+    ``biases`` maps a query length (one attention grid) to an ``(N, queries, tokens)`` bias;
+    with no entry, the layer is diffusers' plain attention.
+    """
+
+    def __init__(self, biases: dict[int, torch.Tensor]):
+        self.biases = biases
+        self.inner = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        bias = self.biases.get(hidden_states.shape[1])
+        if bias is not None:
+            attention_mask = bias.to(hidden_states.dtype)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
+
+
+class Trainer:
+    """Holds the models, optimizers, EMA copies and RNGs of one training run."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        torch.set_num_threads(args.threads)
+        self.parts = shapes_model.build_components(args.seed)
+        self.tokenizer = self.parts["tokenizer"]
+        self.alphas_cumprod = self.parts["scheduler"].alphas_cumprod.float()
+        self.rng = np.random.default_rng(args.seed)
+        torch.manual_seed(args.seed)
+        self.step = 0
+        self.vae_step = 0
+        self.vae_opt = torch.optim.AdamW(self.parts["vae"].parameters(), lr=args.vae_lr)
+        params = [p for name in TRAINED for p in self.parts[name].parameters()]
+        self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        self.ema = {
+            name: {k: v.detach().clone() for k, v in self.parts[name].state_dict().items()}
+            for name in TRAINED
+        }
+        self.log_path = os.path.join(args.state, "train.log")
+        os.makedirs(args.state, exist_ok=True)
+        self.attention_biases: dict[int, torch.Tensor] = {}
+        self.parts["unet"].set_attn_processor(
+            {
+                name: BiasedCrossAttention(self.attention_biases)
+                if "attn2" in name
+                else AttnProcessor2_0()
+                for name in self.parts["unet"].attn_processors
+            }
+        )
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        print(line, flush=True)
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    # -- data ------------------------------------------------------------------------------
+
+    def images(self, batch: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        x, captions, _ = self.scenes(batch)
+        return x, captions
+
+    def scenes(self, batch: int | None = None):
+        """A batch of scenes: pixels in [-1, 1] (NCHW), captions and objects."""
+        batch = batch or self.args.batch
+        pixels, captions, objects = scene_batch(self.rng, batch, shapes_model.IMAGE_SIZE)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return x, captions, objects
+
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings and pooled vector exactly as StableDiffusionXLPipeline builds them."""
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        out1 = self.parts["text_encoder"](ids, output_hidden_states=True)
+        out2 = self.parts["text_encoder_2"](ids, output_hidden_states=True)
+        embeds = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        return embeds, out2.text_embeds
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def vae_step_once(self) -> float:
+        vae = self.parts["vae"]
+        x, _ = self.images(self.args.vae_batch)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        # Shapes cover a small part of each image: without extra weight on coloured pixels the
+        # VAE first learns the grey backgrounds and merges the six hues into two.
+        saturation = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 2
+        weight = 1.0 + 8.0 * (saturation > 0.15).float()
+        error = (recon - x).abs() + (recon - x) ** 2
+        loss = (weight * error).mean() / weight.mean() + 1e-4 * kl
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        self.vae_opt.step()
+        self.vae_step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def vae_colour_agreement(self, batch: int = 32) -> float:
+        """Fraction of coloured pixels whose reconstruction has the same palette colour."""
+        vae = self.parts["vae"]
+        pixels, _, _ = scene_batch(np.random.default_rng(12345), batch, shapes_model.IMAGE_SIZE)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        truth, got = colour_labels(pixels), colour_labels(recon)
+        coloured = truth >= 0
+        return float((got[coloured] == truth[coloured]).mean())
+
+    @torch.no_grad()
+    def calibrate_vae(self) -> None:
+        """Set the VAE's scaling_factor so latents have unit variance, as SD does."""
+        vae = self.parts["vae"]
+        latents = torch.cat([vae.encode(self.images()[0]).latent_dist.mode() for _ in range(4)])
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        self.log(f"vae scaling_factor {vae.config.scaling_factor:.4f}")
+
+    def regional_text(
+        self, captions: list[str], objects: list[list[ShapeObject]]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Token blocks and per-grid attention biases as the regional pipeline builds them.
+
+        Each sample becomes a Layout (its objects as regions; background either the default,
+        i.e. the caption without the phrases, or "a plain background"); the engine's region
+        plan gives each pixel's block weights, whose logs bias cross-attention. Samples with
+        fewer blocks are padded with zero blocks that no pixel may attend to.
+        """
+        plans = []
+        for caption, objs in zip(captions, objects, strict=True):
+            background = BACKGROUND_CAPTION if self.rng.random() < 0.5 else None
+            layout = Layout(
+                prompt=caption,
+                width=shapes_model.IMAGE_SIZE,
+                height=shapes_model.IMAGE_SIZE,
+                regions=[Region(o.phrase, o.box) for o in objs],
+                background_prompt=background,
+                base_ratio=float(self.rng.uniform(0.1, 0.3)),
+            )
+            latent = shapes_model.IMAGE_SIZE // 4
+            plans.append(plan_regions(layout, (latent, latent)))
+        texts = sorted({t for plan in plans for t in plan.prompts} | set(captions))
+        encoded, pooled_all = self.encode_text(texts)
+        row = {t: i for i, t in enumerate(texts)}
+        blocks = max(len(plan.prompts) for plan in plans)
+        tokens = encoded.shape[1]
+        width = encoded.shape[2]
+        index = torch.tensor(
+            [[row[t] for t in plan.prompts] + [-1] * (blocks - len(plan.prompts)) for plan in plans]
+        )
+        padded = torch.cat([encoded, encoded.new_zeros((1, tokens, width))])
+        embeds = padded[index].reshape(len(plans), blocks * tokens, width)
+        pooled = pooled_all[torch.tensor([row[c] for c in captions])]
+        biases = {}
+        for level, grid in enumerate(plans[0].grids):
+            weights = torch.zeros((len(plans), blocks, grid[0] * grid[1]))
+            for i, plan in enumerate(plans):
+                weights[i, : len(plan.prompts)] = plan.weights[level].flatten(1)
+            bias = weights.log().transpose(1, 2).repeat_interleave(tokens, dim=2)
+            biases[grid[0] * grid[1]] = bias
+        return embeds, pooled, biases
+
+    def unet_step_once(self) -> float:
+        args, unet, vae = self.args, self.parts["unet"], self.parts["vae"]
+        x, captions, objects = self.scenes()
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        if self.rng.random() < args.regional_fraction:
+            embeds, pooled, biases = self.regional_text(captions, objects)
+        else:
+            embeds, pooled = self.encode_text(captions)
+            keep = (torch.rand(len(captions)) >= args.caption_dropout).float()
+            embeds = embeds * keep[:, None, None]
+            pooled = pooled * keep[:, None]
+            biases = {}
+        self.attention_biases.clear()
+        self.attention_biases.update(biases)
+        n = latents.shape[0]
+        t = torch.randint(0, len(self.alphas_cumprod), (n,))
+        ab = self.alphas_cumprod[t].view(n, 1, 1, 1)
+        noise = torch.randn_like(latents)
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * latents
+        size = shapes_model.IMAGE_SIZE
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(n, 1)
+        pred = unet(
+            noisy,
+            t,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
+        snr = (ab / (1 - ab)).view(n)
+        weight = torch.clamp(snr, max=args.min_snr) / (snr + 1)
+        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        warmup = min(1.0, (self.step + 1) / 200)
+        for group in self.opt.param_groups:
+            group["lr"] = args.lr * warmup
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for group in self.opt.param_groups for p in group["params"]], 1.0
+        )
+        self.opt.step()
+        self.step += 1
+        self.update_ema()
+        return loss.item()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = min(self.args.ema, (1 + self.step) / (10 + self.step))
+        for name in TRAINED:
+            for k, v in self.parts[name].state_dict().items():
+                e = self.ema[name][k]
+                if v.dtype.is_floating_point:
+                    e.mul_(decay).add_(v, alpha=1 - decay)
+                else:
+                    e.copy_(v)
+
+    # -- state and export ------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        """Write the resumable state into a fresh folder and swap it in."""
+        tmp = self.args.state.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name in (*TRAINED, "vae"):
+            sd = {k: v.contiguous() for k, v in self.parts[name].state_dict().items()}
+            save_file(sd, os.path.join(tmp, f"{name}.safetensors"))
+        for name in TRAINED:
+            save_file(self.ema[name], os.path.join(tmp, f"ema_{name}.safetensors"))
+        meta: dict = {
+            "step": self.step,
+            "vae_step": self.vae_step,
+            "vae_scaling_factor": self.parts["vae"].config.scaling_factor,
+            "numpy_rng": self.rng.bit_generator.state,
+            "args": {k: v for k, v in vars(self.args).items() if k != "resume"},
+        }
+        for label, opt in (("opt", self.opt), ("vae_opt", self.vae_opt)):
+            tensors, groups = _flatten_optimizer(opt.state_dict())
+            save_file(tensors, os.path.join(tmp, f"{label}.safetensors"))
+            meta[f"{label}_groups"] = groups
+        save_file({"torch_rng": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as handle:
+            json.dump(meta, handle, indent=1, default=_json_default)
+        _swap_in(tmp, self.args.state)
+        self.log_path = os.path.join(self.args.state, "train.log")
+
+    def load_state(self) -> None:
+        folder = self.args.state
+        path = os.path.join(folder, "state.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"no training state at {folder!r}; start without --resume")
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        for name in (*TRAINED, "vae"):
+            self.parts[name].load_state_dict(load_file(os.path.join(folder, f"{name}.safetensors")))
+        for name in TRAINED:
+            self.ema[name] = load_file(os.path.join(folder, f"ema_{name}.safetensors"))
+        self.parts["vae"].register_to_config(scaling_factor=meta["vae_scaling_factor"])
+        for label, opt in (("opt", self.opt), ("vae_opt", self.vae_opt)):
+            tensors = load_file(os.path.join(folder, f"{label}.safetensors"))
+            opt.load_state_dict(_unflatten_optimizer(tensors, meta[f"{label}_groups"]))
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        torch.set_rng_state(load_file(os.path.join(folder, "rng.safetensors"))["torch_rng"])
+        self.step, self.vae_step = meta["step"], meta["vae_step"]
+        self.log(f"resumed at unet step {self.step}, vae step {self.vae_step}")
+
+    def export(self) -> None:
+        """Save the EMA weights as an fp16 StableDiffusionXLPipeline folder, swapped in whole."""
+        from diffusers import StableDiffusionXLPipeline
+
+        fresh = shapes_model.build_components(self.args.seed)
+        for name in TRAINED:
+            fresh[name].load_state_dict(self.ema[name])
+        fresh["vae"].load_state_dict(self.parts["vae"].state_dict())
+        fresh["vae"].register_to_config(scaling_factor=self.parts["vae"].config.scaling_factor)
+        pipe = StableDiffusionXLPipeline(**fresh).to(torch.float16)
+        tmp = self.args.out.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        with open(os.path.join(tmp, "training.json"), "w", encoding="utf-8") as handle:
+            json.dump({"unet_step": self.step, "vae_step": self.vae_step}, handle)
+        _swap_in(tmp, self.args.out)
+        self.log(f"exported EMA model at unet step {self.step} to {self.args.out}")
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            tensors[f"{index}.{key}"] = torch.as_tensor(value).contiguous()
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    raise TypeError(f"cannot store {type(value).__name__} in the training state")
+
+
+def _swap_in(tmp: str, final: str) -> None:
+    """Replace folder ``final`` by ``tmp`` with two renames (the old copy is removed after)."""
+    old = final.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        # Keep the running log: it lives in the state folder and must survive the swap.
+        log = os.path.join(final, "train.log")
+        if os.path.exists(log):
+            shutil.copy2(log, os.path.join(tmp, "train.log"))
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run (or resume) training within the time budget, checkpointing and exporting as it goes."""
+    args = parse_args(argv)
+    start = time.monotonic()
+    deadline = start + args.minutes * 60
+    trainer = Trainer(args)
+    if args.resume:
+        trainer.load_state()
+    trainer.log(f"training: {json.dumps({k: v for k, v in vars(args).items()})}")
+    next_checkpoint = time.monotonic() + args.checkpoint_minutes * 60
+    window, window_start, losses = 0, time.monotonic(), []
+
+    # The VAE phase ends for good once the UNet has taken a step (a resumed run skips it).
+    vae_phase = trainer.step == 0
+    if vae_phase:
+        trainer.log("phase 1: VAE")
+    while vae_phase and trainer.vae_step < args.vae_steps and time.monotonic() < deadline:
+        losses.append(trainer.vae_step_once())
+        window += 1
+        if trainer.vae_step % 25 == 0:
+            rate = window * args.vae_batch / (time.monotonic() - window_start)
+            trainer.log(f"vae step {trainer.vae_step} loss {np.mean(losses):.4f} {rate:.1f} img/s")
+            window, window_start, losses = 0, time.monotonic(), []
+        if trainer.vae_step % 100 == 0:
+            agreement = trainer.vae_colour_agreement()
+            trainer.log(f"vae step {trainer.vae_step} colour agreement {agreement:.3f}")
+            if agreement >= args.vae_agreement:
+                break
+    if trainer.step == 0:
+        trainer.calibrate_vae()
+    trainer.parts["vae"].requires_grad_(False)
+
+    trainer.log("phase 2: UNet + text encoders")
+    window, window_start, losses = 0, time.monotonic(), []
+    while time.monotonic() < deadline:
+        loss = trainer.unet_step_once()
+        if math.isfinite(loss):
+            losses.append(loss)
+        window += 1
+        if trainer.step % 50 == 0:
+            rate = window * args.batch / (time.monotonic() - window_start)
+            trainer.log(f"unet step {trainer.step} loss {np.mean(losses):.4f} {rate:.1f} img/s")
+            window, window_start, losses = 0, time.monotonic(), []
+        if time.monotonic() >= next_checkpoint:
+            trainer.save_state()
+            trainer.export()
+            next_checkpoint = time.monotonic() + args.checkpoint_minutes * 60
+    trainer.save_state()
+    trainer.export()
+    trainer.log(f"done after {(time.monotonic() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The shapes world: seeded scenes, caption grammar, boxes that match pixels, and the detector."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from engine.shapes.detect import (
+    ColourDetector,
+    Detection,
+    average_precision,
+    colour_labels,
+    mean_average_precision,
+    score_layout,
+)
+from engine.shapes.world import (
+    BACKGROUND_CAPTION,
+    COLOURS,
+    SHAPES,
+    VOCABULARY,
+    ShapeObject,
+    caption_for,
+    random_scene,
+    render,
+    sample_objects,
+    scene_batch,
+)
+
+PHRASE = rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+GRAMMAR = re.compile(
+    rf"^(a plain background|{PHRASE}|{PHRASE} and {PHRASE}|{PHRASE}(, {PHRASE}){{1,2}} and {PHRASE})$"
+)
+
+
+def test_same_seed_same_scenes_other_seed_other_scenes():
+    a = scene_batch(np.random.default_rng(7), 6)
+    b = scene_batch(np.random.default_rng(7), 6)
+    c = scene_batch(np.random.default_rng(8), 6)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    assert not np.array_equal(a[0], c[0])
+    assert a[0].shape == (6, 64, 64, 3) and a[0].dtype == np.uint8
+
+
+def test_captions_follow_the_grammar_and_name_every_object_in_order():
+    rng = np.random.default_rng(0)
+    counts = set()
+    for _ in range(300):
+        scene = random_scene(rng)
+        counts.add(len(scene.objects))
+        assert GRAMMAR.match(scene.caption), scene.caption
+        assert set(scene.caption.replace(",", " , ").split()) <= set(VOCABULARY)
+        named = re.findall(PHRASE, scene.caption)
+        assert [f"a {c} {s}" for c, s in named] == [o.phrase for o in scene.objects]
+    assert counts == {0, 1, 2, 3, 4}
+
+
+def test_caption_joins():
+    objs = [ShapeObject(c, s, (0, 0, 1, 1)) for c, s in [("red", "circle"), ("blue", "square")]]
+    assert caption_for([]) == BACKGROUND_CAPTION
+    assert caption_for(objs[:1]) == "a red circle"
+    assert caption_for(objs) == "a red circle and a blue square"
+    three = [*objs, ShapeObject("green", "triangle", (0, 0, 1, 1))]
+    assert caption_for(three) == "a red circle, a blue square and a green triangle"
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_boxes_are_inside_disjoint_and_match_the_drawn_pixels(count):
+    rng = np.random.default_rng(count)
+    for _ in range(10):
+        objs = sample_objects(rng, count)
+        for i, obj in enumerate(objs):
+            assert 0 <= obj.box[0] < obj.box[2] <= 1 and 0 <= obj.box[1] < obj.box[3] <= 1
+            for other in objs[i + 1 :]:
+                assert (
+                    obj.box[2] <= other.box[0]
+                    or other.box[2] <= obj.box[0]
+                    or (obj.box[3] <= other.box[1] or other.box[3] <= obj.box[1])
+                )
+            # Drawn alone on the flat default background: every touched pixel is the shape's.
+            image = render([obj], 64).astype(int)
+            touched = np.abs(image - render([], 64).astype(int)).sum(-1) > 0
+            ys, xs = np.nonzero(touched)
+            found = (xs.min() / 64, ys.min() / 64, (xs.max() + 1) / 64, (ys.max() + 1) / 64)
+            # The shape reaches its box on every side; anti-aliasing may touch one more pixel
+            # (a bit more at a triangle's sharp apex).
+            assert np.allclose(found, obj.box, atol=1.5 / 64), (obj, found)
+
+
+def test_shapes_fill_their_boxes_as_geometry_says():
+    box = (0.25, 0.25, 0.75, 0.75)
+    fills = {}
+    for shape in SHAPES:
+        image = render([ShapeObject("blue", shape, box)], 128)
+        fills[shape] = (colour_labels(image) >= 0).sum() / (64 * 64)
+    assert fills["square"] == pytest.approx(1.0, abs=0.03)
+    assert fills["circle"] == pytest.approx(np.pi / 4, abs=0.03)
+    assert fills["triangle"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_detector_places_ground_truth_and_rejects_shuffled_boxes():
+    rng = np.random.default_rng(11)
+    placed, shuffled, coverage, bleed = [], [], [], []
+    for _ in range(60):
+        objs = sample_objects(rng, int(rng.integers(2, 5)), distinct_colours=True)
+        image = render(objs, 64, rng)
+        scores = score_layout(image, [(o.colour, o.box) for o in objs])
+        placed += [s.placed for s in scores]
+        coverage += [s.coverage for s in scores]
+        bleed += [s.bleed for s in scores]
+        rolled = [(o.colour, objs[(i + 1) % len(objs)].box) for i, o in enumerate(objs)]
+        shuffled += [s.placed for s in score_layout(image, rolled)]
+    assert np.mean(placed) == 1.0
+    assert np.mean(shuffled) <= 0.05
+    assert 0.6 < np.mean(coverage) < 0.9  # a mix of squares, circles and triangles
+    assert np.mean(bleed) < 0.03
+
+
+def test_detector_needs_enough_pixels_and_ignores_grey():
+    grey = render([], 64)
+    assert (colour_labels(grey) == -1).all()
+    tiny = render([ShapeObject("red", "square", (0.5, 0.5, 0.53, 0.53))], 64)
+    [score] = score_layout(tiny, [("red", (0.4, 0.4, 0.8, 0.8))])
+    assert not score.placed and score.pixels > 0
+
+
+def test_each_palette_colour_is_recognised_as_itself():
+    for colour in COLOURS:
+        image = render([ShapeObject(colour, "square", (0.2, 0.2, 0.8, 0.8))], 64)
+        others = [c for c in COLOURS if c != colour]
+        box = (0.2, 0.2, 0.8, 0.8)
+        assert score_layout(image, [(colour, box)])[0].placed
+        assert not any(s.placed for s in score_layout(image, [(c, box) for c in others]))
+
+
+def test_average_precision_exact_values():
+    truths = [(0, (0.0, 0.0, 0.5, 0.5)), (1, (0.5, 0.5, 1.0, 1.0))]
+    hit0 = (0, Detection("x", (0.0, 0.0, 0.5, 0.5), 0.9))
+    miss = (1, Detection("x", (0.0, 0.0, 0.2, 0.2), 0.8))
+    hit1 = (1, Detection("x", (0.5, 0.5, 1.0, 1.0), 0.7))
+    assert average_precision([hit0, hit1], truths) == pytest.approx(1.0)
+    # Ranked hit, miss, hit: precision 1 up to recall 0.5, then 2/3 up to recall 1.
+    assert average_precision([hit0, miss, hit1], truths) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert average_precision([miss], truths) == 0.0
+
+
+def test_colour_detector_map_on_ground_truth_and_shuffled_boxes():
+    rng = np.random.default_rng(5)
+    detector = ColourDetector()
+    dets, truths, wrong = [], [], []
+    for _ in range(20):
+        objs = sample_objects(rng, 3, distinct_colours=True)
+        image = render(objs, 64, rng)
+        dets.append(detector(image, [o.phrase for o in objs]))
+        truths.append([(o.phrase, o.box) for o in objs])
+        wrong.append([(o.phrase, objs[(i + 1) % 3].box) for i, o in enumerate(objs)])
+    assert mean_average_precision(dets, truths) > 0.95
+    assert mean_average_precision(dets, wrong) < 0.1
+
+
+def _benchmark_module():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "layout_fidelity.py")
+    spec = importlib.util.spec_from_file_location("layout_fidelity", path)
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up in sys.modules while the module runs.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _OraclePipe:
+    """Draws each region's phrase exactly in its box; without regions, draws nothing."""
+
+    def __call__(self, layout, output_type="np"):
+        from types import SimpleNamespace
+
+        objs = [ShapeObject(*r.prompt.split()[1:3], r.box) for r in layout.regions]
+        image = render(objs, layout.width).astype(np.float32) / 255
+        return SimpleNamespace(images=[image])
+
+
+@pytest.mark.parametrize("detector", ["colour", "engine.shapes.detect:ColourDetector"])
+def test_benchmark_scores_an_oracle_perfectly_with_either_detector_path(detector, capsys):
+    bench = _benchmark_module()
+    cases = bench.shapes_layouts(4, 3, seed=2)
+    assert [c.seed for c in cases] == [c.seed for c in bench.shapes_layouts(4, 3, seed=2)]
+    assert all(len({phrase.split()[1] for phrase, _ in c.objects}) == 3 for c in cases)
+    found, colour = bench.load_detector(detector)
+    assert colour == (detector == "colour")
+    results = bench.run_benchmark(_OraclePipe(), cases, ["plain", "attention"], found, colour)
+    by_mode = {r.mode: r for r in results}
+    assert by_mode["attention"].placement == 1.0 and by_mode["plain"].placement == 0.0
+    assert by_mode["attention"].map50 > 0.95 and by_mode["plain"].map50 == 0.0
+    if colour:
+        assert by_mode["attention"].mean_coverage > 0.6 and by_mode["attention"].mean_bleed < 0.05
+    else:
+        assert np.isnan(by_mode["attention"].mean_coverage)
+    table = bench.format_table(results)
+    assert table.splitlines()[0].split() == [
+        "objects",
+        "mode",
+        "placed",
+        "coverage",
+        "bleed",
+        "mAP@0.5",
+        "s/image",
+        "cost",
+    ]
+    assert "100%" in table.splitlines()[2]
+
+
+def test_benchmark_builds_each_mode_layout():
+    bench = _benchmark_module()
+    case = bench.shapes_layouts(1, 2)[0]
+    settings = bench.Settings(size=64, steps=7)
+    plain = bench.build_layout(case, bench.MODES["plain"], settings)
+    assert plain.regions == [] and plain.prompt == case.caption and plain.steps == 7
+    bg = bench.build_layout(case, bench.MODES["attention+bg"], settings)
+    assert [r.prompt for r in bg.regions] == [label for label, _ in case.objects]
+    assert bg.background_prompt == BACKGROUND_CAPTION and bg.mode == "attention"
+    default = bench.build_layout(case, bench.MODES["attention"], settings)
+    assert default.background_prompt is None
+    assert "latent" not in bench.available_modes() or bench.MODES["latent"].engine_mode == "latent"
