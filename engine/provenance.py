@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from typing import Any
 
 from engine import __version__
-from engine.layout import Layout
+from engine.layout import Layout, atomic_open
 
 PROVENANCE_KEY = "layout-diffusion"
 PARAMETERS_KEY = "parameters"
@@ -156,18 +155,8 @@ def save_png(
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(
-        folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp"
-    )
-    try:
-        with open(tmp, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=png_info(layout, model, sampler, conditions))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as handle:
+        image.save(handle, format="PNG", pnginfo=png_info(layout, model, sampler, conditions))
     return path
 
 

@@ -14,29 +14,13 @@ import tempfile
 import threading
 import time
 
+import blender_scenario
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARK = "SCENARIO-RESULT "
+from blender_scenario import ROOT
 
 
 def run_scenario(name: str, user_dir: str, *args: str, timeout: float = 600) -> dict:
-    env = dict(os.environ)
-    # Blender must not read or write the real user's configuration.
-    env["BLENDER_USER_RESOURCES"] = user_dir
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), name, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    assert proc.returncode == 0 and lines, (
-        f"scenario {name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return json.loads(lines[-1][len(MARK) :])
+    return blender_scenario.run_scenario(__file__, name, user_dir, *args, timeout=timeout)
 
 
 # -- Tests without bpy ---------------------------------------------------------------------------
@@ -789,4 +773,4 @@ if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     scenario = {"registration": scenario_registration, "generation": scenario_generation}
     result = scenario[sys.argv[1]](*sys.argv[2:])
-    print(MARK + json.dumps(result), flush=True)
+    blender_scenario.report(result)

@@ -12,33 +12,16 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 import sys
 
+import blender_scenario
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARK = "SCENARIO-RESULT "
+from blender_scenario import ROOT
 
 
 def run_scenario(name: str, user_dir: str, *args: str, timeout: float = 600) -> dict:
-    env = dict(os.environ)
-    # Blender must not read or write the real user's configuration.
-    env["BLENDER_USER_RESOURCES"] = user_dir
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), name, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    assert proc.returncode == 0 and lines, (
-        f"scenario {name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return json.loads(lines[-1][len(MARK) :])
+    return blender_scenario.run_scenario(__file__, name, user_dir, *args, timeout=timeout)
 
 
 def png_header(path: str) -> tuple[int, int, int, int]:
@@ -619,4 +602,4 @@ if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     scenario = {"guidance": scenario_guidance, "regenerate": scenario_regenerate}
     result = scenario[sys.argv[1]](*sys.argv[2:])
-    print(MARK + json.dumps(result), flush=True)
+    blender_scenario.report(result)
