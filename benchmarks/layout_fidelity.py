@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,12 @@ from engine.shapes.detect import (  # noqa: E402
     phrase_colour,
     score_layout,
 )
-from engine.shapes.world import BACKGROUND_CAPTION, caption_for, sample_objects  # noqa: E402
+from engine.shapes.world import (  # noqa: E402
+    BACKGROUND_CAPTION,
+    COLOURS,
+    caption_for,
+    sample_objects,
+)
 
 Box = tuple[float, float, float, float]
 
@@ -73,6 +79,9 @@ class Mode:
     engine_mode: str
     regional: bool
     background: str | None = None
+    reference_scale: float = 0.0
+    """Above 0: pull toward a flat-colour render of the boxes (LSReGen-style guidance)."""
+    reference_fraction: float = 0.1
 
 
 MODES: dict[str, Mode] = {}
@@ -89,6 +98,12 @@ register_mode(Mode("attention", "attention", regional=True))
 register_mode(Mode("attention+bg", "attention", regional=True, background=BACKGROUND_CAPTION))
 register_mode(Mode("latent", "latent", regional=True))
 register_mode(Mode("latent+bg", "latent", regional=True, background=BACKGROUND_CAPTION))
+register_mode(
+    Mode("attention+ref", "attention", True, reference_scale=0.25, reference_fraction=0.4)
+)
+register_mode(
+    Mode("attention+ref10", "attention", True, reference_scale=0.25, reference_fraction=0.1)
+)
 
 
 def available_modes() -> list[str]:
@@ -96,8 +111,31 @@ def available_modes() -> list[str]:
     return [name for name, mode in MODES.items() if mode.engine_mode in ENGINE_MODES]
 
 
-def build_layout(case: BenchLayout, mode: Mode, settings: Settings) -> Layout:
-    """The Layout a mode generates for a case."""
+def box_reference(case: BenchLayout, size: int, path: str) -> str:
+    """Write a flat-colour render of the case's boxes on grey: what the add-on's proxy render
+    gives for box-shaped proxies. Objects without a known colour word stay grey."""
+    from PIL import Image
+
+    pixels = np.full((size, size, 3), 128, dtype=np.uint8)
+    for label, (x0, y0, x1, y1) in case.objects:
+        colour = next((COLOURS[w] for w in label.split() if w in COLOURS), None)
+        if colour is not None:
+            rows = slice(round(y0 * size), round(y1 * size))
+            pixels[rows, round(x0 * size) : round(x1 * size)] = colour
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def build_layout(
+    case: BenchLayout, mode: Mode, settings: Settings, workdir: str | None = None
+) -> Layout:
+    """The Layout a mode generates for a case (``workdir`` holds reference images)."""
+    reference = None
+    if mode.reference_scale > 0:
+        workdir = workdir or tempfile.mkdtemp(prefix="fidelity-")
+        reference = box_reference(
+            case, settings.size, os.path.join(workdir, f"reference-{case.seed}.png")
+        )
     regions = (
         [Region(prompt=label, box=box) for label, box in case.objects] if mode.regional else []
     )
@@ -112,6 +150,9 @@ def build_layout(case: BenchLayout, mode: Mode, settings: Settings) -> Layout:
         steps=settings.steps,
         guidance_scale=settings.guidance_scale,
         mode=mode.engine_mode,
+        reference=reference,
+        reference_scale=mode.reference_scale,
+        reference_fraction=mode.reference_fraction,
     )
 
 
@@ -229,13 +270,14 @@ def run_benchmark(
     detector = detector or ColourDetector()
     counts = sorted({len(c.objects) for c in cases})
     results = []
+    workdir = tempfile.mkdtemp(prefix="fidelity-")
     for count in counts:
         subset = [c for c in cases if len(c.objects) == count]
         for name in modes:
             mode = MODES[name]
             result = ModeResult(name, count)
             for index, case in enumerate(subset):
-                layout = build_layout(case, mode, settings)
+                layout = build_layout(case, mode, settings, workdir)
                 start = time.perf_counter()
                 image = pipe(layout=layout, output_type="np").images[0]
                 result.seconds.append(time.perf_counter() - start)
