@@ -38,3 +38,23 @@ def run_scenario(script: str, name: str, user_dir: str, *args: str, timeout: flo
 def report(result: dict) -> None:
     """Print a scenario's result as the line :func:`run_scenario` reads."""
     print(MARK + json.dumps(result), flush=True)
+
+
+def empty_project_scene(width: int = 96, height: int = 64):
+    """Save the open file into the test's own folder, set the render size and drop every mesh.
+
+    Saving first keeps every output the add-on writes next to the blend file inside the test's
+    ``BLENDER_USER_RESOURCES`` folder. Returns the scene.
+    """
+    import bpy
+
+    folder = os.path.join(os.environ["BLENDER_USER_RESOURCES"], "project")
+    os.makedirs(folder, exist_ok=True)
+    bpy.ops.wm.save_as_mainfile(filepath=os.path.join(folder, "scene.blend"))
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = width, height
+    scene.render.resolution_percentage = 100
+    for obj in list(bpy.data.objects):
+        if obj.type == "MESH":
+            bpy.data.objects.remove(obj)
+    return scene

@@ -659,16 +659,7 @@ def scenario_generation(model: str) -> dict:
     from blender_addon import engine_session, operators, overlay, preferences
 
     out: dict = {}
-    # A saved file keeps every output inside this test's own folder.
-    folder = os.path.join(os.environ["BLENDER_USER_RESOURCES"], "project")
-    os.makedirs(folder, exist_ok=True)
-    bpy.ops.wm.save_as_mainfile(filepath=os.path.join(folder, "scene.blend"))
-    scene = bpy.context.scene
-    scene.render.resolution_x, scene.render.resolution_y = 96, 64
-    scene.render.resolution_percentage = 100
-    for obj in list(bpy.data.objects):
-        if obj.type == "MESH":
-            bpy.data.objects.remove(obj)
+    scene = blender_scenario.empty_project_scene()
     errors: dict = {}
     errors["no_labels"] = _error_of(bpy.ops.layout_diffusion.generate)
     for name, x in (("red_box", -1.5), ("blue_ball.001", 1.5)):

@@ -307,15 +307,7 @@ def _setup_scene(model: str) -> None:
     """Two labeled cubes left and right of a camera, 96x64, saved next to the test's files."""
     import bpy
 
-    folder = os.path.join(os.environ["BLENDER_USER_RESOURCES"], "project")
-    os.makedirs(folder, exist_ok=True)
-    bpy.ops.wm.save_as_mainfile(filepath=os.path.join(folder, "scene.blend"))
-    scene = bpy.context.scene
-    scene.render.resolution_x, scene.render.resolution_y = 96, 64
-    scene.render.resolution_percentage = 100
-    for obj in list(bpy.data.objects):
-        if obj.type == "MESH":
-            bpy.data.objects.remove(obj)
+    scene = blender_scenario.empty_project_scene()
     for name, x in (("red_box", -1.5), ("blue_ball", 1.5)):
         bpy.ops.mesh.primitive_cube_add(location=(x, 0, 0))
         bpy.context.object.name = name
