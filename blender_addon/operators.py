@@ -387,10 +387,11 @@ class _GenerationOperator:
         events = run.job.poll()
         for item in events:
             run.update(item)
+        # Shown even when the same poll brought the result: the last step's progress must not
+        # be skipped. The Cancel button changes the status between events.
+        if events or run.status != self._shown:
+            self._show(context)
         if not run.job.done:
-            # The Cancel button changes the status between events.
-            if events or run.status != self._shown:
-                self._show(context)
             return {"PASS_THROUGH"}
         wm = context.window_manager
         wm.event_timer_remove(self._timer)
