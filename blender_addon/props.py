@@ -226,7 +226,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
     reference_fraction: FloatProperty(
         name="Steps",
         description="Fraction of the steps, from the first, during which the proxy render pulls",
-        default=_DEFAULTS.reference_fraction,
+        default=0.1,
         min=0.0,
         max=1.0,
         subtype="FACTOR",

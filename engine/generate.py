@@ -16,6 +16,7 @@ from typing import Any
 from engine.conditions import conditions_used
 from engine.errors import CancelledError, OutOfMemoryError, OutputError, is_out_of_memory
 from engine.layout import Layout, LayoutError
+from engine.model_defaults import pipeline_defaults, with_model_defaults
 from engine.provenance import sampler_name, save_png
 
 
@@ -48,6 +49,20 @@ def check_layout_files(layout: Layout) -> None:
             )
 
 
+def planned_steps(pipe: Any, layout: Layout) -> int:
+    """Denoising steps generating ``layout`` with ``pipe`` runs: the Layout's own, plus a first
+    pass's when reference guidance has no reference image and makes one."""
+    from engine.guidance import guided_levels
+
+    layout = with_model_defaults(layout, pipeline_defaults(pipe))
+    first_pass = (
+        layout.reference is None
+        and layout.reference_scale > 0
+        and guided_levels(layout.reference_fraction, layout.steps) > 0
+    )
+    return layout.steps * (2 if first_pass else 1)
+
+
 def run_generation(
     pipe: Any,
     layout: Layout,
@@ -58,20 +73,28 @@ def run_generation(
 ) -> GenerationResult:
     """Generate ``layout`` with ``pipe`` and write it to ``out`` (PNG with provenance).
 
-    ``on_step(step, total)`` is called after each denoising step (step counts from 1).
+    ``on_step(step, total)`` is called after each denoising step (step counts from 1 and runs
+    on through a first pass, see :func:`planned_steps`).
     ``should_stop()`` is polled before the first step and after each one; when it returns True
     the run stops there with CancelledError and no file is written.
     """
     check_layout_files(layout)
+    # Provenance records the values actually used, model-chosen ones included.
+    layout = with_model_defaults(layout, pipeline_defaults(pipe))
     if should_stop is not None and should_stop():
         raise CancelledError("cancelled before it started")
 
+    total = planned_steps(pipe, layout)
+    done = 0
+
     def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        nonlocal done
+        # Counted across passes: a first pass making the reference calls this too.
+        done += 1
         if should_stop is not None and should_stop():
-            raise CancelledError(f"cancelled after step {step + 1}")
+            raise CancelledError(f"cancelled after step {done}")
         if on_step is not None:
-            total = getattr(pipeline, "num_timesteps", None) or layout.steps
-            on_step(step + 1, int(total))
+            on_step(done, max(total, done))
         return {}
 
     conditions = conditions_used(pipe, layout)

@@ -115,8 +115,10 @@ class Layout:
     """Strength of the pull toward ``reference`` (gamma); 0 turns reference guidance off. Each
     guided step moves a region's latents ``2 * gamma`` of the way to the reference's (more for
     small regions, never past it): 0.25 goes halfway, 0.5 all the way."""
-    reference_fraction: float = 0.1
-    """Fraction of the steps, from the first, during which the reference pulls."""
+    reference_fraction: float | None = None
+    """Fraction of the steps, from the first, during which the reference pulls. ``None``: the
+    model's recommended fraction (0.1, LSReGen's for SDXL, unless the model folder says
+    otherwise; see ``engine.model_defaults``)."""
     init_image: str | None = None
     """Image to start from (a previous result, a painted plate), resolved like region masks.
     Each region keeps it according to its ``strength``; the background according to the
@@ -334,7 +336,7 @@ def _parse_layout(data: Any, base_dir: str | None) -> Layout:
         depth_end=depth_end,
         reference=_path(data.get("reference"), "reference", base_dir),
         reference_scale=_float(data, "reference_scale", 0.0, 0.0, 10.0),
-        reference_fraction=_float(data, "reference_fraction", 0.1, 0.0, 1.0),
+        reference_fraction=_optional_float(data, "reference_fraction", 0.0, 1.0),
         init_image=init_image,
         strength=strength,
         keep_outside=keep_outside,

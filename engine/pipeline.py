@@ -43,6 +43,7 @@ from engine.latent_regions import (
     plan_latent_regions,
 )
 from engine.layout import Layout, LayoutError
+from engine.model_defaults import pipeline_defaults, with_model_defaults
 from engine.regions import RegionalState, plan_regions
 from engine.step_hooks import StepHooks, prepare_step_hooks
 
@@ -88,10 +89,12 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
         ``callback_on_step_end`` and the other diffusers arguments still apply. The Layout's
         reference guidance and init-image strengths run as step-end hooks before
         ``callback_on_step_end`` (which also sees the steps of a first pass making a reference);
-        ``keep_outside`` needs ``output_type='pil'``.
+        ``keep_outside`` needs ``output_type='pil'``. Fields the Layout leaves to the model
+        (null) take the model's recommended values (``engine.model_defaults``).
         """
         if layout is None:
             return super().__call__(*args, **kwargs)
+        layout = self.resolve_layout(layout)
         if args:
             raise TypeError("with layout=, pass the other pipeline arguments by keyword")
         clashing = sorted(set(kwargs) & set(_LAYOUT_OWNED))
@@ -112,6 +115,10 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
         with layout_conditions(self, layout) as extra:
             output = self._generate(layout, {**kwargs, **extra})
         return hooks.finish_output(output)
+
+    def resolve_layout(self, layout: Layout) -> Layout:
+        """``layout`` with the fields it leaves to the model filled in for this model."""
+        return with_model_defaults(layout, pipeline_defaults(self))
 
     def _step_hooks(self, layout: Layout, kwargs: dict[str, Any]) -> StepHooks:
         """Prepare the Layout's reference guidance and per-region strength and put their

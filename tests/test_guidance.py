@@ -314,3 +314,23 @@ def test_the_pipeline_applies_the_layouts_reference_guidance_itself(pipe, refere
     _, explicit = run(pipe, lay)
     wired = pipe(layout=lay, output_type="latent").images
     assert torch.equal(wired, explicit)
+
+
+def test_progress_counts_once_across_the_first_pass(pipe, tmp_path, reference_png):
+    from engine.generate import planned_steps, run_generation
+
+    steps: list[tuple[int, int]] = []
+    two_pass = layout(reference_scale=0.25, steps=3)
+    assert planned_steps(pipe, two_pass) == 6
+    run_generation(
+        pipe, two_pass, str(tmp_path / "a.png"), "tiny", on_step=lambda *s: steps.append(s)
+    )
+    assert steps == [(k, 6) for k in range(1, 7)]
+
+    steps.clear()
+    with_file = dataclasses.replace(two_pass, reference=reference_png)
+    assert planned_steps(pipe, with_file) == 3
+    run_generation(
+        pipe, with_file, str(tmp_path / "b.png"), "tiny", on_step=lambda *s: steps.append(s)
+    )
+    assert steps == [(1, 3), (2, 3), (3, 3)]

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from engine.layout import Layout, LayoutError, strip_phrases
+from engine.model_defaults import SDXL_DEFAULTS, with_model_defaults
 
 
 def base(**overrides):
@@ -126,7 +127,9 @@ def test_weights_must_be_finite():
 
 def test_old_layouts_keep_their_meaning_under_the_image_fields():
     layout = Layout.from_dict(base())
-    assert (layout.reference, layout.reference_scale, layout.reference_fraction) == (None, 0.0, 0.1)
+    assert (layout.reference, layout.reference_scale, layout.reference_fraction) == (None, 0.0, None)
+    # Left to the model: an SDXL model without its own defaults guides the first 10% of steps.
+    assert with_model_defaults(layout, SDXL_DEFAULTS).reference_fraction == 0.1
     assert (layout.init_image, layout.strength, layout.keep_outside) == (None, 1.0, False)
     assert layout.regions[0].strength is None
 

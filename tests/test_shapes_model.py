@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.model_defaults import pipeline_defaults, read_model_defaults
 from engine.shapes import model as shapes_model
 from engine.shapes.detect import colour_labels
 from engine.shapes.world import COLOURS, VOCABULARY
@@ -121,6 +122,11 @@ def test_training_state_round_trip_resumes_identically_and_exports_a_loadable_pi
         for f in files
     )
     assert sizes < 20e6
+    # The export carries the model's recommended Layout settings.
+    assert (
+        pipeline_defaults(pipe)["reference_fraction"]
+        == (shapes_model.LAYOUT_DEFAULTS["reference_fraction"])
+    )
 
 
 def test_regional_training_blocks_and_biases_follow_the_layout(tmp_path):
@@ -187,6 +193,10 @@ def shipped():
     options = LoadOptions(device="cpu")
     location = resolve_model("shapes", options)
     assert os.path.samefile(location.path, SHIPPED)
+    assert (
+        read_model_defaults(SHIPPED)["reference_fraction"]
+        == (shapes_model.LAYOUT_DEFAULTS["reference_fraction"])
+    )
     return load_pipeline(location, options)
 
 

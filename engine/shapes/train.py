@@ -30,6 +30,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
 from engine.layout import Layout, Region
+from engine.model_defaults import DEFAULTS_FILE
 from engine.regions import plan_regions
 from engine.shapes import model as shapes_model
 from engine.shapes.detect import colour_labels
@@ -365,6 +366,8 @@ class Trainer:
         pipe.save_pretrained(tmp, safe_serialization=True)
         with open(os.path.join(tmp, "training.json"), "w", encoding="utf-8") as handle:
             json.dump({"unet_step": self.step, "vae_step": self.vae_step}, handle)
+        with open(os.path.join(tmp, DEFAULTS_FILE), "w", encoding="utf-8") as handle:
+            json.dump(shapes_model.LAYOUT_DEFAULTS, handle, indent=1)
         _swap_in(tmp, self.args.out)
         self.log(f"exported EMA model at unet step {self.step} to {self.args.out}")
 

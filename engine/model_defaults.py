@@ -1,0 +1,84 @@
+"""Settings a Layout leaves to the model: per-model recommended values for null Layout fields.
+
+Some Layout settings are best chosen per model family (LSReGen's 10% of guided steps is an SDXL
+figure; the shipped shapes model measures best at 40%). A Layout that leaves such a field null
+gets the model's value: from ``layout_defaults.json`` in the model's folder when there is one,
+else the family default below. The file is a JSON object of field values, plus an optional
+``"note"`` saying where they come from::
+
+    {"reference_fraction": 0.4, "note": "benchmarks/layout_fidelity.py, 2 and 4 objects"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from engine.errors import UnsupportedModelError
+from engine.layout import Layout
+
+DEFAULTS_FILE = "layout_defaults.json"
+"""File in a model's folder holding its recommended values."""
+
+SDXL_DEFAULTS: dict[str, float] = {"reference_fraction": 0.1}
+"""Values for models without their own file: LSReGen's settings for SDXL."""
+
+_RANGES = {"reference_fraction": (0.0, 1.0)}
+
+
+class ModelDefaultsError(UnsupportedModelError):
+    """A model folder's ``layout_defaults.json`` that cannot be used."""
+
+
+def read_model_defaults(folder: str | None) -> dict[str, float]:
+    """The recommended values for the model in ``folder``: the family defaults, overridden by
+    its ``layout_defaults.json``. ``folder`` None or a file (a single-file checkpoint): the
+    family defaults."""
+    values = dict(SDXL_DEFAULTS)
+    if not folder or not os.path.isdir(folder):
+        return values
+    path = os.path.join(folder, DEFAULTS_FILE)
+    if not os.path.isfile(path):
+        return values
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ModelDefaultsError(
+            f"cannot read {path}: {exc}; fix or delete the file", "model"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelDefaultsError(f"{path} must hold a JSON object of Layout field values")
+    for name, value in data.items():
+        if name == "note":
+            continue
+        if name not in _RANGES:
+            raise ModelDefaultsError(
+                f"{path}: {name!r} is not a setting a model can choose; known: {sorted(_RANGES)}"
+            )
+        low, high = _RANGES[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            raise ModelDefaultsError(f"{path}: {name!r} must be a number in [{low}, {high}]")
+        values[name] = float(value)
+    return values
+
+
+def pipeline_defaults(pipe: Any) -> dict[str, float]:
+    """The recommended values for the model ``pipe`` was loaded from (read once per pipeline)."""
+    cached = pipe.__dict__.get("_layout_defaults")
+    if cached is None:
+        cached = read_model_defaults(getattr(pipe, "name_or_path", None))
+        pipe.__dict__["_layout_defaults"] = cached
+    return cached
+
+
+def with_model_defaults(layout: Layout, defaults: dict[str, float]) -> Layout:
+    """``layout`` with its null model-chosen fields filled from ``defaults`` (itself if none)."""
+    missing = {name: value for name, value in defaults.items() if getattr(layout, name, 0) is None}
+    return dataclasses.replace(layout, **missing) if missing else layout
