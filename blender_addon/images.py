@@ -48,6 +48,12 @@ def _file_path(image) -> str | None:
 
 def rgb8_pixels(image) -> np.ndarray:
     """The image as an (H, W, 3) uint8 sRGB array, row 0 at the top."""
+    return np.ascontiguousarray(rgba8_pixels(image)[:, :, :3])
+
+
+def rgba8_pixels(image) -> np.ndarray:
+    """The image as (H, W, 4) uint8: sRGB colour and straight alpha, row 0 at the top; opaque
+    when the image's alpha mode is None."""
     # Asking for the size loads a file image; a missing file leaves it 0 x 0.
     width, height = image.size
     if not width or not height:
@@ -58,11 +64,14 @@ def rgb8_pixels(image) -> np.ndarray:
         )
     pixels = np.empty(width * height * 4, dtype=np.float32)
     image.pixels.foreach_get(pixels)
-    rgb = pixels.reshape(height, width, 4)[::-1, :, :3]
+    rgba = pixels.reshape(height, width, 4)[::-1]
+    rgb = rgba[:, :, :3]
     if image.is_float:
         rgb = np.clip(rgb, 0.0, 1.0)
         rgb = np.where(rgb <= 0.0031308, rgb * 12.92, 1.055 * np.power(rgb, 1 / 2.4) - 0.055)
-    return np.ascontiguousarray(np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8))
+    alpha = rgba[:, :, 3:] if image.alpha_mode != "NONE" else np.ones_like(rgba[:, :, 3:])
+    out = np.concatenate([rgb, alpha], axis=2)
+    return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def save_png(image, path: str) -> str:

@@ -138,6 +138,8 @@ def build_layout(context, regenerate: str | None = None, seed: int | None = None
     request.check_settings(settings)
     folder = output_dir(scene)
     options = request.engine_options(settings, model_spec)
+    # The proxy render is also the init image (or what its object layers go over).
+    from_render = not regenerate and settings.init_source in request.RENDERED_SOURCES
     try:
         made = layout_from_camera(
             scene,
@@ -145,12 +147,12 @@ def build_layout(context, regenerate: str | None = None, seed: int | None = None
             folder,
             settings=layout_settings(settings),
             depsgraph=context.evaluated_depsgraph_get(),
-            reference=settings.use_reference,
+            reference=settings.use_reference or from_render,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
     objects = {item.obj.name: item.obj for item in labeled}
-    init = None if regenerate else request.init_image(settings, folder)
+    init = None if regenerate else request.init_image(settings, folder, made.layout, objects)
     layout = request.apply_objects(
         made.layout,
         objects,
@@ -158,6 +160,8 @@ def build_layout(context, regenerate: str | None = None, seed: int | None = None
         init=init,
         strength=settings.strength,
         ip_adapter=options["ip_adapter"],
+        reference=settings.use_reference,
+        layers=settings.init_source == "LAYERS",
     )
     if regenerate:
         skipped = dict(made.skipped)

@@ -27,7 +27,20 @@ INIT_SOURCES = (
     ("NONE", "None", "Generate from noise"),
     ("RESULT", "Last Result", "Start from the last generated image"),
     ("IMAGE", "Image", "Start from an image in the blend file (a painted plate, a photo)"),
+    (
+        "PROXIES",
+        "Proxy Render",
+        "Start from the proxies seen from the camera, each in one flat colour (its label's colour "
+        "word, else its material's)",
+    ),
+    (
+        "LAYERS",
+        "Object Layers",
+        "Start from the objects' Reference Images, each fitted into the object's box and cut to "
+        "its visible part (an RGBA image's alpha cuts it out), over the proxy render",
+    ),
 )
+"""New sources go last: blend files store the chosen item by its position."""
 
 
 def readable_name(name: str) -> str:
@@ -102,7 +115,8 @@ class LayoutDiffusionObjectSettings(bpy.types.PropertyGroup):
         type=bpy.types.Image,
         description=(
             "What this object should look like (needs an IP-Adapter, Scene > Conditions); "
-            "applied inside the object's mask only"
+            "applied inside the object's mask only. With Init Image set to Object Layers it is "
+            "also the object's layer in the init image (an RGBA image's alpha cuts it out)"
         ),
     )
     reference_image_scale: FloatProperty(
@@ -222,6 +236,14 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         min=0.0,
         max=10.0,
         soft_max=1.0,
+    )
+    use_model_fraction: BoolProperty(
+        name="Model's Steps",
+        description=(
+            "Let the model choose how many steps the proxy render pulls (0.1 of them for "
+            "SDXL; a model can recommend its own, the shipped shapes model 0.4)"
+        ),
+        default=_DEFAULTS.reference_fraction is None,
     )
     reference_fraction: FloatProperty(
         name="Steps",

@@ -97,6 +97,7 @@ def frame_request(
     The same steps as Generate from Camera (:func:`.operators.build_layout`), with settings
     read from the evaluated scene so keyframed settings are honoured, the seed following
     ``seed_mode``, and ``init`` (with ``strength``) replacing the scene's init image when given.
+    A Proxy Render or Object Layers init image comes from the frame's own proxy render.
     ``masks=False`` skips the mask, depth and reference render (boxes only). Raises ValueError
     with what to fix when nothing can be generated.
     """
@@ -123,9 +124,19 @@ def frame_request(
         options = request.engine_options(settings, model_spec)
         model = model_spec(settings) or None
         reference = masks and settings.use_reference
+        source = settings.init_source
         if strength is None:
             strength = settings.strength
-        if init is None and settings.init_source == "IMAGE":
+        # Each frame starts from its own proxy render, made with the frame's masks below.
+        rendered = init is None and source in request.RENDERED_SOURCES
+        if rendered and not masks:
+            raise request.UserError(
+                f"Init Image is {request.RENDERED_SOURCES[source]}, but an interactive F12 "
+                "sends boxes only (the mask and proxy render cannot run in its render thread): "
+                "use Generate from Camera, render in the background (blender -b), or set "
+                "another Init Image"
+            )
+        if init is None and source == "IMAGE":
             # "Last Result" belongs to Generate from Camera; animations use --init-previous.
             init = request.init_image(settings, out_dir)
         made = layout_from_camera(
@@ -136,15 +147,20 @@ def frame_request(
             depsgraph=depsgraph,
             masks=masks,
             depth=masks,
-            reference=reference,
+            reference=reference or rendered,
         )
+        objects = {item.obj.name: item.obj for item in labeled}
+        if rendered:
+            init = request.rendered_init(source, out_dir, made.layout, objects)
         layout = request.apply_objects(
             made.layout,
-            {item.obj.name: item.obj for item in labeled},
+            objects,
             out_dir,
             init=init,
             strength=strength,
             ip_adapter=options["ip_adapter"],
+            reference=reference,
+            layers=source == "LAYERS",
         )
     except request.UserError as exc:
         raise ValueError(str(exc)) from None

@@ -2,6 +2,9 @@
 images they name (init image, objects' reference images) written as PNG next to the Layout, the
 engine options, and artist-readable words for the engine's errors about them.
 
+The init image can also be made from the generation's own proxy render: the render itself, or
+the objects' Reference Images composited over it as layers (:mod:`.io.composite`).
+
 The Layout's own validation (``layout.py``) stays the judge of what is valid; this module only
 maps settings onto fields and catches, in the artist's terms, what the settings make likely.
 """
@@ -14,7 +17,10 @@ import re
 import shutil
 from typing import Any
 
-from .images import ImageExportError, png_size, save_png
+from .images import ImageExportError, png_size, rgba8_pixels, save_png
+from .io.composite import Layer, composite_layers
+from .io.masks import DEPTH_MAX
+from .io.png import read_gray_png, read_rgb_png, write_rgb_png
 from .layout import Layout, LayoutError
 
 RESULT_NAME = "result.png"
@@ -23,6 +29,10 @@ INIT_NAME = "init.png"
 """The init image as sent, next to the Layout."""
 PREVIOUS_NAME = "previous.png"
 """The result an object is re-generated from: a copy, because the new result replaces it."""
+
+RENDERED_SOURCES = {"PROXIES": "Proxy Render", "LAYERS": "Object Layers"}
+"""Init sources made from the proxy render (see :func:`rendered_init`), by their panel names:
+Generate renders the proxies for them even when the pull toward the render is off."""
 
 MAX_SEED = 2**31 - 1
 """Largest seed a Blender integer property holds."""
@@ -65,7 +75,9 @@ def layout_settings(settings) -> dict[str, Any]:
         "depth_start": _number(settings.depth_start),
         "depth_end": _number(settings.depth_end),
         "reference_scale": _number(settings.reference_scale) if settings.use_reference else 0.0,
-        "reference_fraction": _number(settings.reference_fraction),
+        "reference_fraction": (
+            None if settings.use_model_fraction else _number(settings.reference_fraction)
+        ),
     }
 
 
@@ -95,11 +107,17 @@ def engine_options(settings, spec=None) -> dict[str, Any]:
 # -- Images --------------------------------------------------------------------------------------
 
 
-def init_image(settings, folder: str) -> str | None:
-    """Write the scene's init image to ``folder/init.png``; its path, or None without one."""
+def init_image(settings, folder: str, layout: Layout | None = None, objects=None) -> str | None:
+    """Write the scene's init image to ``folder/init.png``; its path, or None without one.
+
+    The sources in :data:`RENDERED_SOURCES` need ``layout`` made with its proxy render and
+    ``objects`` (see :func:`rendered_init`).
+    """
     source = settings.init_source
     if source == "NONE":
         return None
+    if source in RENDERED_SOURCES:
+        return rendered_init(source, folder, layout, objects or {})
     path = os.path.join(folder, INIT_NAME)
     if source == "RESULT":
         result = os.path.join(folder, RESULT_NAME)
@@ -119,6 +137,62 @@ def init_image(settings, folder: str) -> str | None:
         return save_png(settings.init_image, path)
     except ImageExportError as exc:
         raise UserError(f"Init Image: {exc}") from None
+
+
+def rendered_init(source: str, folder: str, layout: Layout | None, objects) -> str:
+    """Write the init image made from ``layout``'s proxy render (its ``reference``) to
+    ``folder/init.png``; its path.
+
+    ``"PROXIES"``: the proxy render as it is. ``"LAYERS"``: every object's Reference Image
+    fitted into its region's box, cut by the region's mask and composited over the proxy
+    render, farther objects first (by the depth map); ``objects`` maps region names to objects.
+    Raises UserError when the proxy render is missing or no object in the image has an image.
+    """
+    name = RENDERED_SOURCES[source]
+    proxies = layout.reference if layout is not None else None
+    if proxies is None or not os.path.isfile(proxies):
+        raise UserError(
+            f"Init Image is {name}, but no proxy render was made for this image (it comes with "
+            "the object masks): generate with Generate from Camera, or set Init Image to None"
+        )
+    path = os.path.join(folder, INIT_NAME)
+    if source == "PROXIES":
+        shutil.copyfile(proxies, path)
+        return path
+    layers = object_layers(layout, objects)
+    if not layers:
+        raise UserError(
+            "Init Image is Object Layers, but no labeled object in the image has a Reference "
+            "Image: give objects an image of themselves (Object properties > Layout > Reference "
+            "Image; an RGBA image's alpha cuts it out), or set Init Image to Proxy Render "
+            "(Layout sidebar > Guidance)"
+        )
+    write_rgb_png(path, composite_layers(read_rgb_png(proxies), layers))
+    return path
+
+
+def object_layers(layout: Layout, objects) -> list[Layer]:
+    """The layers of the regions whose objects have a Reference Image: the image, the region's
+    box and mask, and the mean distance of its visible pixels in the Layout's depth map."""
+    nearness = read_gray_png(layout.depth) if layout.depth else None
+    layers = []
+    for region in layout.regions:
+        obj = objects.get(region.name)
+        image = obj.layout_diffusion.reference_image if obj is not None else None
+        if image is None:
+            continue
+        try:
+            pixels = rgba8_pixels(image)
+        except ImageExportError as exc:
+            raise UserError(f"Object {obj.name!r}, reference image: {exc}") from None
+        mask = read_gray_png(region.mask) if region.mask else None
+        visible = mask > 127 if mask is not None else None
+        distance = 0.0
+        if nearness is not None and visible is not None and visible.any():
+            # The depth map is white at the nearest surface.
+            distance = DEPTH_MAX - float(nearness[visible].mean())
+        layers.append(Layer(pixels, region.box, mask, distance))
+    return layers
 
 
 def previous_result(folder: str, size: tuple[int, int]) -> str:
@@ -153,14 +227,22 @@ def apply_objects(
     init: str | None = None,
     strength: float = 1.0,
     ip_adapter: str | None = None,
+    reference: bool = True,
+    layers: bool = False,
 ) -> Layout:
     """``layout`` with each region's object settings and the init image filled in.
 
     ``objects`` maps object names (the regions' names) to objects. Region strengths go out only
     with an ``init`` image (they say how much of it to keep); objects' reference images are
-    written to ``folder`` and need an ``ip_adapter``. Raises UserError naming the object.
+    written to ``folder`` and need an ``ip_adapter``, unless they are the init image's
+    ``layers``: then without an IP-Adapter they are not sent. ``reference=False`` leaves the
+    proxy render out (it was made only to start from). Raises UserError naming the object.
     """
     data = layout.to_dict()
+    if not reference:
+        data["reference"] = None
+    # Images that are the init image's layers need no IP-Adapter; with one they shape too.
+    send_images = bool(ip_adapter) or not layers
     with_images = []
     for index, region in enumerate(data["regions"]):
         obj = objects.get(region["name"])
@@ -171,7 +253,7 @@ def apply_objects(
             region["strength"] = _number(label.strength)
         if label.use_depth_scale:
             region["depth_scale"] = _number(label.depth_scale)
-        if label.reference_image is not None and label.reference_image_scale > 0:
+        if send_images and label.reference_image is not None and label.reference_image_scale > 0:
             with_images.append(obj.name)
             path = os.path.join(folder, f"image_{index + 1:03d}_{_safe_name(obj.name)}.png")
             try:

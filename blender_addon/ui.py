@@ -49,7 +49,11 @@ class OBJECT_PT_layout_diffusion(bpy.types.Panel):
             available, message = engine_session.condition_state("ip_adapter", spec)
             col.active = available is not False
             col.prop(settings, "reference_image_scale")
-            if available is not True:
+            # As an Object Layers init image it needs no IP-Adapter.
+            as_layer = scene_settings.init_source == "LAYERS"
+            if as_layer:
+                layout.label(text="This object's layer in the init image", icon="IMAGE_RGB_ALPHA")
+            if available is not True and not (as_layer and not spec):
                 col.label(text=message, icon="ERROR" if available is False else "INFO")
         row = layout.row(heading="Depth Follow")
         row.prop(settings, "use_depth_scale", text="")
@@ -157,6 +161,15 @@ def latent_cost(regions: int) -> float:
     return (regions + 2) / 2
 
 
+def layer_count(scene) -> int:
+    """Labeled objects with a Reference Image: the layers of an Object Layers init image."""
+    return sum(
+        1
+        for ob in scene.objects
+        if ob.layout_diffusion.enabled and ob.layout_diffusion.reference_image is not None
+    )
+
+
 class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
     """Guidance mode, the pull toward the proxy render, the init image and Re-generate."""
 
@@ -185,11 +198,23 @@ class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
         col = layout.column()
         col.active = settings.use_reference
         col.prop(settings, "reference_scale")
-        col.prop(settings, "reference_fraction")
+        row = col.row(align=True)
+        row.prop(settings, "use_model_fraction", text="", icon="AUTO")
+        steps = row.row(align=True)
+        steps.active = not settings.use_model_fraction
+        steps.prop(settings, "reference_fraction")
         layout.separator()
         layout.prop(settings, "init_source")
         if settings.init_source == "IMAGE":
             _image_field(layout, settings, "init_image", "Image")
+        elif settings.init_source == "LAYERS":
+            layers = layer_count(scene)
+            if layers:
+                text = f"{layers} object layer{'s' if layers != 1 else ''} over the proxy render"
+                layout.label(text=text, icon="RENDERLAYERS")
+            else:
+                layout.label(text="No labeled object has a Reference Image", icon="ERROR")
+                layout.label(text="Set one in Object properties > Layout")
         col = layout.column()
         col.active = settings.init_source != "NONE"
         col.prop(settings, "strength")

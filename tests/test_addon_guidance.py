@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 
@@ -18,6 +19,8 @@ import blender_scenario
 import numpy as np
 import pytest
 from blender_scenario import ROOT
+
+from engine.model_defaults import SDXL_DEFAULTS
 
 
 def run_scenario(name: str, user_dir: str, *args: str, timeout: float = 600) -> dict:
@@ -117,7 +120,9 @@ def test_new_settings_default_to_the_layout_defaults(guidance):
         "scene": {
             "mode": layout.mode.upper(),
             "use_reference": False,
-            "reference_fraction": layout.reference_fraction,
+            # Left to the model, as a Layout leaves it; the manual value starts at SDXL's.
+            "use_model_fraction": layout.reference_fraction is None,
+            "reference_fraction": SDXL_DEFAULTS["reference_fraction"],
             "init_source": "NONE",
             "strength": layout.strength,
             "controlnet": "",
@@ -249,6 +254,8 @@ def regenerated(tiny_model_dir, tmp_path_factory) -> dict:
 def test_regenerate_sends_one_free_object_over_the_last_result(regenerated):
     first = regenerated["first"]
     assert first["operator"] == ["FINISHED"] and first["result_seed"] == 5
+    # By default the model chooses how long the proxy render pulls.
+    assert regenerated["first_fraction"] is None
     sent = regenerated["sent"]
     assert os.path.basename(sent["init_image"]) == "previous.png"
     assert (sent["strength"], sent["keep_outside"], sent["seed"]) == (0.0, True, 6)
@@ -298,6 +305,73 @@ def test_regenerate_refusals_say_what_to_do(regenerated):
         "The last result is 96x64 but the render size now gives 128x64: generate the whole "
         "image again at this size first"
     )
+
+
+@pytest.fixture(scope="module")
+def rendered_init(tiny_model_dir, tmp_path_factory) -> dict:
+    return run_scenario(
+        "rendered_init", str(tmp_path_factory.mktemp("blender-user")), tiny_model_dir
+    )
+
+
+def test_init_images_from_the_proxy_render_and_object_layers(rendered_init):
+    from blender_addon.io.colors import BACKGROUND, COLOR_WORDS
+
+    proxies, layers = rendered_init["proxies"], rendered_init["layers"]
+    for run in (proxies, layers):
+        assert run["operator"] == ["FINISHED"], run["reports"]
+        sent = run["sent"]
+        # Rendered to start from, not to pull toward: the pull stays off.
+        assert sent["reference"] is None and sent["reference_scale"] == 0.0
+        assert sent["strength"] == 0.5 and os.path.basename(sent["init_image"]) == "init.png"
+        assert [r["strength"] for r in sent["regions"]] == [1.0, 1.0]
+    regions = {r["name"]: r for r in proxies["sent"]["regions"]}
+    red = read_rgb(regions["red_box"]["mask"])[..., 0] > 127
+    blue = read_rgb(regions["blue_ball"]["mask"])[..., 0] > 127
+
+    # Proxy Render: each object in its label's colour where its mask is, grey elsewhere.
+    plain = read_rgb(proxies["init"])
+    assert (plain[red] == COLOR_WORDS["red"]).all() and (plain[blue] == COLOR_WORDS["blue"]).all()
+    assert (plain[~(red | blue)] == BACKGROUND).all()
+
+    # Object Layers: the red box's 2:1 image (left half opaque green, right half transparent)
+    # fitted to the box's width and centred; the rest of the box and image is the proxy render.
+    composite = read_rgb(layers["init"])
+    assert (composite[~red] == plain[~red]).all()
+    green = (composite == [0, 200, 0]).all(axis=2)
+    assert green.any() and not (green & ~red).any()
+    x0, y0, x1, y1 = regions["red_box"]["box"]
+    box_w, centre_y = (x1 - x0) * 96, (y0 + y1) / 2 * 64
+    rows, cols = np.nonzero(green)
+    # The rest of the box is red, but for the column where the image's opaque half ends
+    # between two pixels: a blend of the two.
+    others = red & ~green & ~(composite == COLOR_WORDS["red"]).all(axis=2)
+    assert set(np.nonzero(others)[1]) <= {cols.max() + 1}
+    assert abs(cols.min() - x0 * 96) <= 1 and abs(cols.max() + 1 - (x0 * 96 + box_w / 2)) <= 1
+    assert abs(rows.max() + 1 - rows.min() - box_w / 2) <= 1, "the image keeps its aspect"
+    assert abs((rows.min() + rows.max() + 1) / 2 - centre_y) <= 1
+    # The layer image is not an IP-Adapter condition: there is none, and no error for it.
+    assert [r["image"] for r in layers["sent"]["regions"]] == [None, None]
+
+    # Batch and F12 renders make each frame's init image from its own proxy render.
+    frame = rendered_init["frame"]
+    assert frame["reference"] is None and frame["init_image"].endswith("/frame/init.png")
+    assert (read_rgb(frame["init_image"]) == composite).all()
+
+
+def test_init_from_render_refusals_and_hints(rendered_init):
+    errors = rendered_init["errors"]
+    assert errors["layers_without_images"].startswith(
+        "Init Image is Object Layers, but no labeled object in the image has a Reference Image: "
+    )
+    assert "set Init Image to Proxy Render" in errors["layers_without_images"]
+    assert errors["interactive_f12"].startswith(
+        "Init Image is Object Layers, but an interactive F12 sends boxes only"
+    )
+    drawn = rendered_init["drawn"]
+    assert drawn["errors"] == []
+    assert "No labeled object has a Reference Image" in drawn["without_images"]
+    assert "1 object layer over the proxy render" in drawn["with_image"]
 
 
 # -- Scenarios (run in a child process with bpy) -------------------------------------------------
@@ -390,6 +464,7 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str) -> dict:
             for name in (
                 "mode",
                 "use_reference",
+                "use_model_fraction",
                 "reference_fraction",
                 "init_source",
                 "strength",
@@ -443,6 +518,7 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str) -> dict:
 
     settings.mode = "LATENT"
     settings.use_reference, settings.reference_scale, settings.reference_fraction = True, 0.3, 0.2
+    settings.use_model_fraction = False
     settings.depth_scale, settings.depth_start, settings.depth_end = 0.8, 0.1, 0.9
 
     # A reference image without an IP-Adapter is refused before the engine is asked.
@@ -549,6 +625,9 @@ def scenario_regenerate(model: str) -> dict:
     )
     first, _ = _reports(bpy.ops.layout_diffusion.generate)
     out["first"] = {"operator": first, "result_seed": settings.result_seed}
+    out["first_fraction"] = (
+        capture.calls[-1]["layout"].get("reference_fraction", "absent") if capture.calls else "-"
+    )
 
     scene.render.resolution_x = 128
     errors["size_changed"] = _error_of(
@@ -590,8 +669,74 @@ def scenario_regenerate(model: str) -> dict:
     return out
 
 
+def scenario_rendered_init(model: str) -> dict:
+    import bpy  # noqa: I001 -- bpy first: it puts addon_utils on sys.path
+    import addon_utils
+
+    addon_utils.enable("blender_addon", default_set=True, handle_error=None)
+    from blender_addon import engine_session, operators, render, ui
+
+    _setup_scene(model)
+    scene = bpy.context.scene
+    settings = scene.layout_diffusion
+    settings.strength = 0.5
+    folder = operators.output_dir(scene)
+    out: dict = {"errors": {}, "drawn": {"errors": []}}
+    capture = _Capture()
+
+    def generate(keep_as: str) -> dict:
+        capture.calls.clear()
+        result, reports = _reports(bpy.ops.layout_diffusion.generate)
+        kept = os.path.join(folder, keep_as)
+        # The next run writes init.png again.
+        shutil.copyfile(os.path.join(folder, "init.png"), kept)
+        sent = capture.calls[-1]["layout"] if capture.calls else {}
+        return {"operator": result, "reports": reports, "sent": sent, "init": kept}
+
+    def draw_guidance() -> list:
+        log = _draw(ui.VIEW3D_PT_layout_diffusion_guidance.draw)
+        out["drawn"]["errors"] += log["errors"]
+        return log["labels"]
+
+    settings.init_source = "LAYERS"
+    out["errors"]["layers_without_images"] = _error_of(bpy.ops.layout_diffusion.generate)
+    out["drawn"]["without_images"] = draw_guidance()
+
+    settings.init_source = "PROXIES"
+    out["proxies"] = generate("proxies.png")
+
+    # A 2:1 RGBA image: left half opaque green, right half transparent magenta.
+    image = bpy.data.images.new("red layer", 32, 16, alpha=True)
+    pixels = np.zeros((16, 32, 4), dtype=np.float32)
+    pixels[:, :16] = (0.0, 200 / 255, 0.0, 1.0)
+    pixels[:, 16:] = (1.0, 0.0, 1.0, 0.0)
+    image.pixels.foreach_set(pixels.ravel())
+    bpy.data.objects["red_box"].layout_diffusion.reference_image = image
+    settings.init_source = "LAYERS"
+    out["layers"] = generate("layers.png")
+    out["drawn"]["with_image"] = draw_guidance()
+
+    frame_dir = os.path.join(folder, "frame")
+    # Settings set from Python reach the evaluated scene the batch reads once it is tagged.
+    scene.update_tag()
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    made = render.frame_request(scene, depsgraph, frame_dir, 1, "shot")
+    out["frame"] = made.layout.to_dict()
+    try:
+        render.frame_request(scene, depsgraph, frame_dir + "-boxes", 1, "shot", masks=False)
+        out["errors"]["interactive_f12"] = "no error"
+    except ValueError as exc:
+        out["errors"]["interactive_f12"] = str(exc)
+    engine_session.shutdown()
+    return out
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    scenario = {"guidance": scenario_guidance, "regenerate": scenario_regenerate}
+    scenario = {
+        "guidance": scenario_guidance,
+        "regenerate": scenario_regenerate,
+        "rendered_init": scenario_rendered_init,
+    }
     result = scenario[sys.argv[1]](*sys.argv[2:])
     blender_scenario.report(result)

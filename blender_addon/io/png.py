@@ -136,11 +136,11 @@ def write_rgb_png(path: str | os.PathLike[str], image: np.ndarray, level: int = 
         handle.write(data)
 
 
-def read_gray_png(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read back a grayscale PNG written by :func:`write_gray_png` (filter type 0 only).
-
-    Used by tests and tools to check files without PIL; it rejects what it cannot decode.
-    """
+def _read_png(
+    path: str | os.PathLike[str], color_type: int, depths: tuple[int, ...], what: str
+) -> tuple[int, np.ndarray]:
+    """Bit depth and pixel rows ``(H, W * channels * bytes)`` of an unfiltered, non-interlaced
+    PNG of ``color_type`` (0 gray, 2 RGB); anything else is rejected as ``what`` expected."""
     with open(path, "rb") as handle:
         data = handle.read()
     if not data.startswith(PNG_SIGNATURE):
@@ -156,15 +156,30 @@ def read_gray_png(path: str | os.PathLike[str]) -> np.ndarray:
             idat.append(body)
     if header is None:
         raise ValueError(f"{path} has no IHDR chunk")
-    width, height, bit_depth, color_type, _, _, interlace = header
-    if color_type != 0 or bit_depth not in (8, 16) or interlace:
-        raise ValueError(f"{path}: only non-interlaced 8/16-bit grayscale PNGs are supported")
-    row_bytes = width * bit_depth // 8
+    width, height, bit_depth, found, _, _, interlace = header
+    if found != color_type or bit_depth not in depths or interlace:
+        raise ValueError(f"{path}: only non-interlaced {what} PNGs are supported")
+    channels = 3 if color_type == 2 else 1
     raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
-    raw = raw.reshape(height, row_bytes + 1)
+    raw = raw.reshape(height, width * channels * bit_depth // 8 + 1)
     if np.any(raw[:, 0] != 0):
         raise ValueError(f"{path} uses PNG row filters this reader does not decode")
-    pixels = raw[:, 1:].copy()
+    return bit_depth, raw[:, 1:]
+
+
+def read_gray_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read back a grayscale PNG written by :func:`write_gray_png` (filter type 0 only).
+
+    Used by tests and tools to check files without PIL; it rejects what it cannot decode.
+    """
+    bit_depth, rows = _read_png(path, 0, (8, 16), "8/16-bit grayscale")
     if bit_depth == 16:
-        return pixels.view(">u2").astype(np.uint16)
-    return pixels
+        return rows.copy().view(">u2").astype(np.uint16)
+    return rows.copy()
+
+
+def read_rgb_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read back an 8-bit RGB PNG written by :func:`write_rgb_png` (the proxy render) as
+    ``(H, W, 3)`` uint8 (filter type 0 only)."""
+    _, rows = _read_png(path, 2, (8,), "8-bit RGB")
+    return rows.reshape(rows.shape[0], -1, 3).copy()
