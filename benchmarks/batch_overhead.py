@@ -26,32 +26,9 @@ sys.path.insert(0, ROOT)
 
 def build_scene(frame_count: int, size: int, steps: int, model: str):
     """A cube moving left to right over ``frame_count`` frames, labeled, camera looking down."""
-    import bpy
+    from samples.moving_cube import build_moving_cube
 
-    import blender_addon
-
-    if not hasattr(bpy.types.Scene, "layout_diffusion"):
-        blender_addon.register()
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    scene = bpy.context.scene
-    camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
-    scene.collection.objects.link(camera)
-    camera.location = (0.0, 0.0, 10.0)
-    scene.camera = camera
-    bpy.ops.mesh.primitive_cube_add(size=2)
-    cube = bpy.context.object
-    cube.layout_diffusion.enabled = True
-    cube.layout_diffusion.prompt = "a blue square"
-    for frame, x in ((1, -2.0), (frame_count, 2.0)):
-        cube.location = (x, 0.0, 0.0)
-        cube.keyframe_insert("location", frame=frame)
-    scene.render.resolution_x = scene.render.resolution_y = size
-    scene.frame_start, scene.frame_end = 1, frame_count
-    settings = scene.layout_diffusion
-    settings.prompt = "a blue square"
-    settings.steps = steps
-    settings.model = model
-    return scene
+    return build_moving_cube(((1, -2.0), (frame_count, 2.0)), size, steps, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,23 +187,12 @@ def test_command_line_errors_say_what_to_do(blend, tmp_path):
 def scenario_make_scene(path: str, model: str) -> dict:
     import bpy
 
-    import blender_addon
+    from samples.moving_cube import build_moving_cube
 
-    blender_addon.register()
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    scene = bpy.context.scene
-    camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
-    scene.collection.objects.link(camera)
-    camera.location = (0.0, 0.0, 10.0)
-    scene.camera = camera
-    bpy.ops.mesh.primitive_cube_add(size=2)
-    cube = bpy.context.object
-    cube.name = "Cube"
-    cube.layout_diffusion.enabled = True
-    cube.layout_diffusion.prompt = "a blue square"
-    for frame, x in ((1, -2.0), (3, 2.0), (4, 60.0)):
-        cube.location = (x, 0.0, 0.0)
-        cube.keyframe_insert("location", frame=frame)
+    # Frame 4 moves the cube out of view; the batch renders frames 1-3.
+    scene = build_moving_cube(((1, -2.0), (3, 2.0), (4, 60.0)), size=64, steps=2, model=model)
+    scene.frame_end = 3
+    cube = scene.objects["Cube"]
     # Animated label weight and scene guidance: each frame's Layout must carry its own values.
     settings = scene.layout_diffusion
     for frame, weight, guidance in ((1, 1.0, 5.0), (3, 2.0, 7.0)):
@@ -213,12 +202,7 @@ def scenario_make_scene(path: str, model: str) -> dict:
         settings.keyframe_insert("guidance_scale", frame=frame)
     _linear_keys(cube)
     _linear_keys(scene)
-    scene.render.resolution_x = scene.render.resolution_y = 64
-    scene.frame_start, scene.frame_end = 1, 3
-    settings.prompt = "a blue square"
-    settings.steps = 2
     settings.seed = 7
-    settings.model = model
     bpy.ops.wm.save_as_mainfile(filepath=path)
     return {"saved": path}
 
