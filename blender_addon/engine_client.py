@@ -34,6 +34,13 @@ SERVE_ARGS: tuple[str, ...] = ("-m", "engine", "serve")
 NOT_INSTALLED_HINT = "Open Preferences > Add-ons > Layout Diffusion and press Set up engine."
 
 PROGRESS_EVENTS = frozenset({"queued", "loading", "progress"})
+
+CONDITION_LABELS = {
+    "controlnet": "Depth ControlNet",
+    "ip_adapter": "IP-Adapter",
+    "gligen": "GLIGEN",
+}
+"""The optional models a request's ``options`` name, by option, with the artist's word for each."""
 """Events that report on a request without ending it; any other event is its final answer."""
 
 ENGINE_GONE = "engine_crashed"

@@ -16,7 +16,13 @@ import sys
 import threading
 from typing import Any
 
-from .engine_client import NOT_INSTALLED, NOT_INSTALLED_HINT, EngineClient, EngineError
+from .engine_client import (
+    CONDITION_LABELS,
+    NOT_INSTALLED,
+    NOT_INSTALLED_HINT,
+    EngineClient,
+    EngineError,
+)
 
 TORCH_SPEC = "torch>=2.1"
 """What Set up engine installs first (the engine's own requirement)."""
@@ -244,13 +250,10 @@ class HealthCheckTask(Task):
         return reply
 
 
-CONDITION_LABELS = {"controlnet": "Depth ControlNet", "ip_adapter": "IP-Adapter"}
-
-
 def condition_state(
     name: str, spec: str, reply: dict[str, Any] | None = None
 ) -> tuple[bool | None, str]:
-    """Whether the engine can apply condition ``name`` (``controlnet``, ``ip_adapter``) with
+    """Whether the engine can apply condition ``name`` (a key of ``CONDITION_LABELS``) with
     model ``spec``, and what to tell the artist.
 
     From the last health check (or ``reply``): None when it is unknown (no check yet, or one

@@ -147,7 +147,7 @@ def build_layout(context, regenerate: str | None = None, seed: int | None = None
             folder,
             settings=layout_settings(settings),
             depsgraph=context.evaluated_depsgraph_get(),
-            reference=settings.use_reference or from_render,
+            reference=request.sends_proxy_reference(settings) or from_render,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -160,7 +160,7 @@ def build_layout(context, regenerate: str | None = None, seed: int | None = None
         init=init,
         strength=settings.strength,
         ip_adapter=options["ip_adapter"],
-        reference=settings.use_reference,
+        reference=request.sends_proxy_reference(settings),
         layers=settings.init_source == "LAYERS",
     )
     if regenerate:

@@ -56,7 +56,7 @@ def readable_name(name: str) -> str:
 
 
 def model_spec(settings, name: str = "model") -> str:
-    """A model setting (``model``, ``controlnet``, ``ip_adapter``) as the engine needs it:
+    """A model setting (``model``, ``controlnet``, ``ip_adapter``, ``gligen``) as the engine needs it:
     blend-relative paths made absolute."""
     model = getattr(settings, name).strip()
     return bpy.path.abspath(model) if model.startswith("//") else model
@@ -219,12 +219,31 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         default=_DEFAULTS.mode.upper(),
     )
     use_reference: BoolProperty(
-        name="Guide Toward Proxy Render",
+        name="Reference Pull",
         description=(
-            "Pull the first steps toward a flat-colour render of the proxies, so each object "
-            "keeps its place and colour"
+            "Pull the first steps toward an image that already has the layout (the proxy "
+            "render, or a pass the engine makes first), so each object keeps its place and colour"
         ),
         default=False,
+    )
+    reference_source: EnumProperty(
+        name="Toward",
+        description="The image whose layout the first steps are pulled toward",
+        items=(
+            (
+                "PROXIES",
+                "Proxy Render",
+                "The proxies from the camera, each in one flat colour (its label's colour word, "
+                "else its material's)",
+            ),
+            (
+                "ENGINE",
+                "Engine Pass",
+                "An image the engine makes first from the boxes and labels: with GLIGEN when a "
+                "GLIGEN model is set (Conditions panel), else a half-size regional pass",
+            ),
+        ),
+        default="PROXIES",
     )
     reference_scale: FloatProperty(
         name="Pull",
@@ -314,6 +333,15 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
             "SDXL IP-Adapter that applies objects' reference images: a weights file, a folder "
             "holding one, or a cached repo id such as h94/IP-Adapter; empty: reference images "
             "cannot be used"
+        ),
+        default="",
+    )
+    gligen: StringProperty(
+        name="GLIGEN",
+        description=(
+            "GLIGEN model (SD 1.x, boxes and phrases) that makes the reference for the pull when "
+            "Toward is Engine Pass: a diffusers folder or a cached repo id such as "
+            "masterful/gligen-1-4-generation-text-box; empty: a half-size regional pass makes it"
         ),
         default="",
     )

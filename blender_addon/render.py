@@ -123,7 +123,7 @@ def frame_request(
         fields["seed"] = frames.seed_for_frame(int(fields["seed"]), frame, seed_mode)
         options = request.engine_options(settings, model_spec)
         model = model_spec(settings) or None
-        reference = masks and settings.use_reference
+        reference = masks and request.sends_proxy_reference(settings)
         source = settings.init_source
         if strength is None:
             strength = settings.strength

@@ -17,6 +17,7 @@ import re
 import shutil
 from typing import Any
 
+from .engine_client import CONDITION_LABELS
 from .images import ImageExportError, png_size, rgba8_pixels, save_png
 from .io.composite import Layer, composite_layers
 from .io.masks import DEPTH_MAX
@@ -81,6 +82,13 @@ def layout_settings(settings) -> dict[str, Any]:
     }
 
 
+def sends_proxy_reference(settings) -> bool:
+    """Whether the pull goes toward the add-on's proxy render (else the engine makes the
+    reference: GLIGEN from the boxes when it has a GLIGEN model, a half-size first pass
+    otherwise)."""
+    return settings.use_reference and settings.reference_source == "PROXIES"
+
+
 def check_settings(settings) -> None:
     """Raise UserError for scene settings the engine would refuse, in the panel's words."""
     if settings.depth_end <= settings.depth_start:
@@ -92,13 +100,14 @@ def check_settings(settings) -> None:
 
 
 def engine_options(settings, spec=None) -> dict[str, Any]:
-    """The request's ``options``: the scene's depth ControlNet and IP-Adapter, None when unset.
+    """The request's ``options``: the scene's depth ControlNet, IP-Adapter and GLIGEN model,
+    None when unset.
 
     ``spec(settings, name)`` turns a setting into what the engine reads (blend-relative paths
     made absolute); without it the setting is sent as typed.
     """
     options = {}
-    for name in ("controlnet", "ip_adapter"):
+    for name in CONDITION_LABELS:
         value = spec(settings, name) if spec else getattr(settings, name).strip()
         options[name] = value or None
     return options
@@ -304,7 +313,6 @@ def _validated(data: dict[str, Any]) -> Layout:
 
 # -- The engine's answers ------------------------------------------------------------------------
 
-_CONDITION_NAMES = {"controlnet": "Depth ControlNet", "ip_adapter": "IP-Adapter"}
 _REGION_FIELD = re.compile(r"^(?:layout\.)?regions\[(\d+)\]")
 
 
@@ -316,8 +324,8 @@ def explain_error(event: dict[str, Any], layout: dict[str, Any] | None) -> str |
     message = str(event.get("message") or "")
     field = str(event.get("field") or "")
     condition = field.removeprefix("options.")
-    if condition in _CONDITION_NAMES:
-        label = _CONDITION_NAMES[condition]
+    if condition in CONDITION_LABELS:
+        label = CONDITION_LABELS[condition]
         return (
             f"{label} is not available: {message}. Fix {label} under {CONDITIONS_PANEL}, or "
             f"clear it to generate without it"

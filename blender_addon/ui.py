@@ -197,6 +197,7 @@ class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
         layout.prop(settings, "use_reference")
         col = layout.column()
         col.active = settings.use_reference
+        col.prop(settings, "reference_source")
         col.prop(settings, "reference_scale")
         row = col.row(align=True)
         row.prop(settings, "use_model_fraction", text="", icon="AUTO")
@@ -229,8 +230,8 @@ class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
 
 
 class VIEW3D_PT_layout_diffusion_conditions(_SidebarPanel, bpy.types.Panel):
-    """Depth ControlNet and IP-Adapter: which models, how strong, and whether the engine has
-    them (from the last health check)."""
+    """Depth ControlNet, IP-Adapter and GLIGEN: which models, how strong, and whether the
+    engine has them (from the last health check)."""
 
     bl_label = "Conditions"
     bl_parent_id = "VIEW3D_PT_layout_diffusion"
@@ -268,6 +269,15 @@ class VIEW3D_PT_layout_diffusion_conditions(_SidebarPanel, bpy.types.Panel):
             layout.label(text=f"Reference images on {len(with_images)} objects", icon="IMAGE_DATA")
             if available is False:
                 layout.label(text="Clear them or fix the IP-Adapter to generate", icon="ERROR")
+
+        layout.separator()
+        layout.prop(settings, "gligen")
+        spec = model_spec(settings, "gligen")
+        available, message = engine_session.condition_state("gligen", spec)
+        if spec:
+            _state_label(layout, available, message)
+        if not (settings.use_reference and settings.reference_source == "ENGINE"):
+            layout.label(text="Used when the pull goes toward an Engine Pass", icon="INFO")
 
         task = preferences.check_task()
         row = layout.row()

@@ -59,6 +59,12 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
         "applying each region's reference image inside its mask",
     )
     group.add_argument(
+        "--gligen",
+        help="GLIGEN text-box model (diffusers folder or cached repo id such as "
+        "masterful/gligen-1-4-generation-text-box) making the reference image from the "
+        "regions' prompts and boxes when reference guidance has no reference file",
+    )
+    group.add_argument(
         "--allow-pickle",
         action="store_true",
         help="allow pickle checkpoints (.ckpt/.bin/.pt), which can run code: trusted files only",
@@ -108,6 +114,7 @@ def _load_options(args: argparse.Namespace) -> LoadOptions:
         config=args.config,
         controlnet=args.controlnet,
         ip_adapter=args.ip_adapter,
+        gligen=args.gligen,
     )
 
 

@@ -36,12 +36,15 @@ def conditions_used(pipe: Any, layout: Layout) -> dict[str, Any]:
     """Which optional conditions act on ``layout`` with ``pipe``, for results and provenance.
 
     ``controlnet``: the depth ControlNet's spec and settings, or None; ``ip_adapter``: the
-    IP-Adapter's spec and how many region images it applies, or None.
+    IP-Adapter's spec and how many region images it applies, or None; ``reference``: where
+    the reference guidance's image comes from (``source``: ``file``, ``gligen`` with the GLIGEN
+    ``model``, or ``first_pass``) and its settings, or None.
     """
     from engine.controlnet import depth_unavailable
+    from engine.guidance import reference_source
     from engine.ip_adapter import images_unavailable
 
-    used: dict[str, Any] = {"controlnet": None, "ip_adapter": None}
+    used: dict[str, Any] = {"controlnet": None, "ip_adapter": None, "reference": None}
     controlnet = getattr(pipe, "depth_controlnet", None)
     if depth_unavailable(layout, controlnet) is None:
         used["controlnet"] = {
@@ -55,6 +58,15 @@ def conditions_used(pipe: Any, layout: Layout) -> dict[str, Any]:
     images = [r for r in layout.regions if r.image is not None and r.image_scale > 0]
     if adapter is not None and images and images_unavailable(layout, pipe) is None:
         used["ip_adapter"] = {"model": adapter.location.spec, "images": len(images)}
+    source = reference_source(pipe, layout)
+    if source is not None:
+        used["reference"] = {
+            "source": source,
+            "scale": layout.reference_scale,
+            "fraction": layout.reference_fraction,
+        }
+        if source == "gligen":
+            used["reference"]["model"] = pipe.gligen_location.spec
     return used
 
 

@@ -1,7 +1,9 @@
 """Reference guidance (LSReGen): the first steps' latents are pulled toward a layout reference.
 
 A reference image already has the right low-frequency layout: the add-on's flat-colour render of
-the proxies from the camera, or an upsampled low-resolution first pass. During the first
+the proxies from the camera, a GLIGEN image of the regions' phrases in their boxes (when the
+engine has a GLIGEN model, :mod:`engine.gligen`), or an upsampled low-resolution first pass
+(:func:`reference_source` says which). During the first
 ``reference_fraction`` of the steps, each step's latents move down the gradient of
 ``||M * (z_t - z_ref_t)||^2``, where ``z_ref_t`` is the reference's latents noised to the same
 level with the run's own noise (see :mod:`engine.step_hooks`)::
@@ -167,13 +169,37 @@ def first_pass_reference(
     return image.resize((layout.width, layout.height), Image.Resampling.BICUBIC)
 
 
-def reference_image(pipe: Any, layout: Layout, **first_pass_kwargs: Any):
-    """The reference to guide ``layout`` toward, or None when reference guidance is off.
+def reference_source(pipe: Any, layout: Layout) -> str | None:
+    """Where ``layout``'s reference comes from with ``pipe``; None when guidance is off.
 
-    The ``reference`` file when the Layout names one, else a first pass of ``pipe``.
+    ``file``: the Layout's ``reference``; ``gligen``: the GLIGEN model attached to ``pipe``
+    (``pipe.gligen_pipeline``), for a Layout with a region of weight above 0;
+    ``first_pass``: a low-resolution first pass of ``pipe`` itself.
     """
     if layout.reference_scale <= 0 or guided_levels(layout.reference_fraction, layout.steps) == 0:
         return None
     if layout.reference is not None:
+        return "file"
+    gligen = getattr(pipe, "gligen_pipeline", None)
+    if gligen is not None and any(region.weight > 0 for region in layout.regions):
+        return "gligen"
+    return "first_pass"
+
+
+def reference_image(pipe: Any, layout: Layout, **first_pass_kwargs: Any):
+    """The reference to guide ``layout`` toward, or None when reference guidance is off.
+
+    Made as :func:`reference_source` says. ``first_pass_kwargs`` go to the first pass's call;
+    their ``callback_on_step_end`` (progress, cancel) also sees each step of a GLIGEN pass.
+    """
+    source = reference_source(pipe, layout)
+    if source is None:
+        return None
+    if source == "file":
         return load_rgb(layout.reference, "reference")
+    if source == "gligen":
+        from engine.gligen import gligen_reference
+
+        callback = first_pass_kwargs.get("callback_on_step_end")
+        return gligen_reference(pipe.gligen_pipeline, layout, callback=callback)
     return first_pass_reference(pipe, layout, **first_pass_kwargs)

@@ -110,7 +110,8 @@ class Layout:
     reference: str | None = None
     """RGB image (e.g. the add-on's flat-colour render of the proxies) whose layout the first
     steps are pulled toward inside the regions; resolved like region masks. ``None`` with
-    ``reference_scale`` above 0: the engine makes one with a low-resolution first pass."""
+    ``reference_scale`` above 0: the engine makes one first, with GLIGEN when it has a GLIGEN
+    model, else with a low-resolution regional pass."""
     reference_scale: float = 0.0
     """Strength of the pull toward ``reference`` (gamma); 0 turns reference guidance off. Each
     guided step moves a region's latents ``2 * gamma`` of the way to the reference's (more for

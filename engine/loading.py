@@ -86,15 +86,18 @@ class LoadOptions:
     """SDXL depth ControlNet: diffusers folder, cached repo id or single .safetensors file."""
     ip_adapter: str | None = None
     """SDXL IP-Adapter: weights file, folder holding one, or cached repo id (h94/IP-Adapter)."""
+    gligen: str | None = None
+    """GLIGEN text-box model making reference images: diffusers folder or cached repo id."""
 
 
 @dataclass(frozen=True)
 class ComponentLocation:
-    """Where an optional conditioning model (ControlNet, IP-Adapter) is on this machine."""
+    """Where an optional conditioning model (ControlNet, IP-Adapter, GLIGEN) is here."""
 
     spec: str
     kind: str
-    """``folder`` or ``single_file`` (ControlNet); ``ip_adapter`` (weights file + encoder)."""
+    """``folder`` or ``single_file`` (ControlNet, GLIGEN: folder only); ``ip_adapter``
+    (weights file + encoder)."""
     path: str
     encoder: str | None = None
     """IP-Adapter only: the folder of its CLIP image encoder."""
@@ -462,10 +465,13 @@ def _ip_adapter_weights(folder: str) -> str:
 
 def describe_conditions(options: LoadOptions | None = None) -> dict[str, dict[str, Any]]:
     """For each optional condition, whether it is available here and why not; never loads."""
+    from engine.gligen import resolve_gligen
+
     options = options or LoadOptions()
     checks = (
         ("controlnet", options.controlnet, resolve_controlnet, "depth ControlNet"),
         ("ip_adapter", options.ip_adapter, resolve_ip_adapter, "IP-Adapter"),
+        ("gligen", options.gligen, resolve_gligen, "GLIGEN model"),
     )
     report = {}
     for name, spec, resolve, label in checks:
@@ -480,7 +486,7 @@ def describe_conditions(options: LoadOptions | None = None) -> dict[str, dict[st
             continue
         try:
             location = resolve(spec, options)
-        except (ModelNotFoundError, UnsafeCheckpointError) as exc:
+        except (ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError) as exc:
             report[name] = {"available": False, "spec": spec, "message": str(exc)}
         else:
             report[name] = {"available": True, "spec": spec, "message": location.path}
@@ -580,7 +586,7 @@ def load_pipeline(location: ModelLocation, options: LoadOptions) -> Any:
             pipe = RegionalSDXLPipeline.from_pretrained(
                 location.path,
                 use_safetensors=None if options.allow_pickle else True,
-                variant=_weights_variant(location.path),
+                variant=weights_variant(location.path),
                 **common,
             )
     if options.cpu_offload:
@@ -594,7 +600,7 @@ def load_pipeline(location: ModelLocation, options: LoadOptions) -> Any:
     return pipe
 
 
-def _weights_variant(folder: str) -> str | None:
+def weights_variant(folder: str) -> str | None:
     """``fp16`` when the UNet exists only as fp16 variant files (a common partial download)."""
     unet = os.path.join(folder, "unet")
     if not os.path.isdir(unet):
@@ -604,30 +610,39 @@ def _weights_variant(folder: str) -> str | None:
     return "fp16" if not plain and any(".fp16." in n for n in names) else None
 
 
-Conditions = tuple["ComponentLocation | None", "ComponentLocation | None"]
+Conditions = tuple[
+    "ComponentLocation | None", "ComponentLocation | None", "ComponentLocation | None"
+]
 
 
 def resolve_conditions(options: LoadOptions) -> Conditions:
-    """The ControlNet and IP-Adapter ``options`` name, resolved (None where not configured)."""
+    """The ControlNet, IP-Adapter and GLIGEN ``options`` name, resolved (None where not
+    configured)."""
+    from engine.gligen import resolve_gligen
+
     controlnet = resolve_controlnet(options.controlnet, options) if options.controlnet else None
     ip_adapter = resolve_ip_adapter(options.ip_adapter, options) if options.ip_adapter else None
-    return controlnet, ip_adapter
+    gligen = resolve_gligen(options.gligen, options) if options.gligen else None
+    return controlnet, ip_adapter, gligen
 
 
 def attach_conditions(
     pipe: Any, options: LoadOptions, conditions: Conditions | None = None
 ) -> bool:
-    """Give ``pipe`` the ControlNet and IP-Adapter ``options`` name, dropping others.
+    """Give ``pipe`` the ControlNet, IP-Adapter and GLIGEN ``options`` name, dropping others.
 
     Kept when unchanged; True if anything was loaded or unloaded. The ControlNet is placed on
-    the UNet's device and dtype (with ``cpu_offload`` it stays on the GPU for the whole call).
+    the UNet's device and dtype (with ``cpu_offload`` it stays on the GPU for the whole call);
+    GLIGEN on the same device and dtype, offloaded like the pipeline with ``cpu_offload``.
     """
     from engine.controlnet import attach_controlnet
+    from engine.gligen import attach_gligen
     from engine.ip_adapter import attach_ip_adapter
 
-    controlnet, ip_adapter = conditions or resolve_conditions(options)
+    controlnet, ip_adapter, gligen = conditions or resolve_conditions(options)
     changed = attach_controlnet(pipe, controlnet, options.allow_pickle)
-    return attach_ip_adapter(pipe, ip_adapter) or changed
+    changed = attach_ip_adapter(pipe, ip_adapter) or changed
+    return attach_gligen(pipe, gligen, options) or changed
 
 
 class PipelineCache:
@@ -673,7 +688,7 @@ class PipelineCache:
             self.pipe = load_pipeline(location, options)
             self.key, self.location = key, location
             loaded = True
-        # A change of ControlNet or IP-Adapter alone keeps the base model loaded.
+        # A change of ControlNet, IP-Adapter or GLIGEN alone keeps the base model loaded.
         loaded = attach_conditions(self.pipe, options, conditions) or loaded
         return self.pipe, location, time.perf_counter() - start if loaded else 0.0
 

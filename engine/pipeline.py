@@ -94,7 +94,6 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
         """
         if layout is None:
             return super().__call__(*args, **kwargs)
-        layout = self.resolve_layout(layout)
         if args:
             raise TypeError("with layout=, pass the other pipeline arguments by keyword")
         clashing = sorted(set(kwargs) & set(_LAYOUT_OWNED))

@@ -66,8 +66,9 @@ def provenance_record(
 ) -> dict[str, Any]:
     """The JSON stored under ``layout-diffusion``.
 
-    ``conditions`` records the optional models that acted (depth ControlNet, IP-Adapter) with
-    their settings; the Layout's own conditioning fields are in ``layout``.
+    ``conditions`` records the optional models that acted (depth ControlNet, IP-Adapter) and
+    the reference guidance's source, with their settings; the Layout's own conditioning fields
+    are in ``layout``.
     """
     return {
         "engine": "layout-diffusion",
@@ -78,7 +79,7 @@ def provenance_record(
         "negative_prompt": layout.negative_prompt,
         "seed": layout.seed,
         "steps": layout.steps,
-        "conditions": conditions or {"controlnet": None, "ip_adapter": None},
+        "conditions": conditions or {"controlnet": None, "ip_adapter": None, "reference": None},
         "layout": layout.to_dict(),
     }
 
@@ -120,6 +121,16 @@ def a1111_parameters(
         settings += [
             ("IP-Adapter", model_label(ip_adapter["model"])),
             ("IP-Adapter images", str(ip_adapter["images"])),
+        ]
+    reference = (conditions or {}).get("reference")
+    if reference:
+        source = reference["source"]
+        if reference.get("model"):
+            source += f" ({model_label(reference['model'])})"
+        settings += [
+            ("Reference", source),
+            ("Reference scale", f"{reference['scale']:g}"),
+            ("Reference fraction", f"{reference['fraction']:g}"),
         ]
     settings.append(("Version", f"layout-diffusion {__version__}"))
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings))

@@ -16,8 +16,9 @@ Requests:
     Answers ``{"id": 1, "event": "hello", "protocol": 1, "engine_version": "0.1.0",
     "device": "cuda", "dtype": "float16", "capabilities": ["attention", "cancel", ...],
     "default_model": "shapes", "loaded_model": null, "conditions": {...}}``. ``capabilities``
-    also lists ``controlnet`` and ``ip_adapter`` when a depth ControlNet / an IP-Adapter is
-    configured and present; ``conditions`` says for each ``{"available": bool, "spec": ...,
+    also lists ``controlnet``, ``ip_adapter`` and ``gligen`` when a depth ControlNet / an
+    IP-Adapter / a GLIGEN model is configured and present; ``conditions`` says for each
+    ``{"available": bool, "spec": ...,
     "message": ...}``, the message saying why one is unavailable. With ``model`` (optional), it also
     reports whether that model is on this machine, without loading it:
     ``"model": {"spec": "shapes", "found": true, "path": "/...", "message": "..."}``.
@@ -27,23 +28,30 @@ Requests:
     the absolute PNG path to write, ``model`` optional (default: the model of the previous
     generate, else the serve ``--model``, else ``shapes``). Optional ``options`` overrides the
     serve flags for this request: ``{"device", "dtype", "cpu_offload", "vae_tiling",
-    "allow_pickle", "config", "controlnet", "ip_adapter"}``; ``controlnet`` names an SDXL depth
-    ControlNet (folder, cached repo id or .safetensors file) applied with the Layout's ``depth``
-    and ``depth_scale``/``depth_start``/``depth_end`` and each region's ``depth_scale``;
-    ``ip_adapter`` an SDXL IP-Adapter (weights file, folder or cached repo id) applying each
-    region's ``image`` inside its mask at its ``image_scale``. Changing either keeps the base
-    model loaded. The request is validated when it arrives (Layout, image files,
-    model presence) and errors come back at once. Events, in order:
+    "allow_pickle", "config", "controlnet", "ip_adapter", "gligen"}``; ``controlnet`` names an
+    SDXL depth ControlNet (folder, cached repo id or .safetensors file) applied with the
+    Layout's ``depth`` and ``depth_scale``/``depth_start``/``depth_end`` and each region's
+    ``depth_scale``; ``ip_adapter`` an SDXL IP-Adapter (weights file, folder or cached repo id)
+    applying each region's ``image`` inside its mask at its ``image_scale``; ``gligen`` a
+    GLIGEN text-box model (diffusers folder or cached repo id) that makes the reference image
+    from the regions' prompts and boxes when ``reference_scale`` is above 0 and the Layout has
+    no ``reference`` (otherwise a half-size first pass of the model makes it). Changing any of
+    them keeps the base model loaded. The request is validated when it arrives (Layout, image
+    files, model presence) and errors come back at once. Events, in order:
 
     - ``{"id": "r1", "event": "queued", "position": 1}`` only if another generate is ahead;
     - ``{"id": "r1", "event": "loading", "model": "shapes", "path": "/..."}`` only if the model
       is not the one already loaded;
     - ``{"id": "r1", "event": "progress", "step": k, "total": n}`` after each step, k = 1..n;
+      when a first pass or GLIGEN makes the reference, its steps count too (n = both passes);
     - ``{"id": "r1", "event": "result", "path": "/abs/out.png", "seed": 7, "width": 1024,
       "height": 1024, "seconds": 12.3, "load_seconds": 0.0, "model": "shapes",
-      "conditions": {"controlnet": null, "ip_adapter": null}}``: ``seconds`` is generation time
-      without loading, ``load_seconds`` is 0 when the model was kept loaded; ``conditions``
-      says which optional conditions acted, with their settings (also in the PNG's provenance).
+      "conditions": {"controlnet": null, "ip_adapter": null, "reference": null}}``: ``seconds``
+      is generation time without loading, ``load_seconds`` is 0 when the model was kept loaded;
+      ``conditions`` says which optional conditions acted, with their settings, and where the
+      reference guidance's image came from (``{"source": "file" | "gligen" | "first_pass",
+      "scale": ..., "fraction": ..., "model": ...}``, ``model`` for GLIGEN only; also in the
+      PNG's provenance).
 
     The PNG is written atomically and carries provenance (``engine.provenance``).
 
@@ -115,8 +123,9 @@ _OPTION_TYPES = {
     "config": str,
     "controlnet": str,
     "ip_adapter": str,
+    "gligen": str,
 }
-_NULLABLE_OPTIONS = ("config", "controlnet", "ip_adapter")
+_NULLABLE_OPTIONS = ("config", "controlnet", "ip_adapter", "gligen")
 
 
 @dataclasses.dataclass
@@ -444,8 +453,8 @@ class Server:
 def engine_info(options: LoadOptions | None = None) -> dict[str, Any]:
     """Version, protocol, device, dtype and capabilities: the body of a ``hello`` reply.
 
-    ``capabilities`` lists ``controlnet`` / ``ip_adapter`` when that model is configured and
-    present; ``conditions`` says, for each, whether it is available and if not, why.
+    ``capabilities`` lists ``controlnet`` / ``ip_adapter`` / ``gligen`` when that model is
+    configured and present; ``conditions`` says, for each, whether it is available and if not, why.
     """
     from engine.loading import LoadOptions, describe_conditions, dtype_name, pick_device, pick_dtype
 

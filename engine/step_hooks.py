@@ -247,10 +247,10 @@ def prepare_step_hooks(
     ``generator`` is the one the pipeline call will get: the starting noise is drawn from it
     here (see :func:`initial_noise`) unless ``latents`` (the caller's own) are given. A Layout
     without reference guidance, init image or ``keep_outside`` gives an inactive StepHooks
-    and draws nothing. With ``reference_scale`` above 0 and no ``reference`` file, this runs a
-    low-resolution first pass of ``pipe`` to make one (see
-    :func:`engine.guidance.first_pass_reference`), called with ``first_pass_kwargs`` (e.g. a
-    step-end callback for progress and cancel).
+    and draws nothing. With ``reference_scale`` above 0 and no ``reference`` file, this makes
+    one first (see :func:`engine.guidance.reference_image`: the attached GLIGEN pipeline, else
+    a low-resolution pass of ``pipe``), called with ``first_pass_kwargs`` (e.g. a step-end
+    callback for progress and cancel).
     """
     # Imported here: both modules build on this one's helpers.
     from engine.collage import keeps_init, prepare_collage

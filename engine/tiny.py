@@ -215,3 +215,100 @@ def save_tiny_ip_adapter(path: str | os.PathLike[str], seed: int = 0) -> str:
     save_file(tiny_ip_adapter_state(seed), os.path.join(path, IP_ADAPTER_WEIGHTS))
     tiny_image_encoder(seed).save_pretrained(os.path.join(path, "image_encoder"))
     return path
+
+
+# -- GLIGEN: a grounded SD 1.x pipeline for the low-resolution reference pass -------------------
+
+
+def tiny_gligen_components(seed: int = 0) -> dict:
+    """The components of a StableDiffusionGLIGENPipeline (text-box grounding), from ``seed``.
+
+    The layout follows diffusers' GLIGEN test components: an SD 1.x-shaped UNet whose
+    transformer blocks carry gated self-attention over the box tokens, one CLIP text encoder
+    as wide as the cross-attention (its pooled phrase embeddings are the box tokens' text), a
+    VAE and the PNDM scheduler the published GLIGEN checkpoints ship with. Its native size is
+    32 px (16 latents, VAE factor 2), half the tests' 64 px Layouts, as 512 px GLIGEN is half
+    of 1024 px SDXL. A fresh gated layer starts with its gates at 0 and attends almost evenly
+    over its ~100 tokens, so the boxes would change next to nothing; the gates get random
+    non-zero values and the attention is sharpened, so moving a box visibly changes the image.
+    """
+    from diffusers import PNDMScheduler
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_type="gated",
+    )
+    generator = torch.Generator().manual_seed(seed + 4)
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if not name.endswith("fuser"):
+                continue
+            module.alpha_attn.copy_(0.5 + torch.rand((), generator=generator))
+            module.alpha_dense.copy_(0.5 + torch.rand((), generator=generator))
+            # Sharper attention, so the few box tokens are not drowned among the visual ones.
+            module.attn.to_q.weight.mul_(8.0)
+            module.attn.to_k.weight.mul_(8.0)
+            module.attn.to_out[0].weight.mul_(4.0)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=32,
+    )
+    tokenizer = tiny_tokenizer()
+    text_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tokenizer),
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config)
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+def save_tiny_gligen(path: str | os.PathLike[str], seed: int = 0) -> str:
+    """Write a tiny GLIGEN diffusers folder (safetensors) to ``path`` and return it."""
+    from diffusers import StableDiffusionGLIGENPipeline
+
+    path = os.fspath(path)
+    pipe = StableDiffusionGLIGENPipeline(**tiny_gligen_components(seed))
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

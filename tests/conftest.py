@@ -39,6 +39,14 @@ def tiny_ip_adapter_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_gligen_dir(tmp_path_factory) -> str:
+    """A tiny GLIGEN (text-box) diffusers folder, for the reference pass."""
+    from engine.tiny import save_tiny_gligen
+
+    return save_tiny_gligen(tmp_path_factory.mktemp("models") / "tiny-gligen")
+
+
+@pytest.fixture(scope="session")
 def condition_images(tmp_path_factory) -> dict[str, str]:
     """A 16-bit depth gradient (near = white on the right) and an RGB reference photo."""
     import numpy as np

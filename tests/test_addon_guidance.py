@@ -102,13 +102,16 @@ def test_engine_errors_about_conditions_name_the_setting_and_the_object():
 
 
 @pytest.fixture(scope="module")
-def guidance(tiny_model_dir, tiny_controlnet_dir, tiny_ip_adapter_dir, tmp_path_factory) -> dict:
+def guidance(
+    tiny_model_dir, tiny_controlnet_dir, tiny_ip_adapter_dir, tiny_gligen_dir, tmp_path_factory
+) -> dict:
     return run_scenario(
         "guidance",
         str(tmp_path_factory.mktemp("blender-user")),
         tiny_model_dir,
         tiny_controlnet_dir,
         tiny_ip_adapter_dir,
+        tiny_gligen_dir,
     )
 
 
@@ -120,6 +123,7 @@ def test_new_settings_default_to_the_layout_defaults(guidance):
         "scene": {
             "mode": layout.mode.upper(),
             "use_reference": False,
+            "reference_source": "PROXIES",
             # Left to the model, as a Layout leaves it; the manual value starts at SDXL's.
             "use_model_fraction": layout.reference_fraction is None,
             "reference_fraction": SDXL_DEFAULTS["reference_fraction"],
@@ -155,9 +159,21 @@ def test_settings_flow_into_the_layout_sent(guidance, tiny_controlnet_dir, tiny_
     assert guidance["sent"]["options"] == {
         "controlnet": tiny_controlnet_dir,
         "ip_adapter": tiny_ip_adapter_dir,
+        "gligen": None,
     }
     # The Layout file next to the result says the same, paths relative to its folder.
     assert guidance["saved_matches_sent"] is True
+
+
+def test_pull_toward_an_engine_pass_sends_no_proxy_render_and_gligen_makes_it(
+    guidance, tiny_gligen_dir
+):
+    engine_pass = guidance["engine_pass"]
+    assert engine_pass["operator"] == ["FINISHED"], engine_pass["reports"]
+    assert engine_pass["reference"] is None and engine_pass["reference_scale"] == 0.3
+    assert engine_pass["options"]["gligen"] == tiny_gligen_dir
+    reference = engine_pass["conditions"]["reference"]
+    assert (reference["source"], reference["model"]) == ("gligen", tiny_gligen_dir)
 
 
 def test_proxy_render_is_an_rgb_png_of_the_layout_size(guidance):
@@ -443,7 +459,7 @@ def _draw(function, **context_fields) -> dict:
     return log
 
 
-def scenario_guidance(model: str, controlnet: str, ip_adapter: str) -> dict:
+def scenario_guidance(model: str, controlnet: str, ip_adapter: str, gligen: str) -> dict:
     import bpy  # noqa: I001 -- bpy first: it puts addon_utils on sys.path
     import addon_utils
 
@@ -464,6 +480,7 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str) -> dict:
             for name in (
                 "mode",
                 "use_reference",
+                "reference_source",
                 "use_model_fraction",
                 "reference_fraction",
                 "init_source",
@@ -599,6 +616,26 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str) -> dict:
     out["unused_depth_reports"] = unused
     saved = Layout.load(os.path.join(operators.output_dir(scene), "layout.json"))
     out["saved_matches_sent"] = saved.to_dict() == out["sent"]["layout"]
+
+    # The pull toward an engine pass: no proxy render is sent, GLIGEN makes the reference.
+    settings.reference_source, settings.gligen = "ENGINE", gligen
+    settings.mode, settings.controlnet, settings.ip_adapter = "ATTENTION", "", ""
+    bpy.data.objects["red_box"].layout_diffusion.reference_image = None
+    capture.calls.clear()
+    result, reports = _reports(bpy.ops.layout_diffusion.generate)
+    sent = capture.calls[-1] if capture.calls else {"layout": {}, "options": {}}
+    from engine.provenance import read_provenance
+
+    out["engine_pass"] = {
+        "operator": result,
+        "reports": reports,
+        "reference": sent["layout"].get("reference", "absent"),
+        "reference_scale": sent["layout"].get("reference_scale"),
+        "options": sent["options"],
+        "conditions": read_provenance(os.path.join(operators.output_dir(scene), "result.png"))[
+            "conditions"
+        ],
+    }
     engine_session.shutdown()
     return out
 

@@ -12,6 +12,7 @@ from serve_client import ROOT, engine_env
 
 from engine.__main__ import main
 from engine.layout import Layout
+from engine.model_defaults import SDXL_DEFAULTS, with_model_defaults
 from engine.provenance import PARAMETERS_KEY, PROVENANCE_KEY, read_provenance
 
 
@@ -78,7 +79,10 @@ def test_generate_writes_png_of_layout_size_with_provenance(tiny_model_dir, layo
     record = read_provenance(str(out))
     assert record["model"] == tiny_model_dir
     assert (record["seed"], record["steps"], record["prompt"]) == (11, 2, "a red car on a street")
-    assert Layout.from_dict(record["layout"]) == Layout.load(layout_file)
+    # The record holds the Layout as generated: the fields it left to the model filled in.
+    sent = Layout.load(layout_file)
+    assert sent.reference_fraction is None
+    assert Layout.from_dict(record["layout"]) == with_model_defaults(sent, SDXL_DEFAULTS)
     assert [p.name for p in out.parent.iterdir()] == ["scene.png"]  # no temporary file left
 
 

@@ -379,6 +379,7 @@ def test_depth_controlnet_and_region_images_through_serve(
             "region_scales": [0.0],
         },
         "ip_adapter": {"model": tiny_ip_adapter_dir, "images": 1},
+        "reference": None,
     }
     record = read_provenance(out)
     assert record["conditions"] == reply["conditions"]
@@ -396,4 +397,4 @@ def test_depth_controlnet_and_region_images_through_serve(
     # The depth map alone, with no ControlNet configured, is simply not used.
     data["regions"][0]["image"] = None
     reply = engine.request({**request, "id": "c5", "layout": data}, timeout=300)
-    assert reply["conditions"] == {"controlnet": None, "ip_adapter": None}
+    assert reply["conditions"] == {"controlnet": None, "ip_adapter": None, "reference": None}
