@@ -4,14 +4,19 @@
    SDXL base UNet topology, built on the meta device (no weights, nothing downloaded), counted
    with torch's FlopCounterMode around exactly what the processors execute. Latent mode: the
    UNet calls its plan makes (negative prompt and blocks, two per call; cropped blocks alone),
-   with the default crops and with none.
+   with the default crops and with none. With a masked IP-Adapter (one region image, the
+   published ``ip-adapter_sdxl`` shape: a 1280-wide image embedding projected to 4 tokens) the
+   same step is counted again, on the plain path (one prompt block) and the regional one.
 2. Wall time per denoising step on the tiny SDXL model on CPU (median over steps and runs).
 
-Run: ``python benchmarks/regional_cost.py`` (prints two tables; takes a few minutes on 2 cores).
+Run: ``python benchmarks/regional_cost.py`` (prints three tables; takes a few minutes on 2 cores);
+``--ip-adapter`` prints the IP-Adapter FLOP table alone (seconds).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -27,9 +32,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses  # noqa: E402
 
-from engine.attention import RegionalContext, install_regional_attention  # noqa: E402
+from engine.attention import (  # noqa: E402
+    CROSS_ATTENTION_SUFFIX,
+    RegionalContext,
+    install_regional_attention,
+)
+from engine.ip_adapter import (  # noqa: E402
+    ReferenceContext,
+    ReferenceState,
+    install_masked_ip_adapter,
+)
 from engine.latent_regions import CropPolicy, plan_latent_regions  # noqa: E402
 from engine.layout import Layout, Region  # noqa: E402
+from engine.masks import box_coverage  # noqa: E402
 from engine.regions import RegionalState, plan_regions  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -88,6 +103,13 @@ TINY_CROPS = CropPolicy(margin=4, min_side=32)
 CASES = [("plain", 0, False), ("1 region", 1, False), ("8 distinct", 8, False)]
 CASES += [("16 distinct", 16, False), ("100 shared", 100, True)]
 
+# h94/IP-Adapter, sdxl_models/ip-adapter_sdxl: ViT-bigG image embeddings, 4 image tokens.
+IP_ADAPTER_EMBED = 1280
+IP_ADAPTER_TOKENS = 4
+# The image's box when the Layout has no region of its own (one prompt block everywhere).
+IMAGE_BOX = (0.1, 0.1, 0.6, 0.6)
+IP_CASES = [("plain", 0), ("1 region", 1)]
+
 
 def layout_for(count: int, shared: bool, size: int) -> Layout:
     """A scene naming its regions (so the background block differs), boxes on a grid."""
@@ -101,8 +123,17 @@ def layout_for(count: int, shared: bool, size: int) -> Layout:
     return Layout(prompt=scene, width=size, height=size, steps=5, regions=regions)
 
 
-def meta_step_flops(unet: UNet2DConditionModel, context: RegionalContext, layout: Layout):
-    """FLOPs of one guided UNet call for ``layout`` and the number of text tokens it used."""
+def meta_step_flops(
+    unet: UNet2DConditionModel,
+    context: RegionalContext,
+    layout: Layout,
+    references: ReferenceContext | None = None,
+):
+    """FLOPs of one guided UNet call for ``layout`` and the number of text tokens it used.
+
+    With ``references`` (a UNet from :func:`meta_ip_adapter_unet`) the call also carries one
+    reference image, masked to the first region's box (``IMAGE_BOX`` without regions).
+    """
     latent = (layout.height // 8, layout.width // 8)
     plan = plan_regions(layout, latent)
     blocks = len(plan.prompts)
@@ -114,18 +145,83 @@ def meta_step_flops(unet: UNet2DConditionModel, context: RegionalContext, layout
         "time_ids": torch.empty(2, 6, device=meta),
     }
     counter = FlopCounterMode(display=False)
-    state = RegionalState(plan, block_tokens=77, guided=True)
-
-    def step():
+    with contextlib.ExitStack() as stack:
+        # One prompt everywhere: the pipeline runs no regional state.
+        if blocks > 1:
+            stack.enter_context(context.active(RegionalState(plan, block_tokens=77, guided=True)))
+        if references is not None:
+            added["image_embeds"] = [torch.empty(2, 1, IP_ADAPTER_EMBED, device=meta)]
+            box = layout.regions[0].box if layout.regions else IMAGE_BOX
+            state = ReferenceState([box_coverage(box, *latent)], [1.0], latent)
+            stack.enter_context(references.active(state))
         with counter:
             unet(sample, torch.tensor(500, device=meta), text, added_cond_kwargs=added)
-
-    if blocks == 1:
-        step()  # one prompt everywhere: the pipeline runs no regional state
-    else:
-        with context.active(state):
-            step()
     return counter.get_total_flops(), blocks * 77
+
+
+def meta_sdxl_unet() -> tuple[UNet2DConditionModel, RegionalContext]:
+    """The SDXL base UNet on the meta device with the regional processors installed."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SDXL_BASE_UNET).eval()
+    context = RegionalContext()
+    install_regional_attention(unet, context)
+    return unet, context
+
+
+def meta_ip_adapter_unet() -> tuple[UNet2DConditionModel, RegionalContext, ReferenceContext]:
+    """:func:`meta_sdxl_unet` with an SDXL IP-Adapter loaded as the engine loads one.
+
+    diffusers' IP-Adapter processors and image projection are put where ``load_ip_adapter``
+    puts them, then ``install_masked_ip_adapter`` makes them regional and masked.
+    """
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    unet, context = meta_sdxl_unet()
+    processors = dict(unet.attn_processors)
+    with torch.device("meta"):
+        for name in processors:
+            if name.endswith(CROSS_ATTENTION_SUFFIX):
+                attn = unet.get_submodule(name.removesuffix(".processor"))
+                processors[name] = IPAdapterAttnProcessor2_0(
+                    attn.inner_dim, 2048, num_tokens=(IP_ADAPTER_TOKENS,)
+                )
+        projection = ImageProjection(IP_ADAPTER_EMBED, 2048, IP_ADAPTER_TOKENS)
+        unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    unet.set_attn_processor(processors)
+    return unet, context, install_masked_ip_adapter(unet, context)
+
+
+def ip_adapter_rows() -> list[tuple[str, float, float]]:
+    """Per case of ``IP_CASES``: SDXL FLOPs of one CFG step at 1024x1024 without and with a
+    masked reference image."""
+    unet, context = meta_sdxl_unet()
+    ip_unet, ip_context, references = meta_ip_adapter_unet()
+    rows = []
+    with torch.no_grad():
+        for name, count in IP_CASES:
+            layout = layout_for(count, False, 1024)
+            without, _ = meta_step_flops(unet, context, layout)
+            with_image, _ = meta_step_flops(ip_unet, ip_context, layout, references)
+            rows.append((name, without, with_image))
+    return rows
+
+
+def print_ip_adapter_rows(rows: list[tuple[str, float, float]]) -> None:
+    """The IP-Adapter FLOP table."""
+    print(f"IP-Adapter, one masked region image ({IP_ADAPTER_TOKENS} image tokens)")
+    header = f"{'case':<12} {'TFLOP':>7} {'+ image':>8} {'FLOPs':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, without, with_image in rows:
+        print(
+            f"{name:<12} {without / 1e12:>7.3f} {with_image / 1e12:>8.3f} "
+            f"{with_image / without:>6.4f}x"
+        )
+    print()
+    print("plain: one prompt block (no regional state), the image masked to a box; 1 region:")
+    print("regional prompts with the image masked to the region. FLOPs: with image / without.")
 
 
 def meta_latent_flops(unet: UNet2DConditionModel, layout: Layout, cropped: bool) -> float:
@@ -186,13 +282,19 @@ def tiny_step_seconds(pipe, layout: Layout, runs: int = 5) -> tuple[float, ...]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--ip-adapter", action="store_true", help="print only the IP-Adapter FLOP table"
+    )
+    args = parser.parse_args()
     # One thread: on a shared machine, thread oversubscription swamps the differences measured.
     torch.set_num_threads(1)
     diffusers_logging.set_verbosity_error()  # the tiny tokenizer truncates long scene prompts
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(SDXL_BASE_UNET).eval()
-    context = RegionalContext()
-    install_regional_attention(unet, context)
+    ip_rows = ip_adapter_rows()
+    if args.ip_adapter:
+        print_ip_adapter_rows(ip_rows)
+        return
+    unet, context = meta_sdxl_unet()
 
     from engine.pipeline import RegionalSDXLPipeline
     from engine.tiny import save_tiny_sdxl
@@ -237,6 +339,8 @@ def main() -> None:
     print()
     print("tokens: text tokens per positive prompt (scene, background, one block per distinct")
     print("region prompt); plan ms: masks and block weights on every grid at 1024x1024.")
+    print()
+    print_ip_adapter_rows(ip_rows)
     print()
     print("latent mode")
     header = (

@@ -3,13 +3,16 @@
 ``RegionalAttnProcessor`` replaces diffusers' ``AttnProcessor2_0`` on the cross-attention
 (``attn2``) layers only. While a ``RegionalState`` is active on its ``RegionalContext`` it adds
 the state's per-pixel block bias to the attention scores; otherwise it *is* ``AttnProcessor2_0``,
-so one installation serves plain and regional calls alike.
+so one installation serves plain and regional calls alike. Subclasses may add a term computed
+from the same query before the output projection (``engine.ip_adapter`` does, for IP-Adapter
+image tokens).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,26 +57,68 @@ class RegionalContext:
 
 
 class RegionalAttnProcessor(AttnProcessor2_0):
-    """Cross-attention with a per-pixel, per-prompt-block additive bias."""
+    """Cross-attention with a per-pixel, per-prompt-block additive bias.
+
+    Extension point for conditions that attend with the same queries (an IP-Adapter): a
+    subclass overrides :meth:`split_encoder_states`, to take its own inputs out of what the
+    UNet passes as ``encoder_hidden_states``, and :meth:`extra_attention`, which receives the
+    layer's projected query and returns a term added to the attention output before the output
+    projection. The query is computed once and the output projected once for both.
+    """
 
     def __init__(self, context: RegionalContext):
         super().__init__()
         self.context = context
 
+    def split_encoder_states(self, encoder_hidden_states: Any) -> tuple[torch.Tensor | None, Any]:
+        """The text states for the attention and the input for :meth:`extra_attention`.
+
+        The input is None when there is no extra term for this call; the layer then computes
+        plain (or regional) attention only, at no extra cost.
+        """
+        return encoder_hidden_states, None
+
+    def extra_attention(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        extra: Any,
+        state: RegionalState | None,
+    ) -> torch.Tensor | None:
+        """A term ``(batch, queries, inner)`` added to the attention output before ``to_out``.
+
+        ``query`` is ``attn.to_q`` of the layer's normalised hidden states, ``(batch, queries,
+        inner)``, rows in the UNet's batch order; ``extra`` what :meth:`split_encoder_states`
+        returned; ``state`` the call's regional state (None on the plain path), which says
+        which rows hold the negative prompt. None adds nothing.
+        """
+        return None
+
     def __call__(
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: Any = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        encoder_hidden_states, extra = self.split_encoder_states(encoder_hidden_states)
         state = self.context.state
         if state is None or encoder_hidden_states is None:
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            if extra is None:
+                return super().__call__(
+                    attn,
+                    hidden_states,
+                    encoder_hidden_states,
+                    attention_mask,
+                    temb,
+                    *args,
+                    **kwargs,
+                )
+            return self._attention(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, None, extra
             )
         if attention_mask is not None:
             raise ValueError(
@@ -86,17 +131,19 @@ class RegionalAttnProcessor(AttnProcessor2_0):
                 f"regional prompt blocks hold {state.num_tokens}; prompt embeddings must not be "
                 "replaced during a regional call"
             )
-        return self._regional(attn, hidden_states, encoder_hidden_states, temb, state)
+        return self._attention(attn, hidden_states, encoder_hidden_states, None, temb, state, extra)
 
-    def _regional(
+    def _attention(
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
         temb: torch.Tensor | None,
-        state: RegionalState,
+        state: RegionalState | None,
+        extra: Any,
     ) -> torch.Tensor:
-        # Mirrors AttnProcessor2_0 step by step; only the key side and the bias differ.
+        # Mirrors AttnProcessor2_0 step by step; the key side, the bias and the extra term differ.
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -109,19 +156,35 @@ class RegionalAttnProcessor(AttnProcessor2_0):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        if attn.norm_cross:
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
-        uncond = state.unconditional_rows(batch_size)
-        outputs = []
-        if uncond:
-            # The negative prompt is tiled once per block: its first block alone gives the same
-            # attention at a fraction of the cost.
-            negative = encoder_hidden_states[:uncond, : state.block_tokens]
-            outputs.append(_attend(attn, query[:uncond], negative, None))
-        bias = state.attention_bias(query.shape[1], query.dtype, query.device)
-        outputs.append(_attend(attn, query[uncond:], encoder_hidden_states[uncond:], bias))
-        hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        if state is None:
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(
+                    attention_mask, encoder_hidden_states.shape[1], batch_size
+                )
+                attention_mask = attention_mask.view(
+                    batch_size, attn.heads, -1, attention_mask.shape[-1]
+                )
+            hidden_states = _attend(attn, query, encoder_hidden_states, attention_mask)
+        else:
+            uncond = state.unconditional_rows(batch_size)
+            outputs = []
+            if uncond:
+                # The negative prompt is tiled once per block: its first block alone gives the
+                # same attention at a fraction of the cost.
+                negative = encoder_hidden_states[:uncond, : state.block_tokens]
+                outputs.append(_attend(attn, query[:uncond], negative, None))
+            bias = state.attention_bias(query.shape[1], query.dtype, query.device)
+            outputs.append(_attend(attn, query[uncond:], encoder_hidden_states[uncond:], bias))
+            hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        if extra is not None:
+            term = self.extra_attention(attn, query, extra, state)
+            if term is not None:
+                hidden_states = hidden_states + term.to(hidden_states.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -9,10 +9,11 @@ Coexisting with regional prompts. diffusers' ``IPAdapterAttnProcessor2_0`` adds,
 attention's output (before the output projection), ``scale * attention(query, image tokens)``,
 times a mask when ``ip_adapter_masks`` are given. Regional prompting replaces the text part.
 :class:`RegionalIPAdapterAttnProcessor` does both: it *is* a ``RegionalAttnProcessor`` (text
-part, plain or regional), keeps the IP-Adapter's ``to_k_ip`` / ``to_v_ip`` projections, and adds
-the image part after the output projection. The output projection is linear, so
-``to_out(text + image) = to_out(text) + W_out @ image``: the result equals diffusers'
-processor up to float rounding, and the regional code is reused, not copied.
+part, plain or regional), keeps the IP-Adapter's ``to_k_ip`` / ``to_v_ip`` projections, and
+returns the image part from the regional processor's ``extra_attention`` hook, which hands over
+the query the text part projected and adds the image part before the one output projection,
+as diffusers does. The result equals diffusers' processor up to float rounding, the regional
+code is reused, not copied, and an image costs only its attention over a few tokens.
 
 Masks come from the same region masks as regional prompting, area-averaged to each attention
 grid (``engine.regions``), rather than diffusers' ``IPAdapterMaskProcessor`` resampling, which
@@ -33,7 +34,7 @@ from diffusers.models.attention_processor import Attention
 from engine.attention import RegionalAttnProcessor, RegionalContext
 from engine.layout import Layout, LayoutError
 from engine.masks import region_mask
-from engine.regions import attention_grids, downsample_mask, grid_for_query
+from engine.regions import RegionalState, attention_grids, downsample_mask, grid_for_query
 
 
 class ReferenceState:
@@ -104,72 +105,49 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
         self.to_v_ip = to_v_ip
         self.scale = scale
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: Any = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> torch.Tensor:
-        images = None
-        if isinstance(encoder_hidden_states, tuple):
-            encoder_hidden_states, image_states = encoder_hidden_states
-            images = image_states[0]
-        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if images is None:
-            return out
-        image_part = self.image_attention(attn, hidden_states, images, temb)
-        if image_part is None:
-            return out
-        projected = F.linear(image_part, attn.to_out[0].weight) / attn.rescale_output_factor
-        if out.ndim == 4:
-            batch, channel, height, width = out.shape
-            projected = projected.transpose(-1, -2).reshape(batch, channel, height, width)
-        return out + projected.to(out.dtype)
-
-    def image_attention(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        images: torch.Tensor,
-        temb: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        """The summed, masked, scaled image attention ``(batch, queries, inner)`` before the
-        output projection; None when no image contributes.
-
-        ``images`` are the projected image tokens ``(batch, images, tokens, width)``.
-        """
+    def split_encoder_states(self, encoder_hidden_states: Any) -> tuple[torch.Tensor | None, Any]:
+        """The text states and the projected image tokens ``(batch, images, tokens, width)``;
+        None for the images when no image contributes to this call."""
+        if not isinstance(encoder_hidden_states, tuple):
+            return encoder_hidden_states, None
+        text, image_states = encoder_hidden_states
+        images = image_states[0]
         state = self.references.state
-        if state is not None and not any(s != 0 for s in state.scales):
-            return None
-        if state is None and self.scale == 0:
-            return None
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
         if state is None:
-            # diffusers' unmasked path: every image's tokens form one key sequence.
-            flat = images.reshape(images.shape[0], -1, images.shape[-1])
-            return self.scale * self._attend(attn, query, flat)
+            return text, images if self.scale != 0 else None
+        if not any(scale != 0 for scale in state.scales):
+            return text, None
         if images.shape[1] != state.count:
             raise ValueError(
                 f"the IP-Adapter got {images.shape[1]} image(s) but the call's references hold "
                 f"{state.count}; image embeddings must not be replaced during a Layout call"
             )
-        masks = state.masks_for_query(query.shape[1], query.dtype, query.device)
+        return text, images
+
+    def extra_attention(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        extra: torch.Tensor,
+        state: RegionalState | None,
+    ) -> torch.Tensor | None:
+        """The summed, masked, scaled image attention ``(batch, queries, inner)``.
+
+        ``extra`` are the image tokens from :meth:`split_encoder_states`. Every row attends to
+        its own image tokens (the negative rows to the negative image embeddings), so the
+        regional ``state`` plays no part.
+        """
+        references = self.references.state
+        if references is None:
+            # diffusers' unmasked path: every image's tokens form one key sequence.
+            flat = extra.reshape(extra.shape[0], -1, extra.shape[-1])
+            return self.scale * self._attend(attn, query, flat)
+        masks = references.masks_for_query(query.shape[1], query.dtype, query.device)
         total = None
-        for i, scale in enumerate(state.scales):
+        for i, scale in enumerate(references.scales):
             if scale == 0:
                 continue
-            part = scale * masks[i] * self._attend(attn, query, images[:, i])
+            part = scale * (self._attend(attn, query, extra[:, i]) * masks[i])
             total = part if total is None else total + part
         return total
 

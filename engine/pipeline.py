@@ -21,8 +21,10 @@ Extension points, for conditions that act on every UNet call:
   ``engine.controlnet``). In latent mode the per-block calls run inside that call's forward
   and receive the residuals cut to their crop.
 - *Cross-attention processors* that add to the text attention (an IP-Adapter,
-  ``engine.ip_adapter``) subclass ``engine.attention.RegionalAttnProcessor`` and read
-  ``pipe.regional_context()``; attention mode's text part then stays regional. Latent mode
+  ``engine.ip_adapter``) subclass ``engine.attention.RegionalAttnProcessor``, read
+  ``pipe.regional_context()`` and add their term through its ``split_encoder_states`` /
+  ``extra_attention`` hook, which hands over the projected query (no second ``to_q``, one
+  output projection); attention mode's text part then stays regional. Latent mode
   runs every block uncropped when the call carries IP-Adapter images, so masks on the latent
   grid stay valid.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
 from engine.attention import RegionalAttnProcessor, RegionalContext, install_regional_attention
@@ -92,6 +93,71 @@ def test_wrong_token_count_is_reported(unet):
         RegionalAttnProcessor(context)(
             attn, torch.randn(2, 32, attn.query_dim), torch.randn(2, 7, attn.cross_attention_dim)
         )
+
+
+class _QueryTerm(RegionalAttnProcessor):
+    """Adds ``extra * query`` and records what the hook was handed."""
+
+    def __init__(self, context: RegionalContext):
+        super().__init__(context)
+        self.seen: list = []
+
+    def split_encoder_states(self, encoder_hidden_states):
+        if isinstance(encoder_hidden_states, tuple):
+            return encoder_hidden_states
+        return encoder_hidden_states, None
+
+    def extra_attention(self, attn, query, extra, state):
+        self.seen.append((query, state))
+        return extra * query
+
+
+@torch.no_grad()
+def test_extra_term_gets_the_projected_query_and_is_added_before_the_output_projection(unet):
+    attn = _attn2(unet)
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 32, attn.query_dim)
+    text = torch.randn(2, 10, attn.cross_attention_dim)
+    context = RegionalContext()
+    processor = _QueryTerm(context)
+    query = attn.to_q(hidden)
+    # Added before to_out, the term shows up in the output as to_out's weight times the term.
+    expected_change = F.linear(0.5 * query, attn.to_out[0].weight)
+    calls = []
+    hook = attn.to_q.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        plain = processor(attn, hidden, text)
+        with_term = processor(attn, hidden, (text, 0.5))
+        state = _left_right_state(tokens=5)
+        with context.active(state):
+            regional = processor(attn, hidden, text)
+            regional_with_term = processor(attn, hidden, (text, 0.5))
+    finally:
+        hook.remove()
+    assert len(calls) == 4, "one query projection per call, shared with the extra term"
+    assert torch.equal(plain, AttnProcessor2_0()(attn, hidden, text))
+    torch.testing.assert_close(with_term - plain, expected_change)
+    torch.testing.assert_close(regional_with_term - regional, expected_change)
+    (plain_query, plain_state), (regional_query, regional_state) = processor.seen
+    assert torch.equal(plain_query, query) and torch.equal(regional_query, query)
+    assert plain_state is None and regional_state is state
+
+
+@torch.no_grad()
+def test_extra_term_keeps_the_attention_mask_on_the_plain_path(unet):
+    attn = _attn2(unet)
+    torch.manual_seed(5)
+    hidden = torch.randn(2, 32, attn.query_dim)
+    text = torch.randn(2, 10, attn.cross_attention_dim)
+    # An additive bias, as the UNet hands on encoder_attention_mask: the last tokens are padding.
+    mask = torch.zeros(2, 10)
+    mask[:, 6:] = -10000.0
+    processor = _QueryTerm(RegionalContext())
+    with_term = processor(attn, hidden, (text, 0.0), attention_mask=mask)
+    expected = AttnProcessor2_0()(attn, hidden, text, attention_mask=mask)
+    torch.testing.assert_close(with_term, expected, rtol=0, atol=1e-6)
+    unmasked = AttnProcessor2_0()(attn, hidden, text)
+    assert (with_term - unmasked).abs().max() > 1e-3, "the mask must matter"
 
 
 def test_context_is_cleared_when_the_call_raises():

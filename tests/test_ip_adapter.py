@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -17,7 +18,7 @@ from engine.ip_adapter import ReferenceState, RegionalIPAdapterAttnProcessor
 from engine.layout import Layout, LayoutError
 from engine.loading import LoadOptions, PipelineCache, resolve_ip_adapter
 from engine.masks import box_coverage
-from engine.regions import RegionalState, plan_regions
+from engine.regions import RegionalState, downsample_mask, plan_regions
 from engine.tiny import IP_ADAPTER_WEIGHTS
 
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
@@ -38,31 +39,82 @@ def layer(pipe):
     return attn, attn.processor
 
 
-def inputs(seed: int = 0, text_tokens: int = 77):
+def inputs(seed: int = 0, text_tokens: int = 77, count: int = 1):
     """Hidden states on the 16x16 grid of a 64 px image (latent 32), text and image tokens."""
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2, 16 * 16, 64, generator=generator)
     text = torch.randn(2, text_tokens, 64, generator=generator)
-    images = torch.randn(2, 1, 4, 64, generator=generator)
+    images = torch.randn(2, count, 4, 64, generator=generator)
     return hidden, text, images
+
+
+@contextlib.contextmanager
+def counting_calls(*modules):
+    """Yields a list holding, per module, how often its forward ran inside the block."""
+    counts = [0] * len(modules)
+    hooks = []
+    for i, module in enumerate(modules):
+
+        def count(*_, i=i):
+            counts[i] += 1
+
+        hooks.append(module.register_forward_hook(count))
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def diffusers_processor(ours, scale) -> IPAdapterAttnProcessor2_0:
+    """diffusers' IP-Adapter processor with ``ours``' image projections."""
+    reference = IPAdapterAttnProcessor2_0(64, 64, num_tokens=(4,), scale=scale)
+    reference.to_k_ip[0].load_state_dict(ours.to_k_ip.state_dict())
+    reference.to_v_ip[0].load_state_dict(ours.to_v_ip.state_dict())
+    return reference
 
 
 @torch.no_grad()
 def test_without_masks_the_processor_is_diffusers_ip_adapter(pipe):
     attn, ours = layer(pipe)
-    reference = IPAdapterAttnProcessor2_0(64, 64, num_tokens=(4,), scale=0.7)
-    reference.to_k_ip[0].load_state_dict(ours.to_k_ip.state_dict())
-    reference.to_v_ip[0].load_state_dict(ours.to_v_ip.state_dict())
+    reference = diffusers_processor(ours, 0.7)
     hidden, text, images = inputs()
     ours.scale = 0.7
     try:
-        got = ours(attn, hidden, (text, [images]))
+        with counting_calls(attn.to_q, attn.to_out[0]) as calls:
+            got = ours(attn, hidden, (text, [images]))
     finally:
         ours.scale = 1.0
+    assert calls == [1, 1], "text and image attention share one query and one output projection"
     expected = reference(attn, hidden, (text, [images]))
     plain = AttnProcessor2_0()(attn, hidden, text)
-    assert torch.allclose(got, expected, atol=1e-5)
+    # The same operations in the same order as diffusers: equal, not merely close.
+    assert torch.equal(got, expected)
     assert (got - plain).abs().max() > 1e-2, "the image tokens must matter"
+
+
+@torch.no_grad()
+def test_masked_images_match_diffusers_given_the_same_masks(pipe):
+    """Two images with fractional masks: diffusers' masked processor, given our masks on the
+    attention grid (where its resampling changes nothing), computes the same."""
+    attn, ours = layer(pipe)
+    masks = [
+        box_coverage((0.0, 0.1, 0.55, 0.8), 32, 32),
+        box_coverage((0.3, 0.0, 1.0, 0.5), 32, 32),
+    ]
+    grid = torch.stack([downsample_mask(mask, (16, 16)) for mask in masks])[None]
+    assert ((grid > 0) & (grid < 1)).any(), "box edges fall inside attention cells"
+    scales = [0.7, 0.4]
+    reference = diffusers_processor(ours, [scales])
+    hidden, text, images = inputs(3, count=2)
+    with ours.references.active(ReferenceState(masks, scales, (32, 32))):
+        got = ours(attn, hidden, (text, [images]))
+    expected = reference(attn, hidden, (text, [images]), ip_adapter_masks=[grid])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    one_image = diffusers_processor(ours, [[0.7, 0.0]])(
+        attn, hidden, (text, [images]), ip_adapter_masks=[grid]
+    )
+    assert (got - one_image).abs().max() > 1e-3, "the second image must matter"
 
 
 @torch.no_grad()
@@ -102,8 +154,10 @@ def test_reference_and_regional_prompts_combine_at_one_layer(pipe):
     mask = box_coverage(tuple(LEFT), 32, 32)
     with ours.context.active(state):
         regional = text_only(attn, hidden, text)
-        with ours.references.active(ReferenceState([mask], [1.0], (32, 32))):
+        references = ReferenceState([mask], [1.0], (32, 32))
+        with ours.references.active(references), counting_calls(attn.to_q) as calls:
             combined = ours(attn, hidden, (text, [images]))
+    assert calls == [1], "the image attention reuses the regional attention's query"
     change = (combined - regional).reshape(2, 16, 16, -1).abs()
     assert change[:, :, 8:].max() == 0
     assert change[:, :, :8].max() > 1e-3
