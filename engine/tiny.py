@@ -60,28 +60,23 @@ def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
     )
 
 
-def tiny_sdxl_components(seed: int = 0) -> dict:
-    """The components of a StableDiffusionXLPipeline, randomly initialised from ``seed``."""
-    unet = tiny_unet(seed)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        steps_offset=1,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-    )
+def tiny_vae(seed: int = 0, sample_size: int = 128) -> AutoencoderKL:
+    """A two-level VAE (downsampling by 2) with SD's four latent channels."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=[32, 64],
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         latent_channels=4,
-        sample_size=128,
+        sample_size=sample_size,
     )
-    tokenizer = tiny_tokenizer()
-    text_config = CLIPTextConfig(
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, **overrides) -> CLIPTextConfig:
+    """A 32-wide, 5-layer CLIP text encoder config over ``tokenizer``'s vocabulary."""
+    settings = dict(
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
@@ -92,8 +87,23 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
         num_hidden_layers=5,
         vocab_size=len(tokenizer),
         hidden_act="gelu",
-        projection_dim=32,
     )
+    return CLIPTextConfig(**{**settings, **overrides})
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """The components of a StableDiffusionXLPipeline, randomly initialised from ``seed``."""
+    unet = tiny_unet(seed)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
+    vae = tiny_vae(seed, sample_size=128)
+    tokenizer = tiny_tokenizer()
+    text_config = tiny_text_config(tokenizer, projection_dim=32)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed + 1)
@@ -267,29 +277,9 @@ def tiny_gligen_components(seed: int = 0) -> dict:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=32,
-    )
+    vae = tiny_vae(seed, sample_size=32)
     tokenizer = tiny_tokenizer()
-    text_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=len(tokenizer),
-        hidden_act="gelu",
-    )
+    text_config = tiny_text_config(tokenizer)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     return {
