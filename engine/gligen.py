@@ -26,16 +26,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from engine.errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError
+from engine.errors import ModelNotFoundError, UnsupportedModelError
 from engine.layout import SIZE_MULTIPLE, Layout
 from engine.loading import (
-    _REPO_ID,
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     ComponentLocation,
     LoadOptions,
-    cached_repo_snapshot,
-    hub_cache_dir,
+    check_folder_weights,
+    find_component,
     weights_variant,
 )
 
@@ -69,27 +68,14 @@ def resolve_gligen(spec: str, options: LoadOptions | None = None) -> ComponentLo
     pickle-only weights without ``allow_pickle``.
     """
     options = options or LoadOptions()
-    spec = (spec or "").strip()
-    if not spec:
-        raise ModelNotFoundError("the GLIGEN spec is empty; " + GLIGEN_HELP, "gligen")
-    path = os.path.abspath(os.path.expanduser(spec))
-    if os.path.isdir(path):
-        return _gligen_folder(spec, path, options)
-    if os.path.isfile(path):
+    path = find_component(spec, "GLIGEN", "gligen", GLIGEN_HELP)
+    if not os.path.isdir(path):
         raise ModelNotFoundError(
             f"GLIGEN {path} is a single file; GLIGEN is loaded from a diffusers folder "
             "(model_index.json, unet/, text_encoder/, vae/, ...). " + GLIGEN_HELP,
             "gligen",
         )
-    if _REPO_ID.match(spec):
-        snapshot = cached_repo_snapshot(spec)
-        if snapshot:
-            return _gligen_folder(spec, snapshot, options)
-    raise ModelNotFoundError(
-        f"GLIGEN {spec!r} not found: no folder {path}, and no such repo in the Hugging Face "
-        f"cache {hub_cache_dir()}. {GLIGEN_HELP}",
-        "gligen",
-    )
+    return _gligen_folder(spec.strip(), path, options)
 
 
 def _gligen_folder(spec: str, folder: str, options: LoadOptions) -> ComponentLocation:
@@ -117,18 +103,7 @@ def _gligen_folder(spec: str, folder: str, options: LoadOptions) -> ComponentLoc
         if root != folder:
             dirs.clear()
         weights += [f for f in files if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
-    if not weights:
-        raise ModelNotFoundError(
-            f"GLIGEN folder {folder} has a model_index.json but no weights: a partial "
-            "download? " + GLIGEN_HELP,
-            "gligen",
-        )
-    if not options.allow_pickle and not any(w.endswith(SAFE_SUFFIXES) for w in weights):
-        raise UnsafeCheckpointError(
-            f"GLIGEN folder {folder} holds only pickle weights, which can run code when loaded. "
-            "Convert them to .safetensors, or pass --allow-pickle if you trust them",
-            "gligen",
-        )
+    check_folder_weights(folder, weights, "GLIGEN", "gligen", GLIGEN_HELP, options.allow_pickle)
     return ComponentLocation(spec=spec, kind="folder", path=folder)
 
 

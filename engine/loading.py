@@ -335,38 +335,64 @@ IP_ADAPTER_HELP = (
 )
 
 
+def find_component(spec: str, label: str, field: str, help_text: str) -> str:
+    """The existing file or folder an optional model's ``spec`` names: a path, or a repo id
+    in the local Hugging Face cache (its snapshot folder). Raises ModelNotFoundError (for
+    ``field``) ending with ``help_text`` when it names nothing here."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ModelNotFoundError(f"the {label} spec is empty; {help_text}", field)
+    path = os.path.abspath(os.path.expanduser(spec))
+    if os.path.exists(path):
+        return path
+    if _REPO_ID.match(spec) and (snapshot := cached_repo_snapshot(spec)):
+        return snapshot
+    raise ModelNotFoundError(
+        f"{label} {spec!r} not found: no file or folder {path}, and no such repo in the "
+        f"Hugging Face cache {hub_cache_dir()}. {help_text}",
+        field,
+    )
+
+
+def check_folder_weights(
+    folder: str, weights: list[str], label: str, field: str, help_text: str, allow_pickle: bool
+) -> None:
+    """Refuse a model folder with no weight files (a partial download) or, unless
+    ``allow_pickle``, only pickle ones."""
+    if not weights:
+        raise ModelNotFoundError(
+            f"{label} folder {folder} has a config but no weights: a partial download? "
+            + help_text,
+            field,
+        )
+    if not allow_pickle and not any(w.endswith(SAFE_SUFFIXES) for w in weights):
+        raise UnsafeCheckpointError(
+            f"{label} folder {folder} holds only pickle weights, which can run code when "
+            "loaded. Convert them to .safetensors, or pass --allow-pickle if you trust them",
+            field,
+        )
+
+
 def resolve_controlnet(spec: str, options: LoadOptions | None = None) -> ComponentLocation:
     """Find a ControlNet spec (folder, single file, cached repo id) without loading it."""
     options = options or LoadOptions()
-    spec = (spec or "").strip()
-    if not spec:
-        raise ModelNotFoundError("the ControlNet spec is empty; " + CONTROLNET_HELP, "controlnet")
-    path = os.path.abspath(os.path.expanduser(spec))
+    path = find_component(spec, "ControlNet", "controlnet", CONTROLNET_HELP)
+    spec = spec.strip()
     if os.path.isdir(path):
         return _controlnet_folder(spec, path, options)
-    if os.path.isfile(path):
-        if path.lower().endswith(PICKLE_SUFFIXES) and not options.allow_pickle:
-            raise UnsafeCheckpointError(
-                f"ControlNet {path} is a pickle checkpoint, which can run code when loaded. Use a "
-                ".safetensors version, or pass --allow-pickle if you trust its source",
-                "controlnet",
-            )
-        if not path.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
-            raise ModelNotFoundError(
-                f"ControlNet {path} is not a model: expected a .safetensors file or a diffusers "
-                "folder with config.json",
-                "controlnet",
-            )
-        return ComponentLocation(spec=spec, kind="single_file", path=path)
-    if _REPO_ID.match(spec):
-        snapshot = cached_repo_snapshot(spec)
-        if snapshot:
-            return _controlnet_folder(spec, snapshot, options)
-    raise ModelNotFoundError(
-        f"ControlNet {spec!r} not found: no file or folder {path}, and no such repo in the "
-        f"Hugging Face cache {hub_cache_dir()}. {CONTROLNET_HELP}",
-        "controlnet",
-    )
+    if path.lower().endswith(PICKLE_SUFFIXES) and not options.allow_pickle:
+        raise UnsafeCheckpointError(
+            f"ControlNet {path} is a pickle checkpoint, which can run code when loaded. Use a "
+            ".safetensors version, or pass --allow-pickle if you trust its source",
+            "controlnet",
+        )
+    if not path.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
+        raise ModelNotFoundError(
+            f"ControlNet {path} is not a model: expected a .safetensors file or a diffusers "
+            "folder with config.json",
+            "controlnet",
+        )
+    return ComponentLocation(spec=spec, kind="single_file", path=path)
 
 
 def _controlnet_folder(spec: str, folder: str, options: LoadOptions) -> ComponentLocation:
@@ -377,18 +403,9 @@ def _controlnet_folder(spec: str, folder: str, options: LoadOptions) -> Componen
             "controlnet",
         )
     weights = [f for f in os.listdir(folder) if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
-    if not weights:
-        raise ModelNotFoundError(
-            f"ControlNet folder {folder} has a config.json but no weights: a partial download? "
-            + CONTROLNET_HELP,
-            "controlnet",
-        )
-    if not options.allow_pickle and not any(w.endswith(SAFE_SUFFIXES) for w in weights):
-        raise UnsafeCheckpointError(
-            f"ControlNet folder {folder} holds only pickle weights, which can run code when "
-            "loaded. Convert them to .safetensors, or pass --allow-pickle if you trust them",
-            "controlnet",
-        )
+    check_folder_weights(
+        folder, weights, "ControlNet", "controlnet", CONTROLNET_HELP, options.allow_pickle
+    )
     return ComponentLocation(spec=spec, kind="folder", path=folder)
 
 
@@ -400,22 +417,9 @@ def resolve_ip_adapter(spec: str, options: LoadOptions | None = None) -> Compone
     The image encoder is the ``image_encoder`` folder next to the weights (for ``vit-h``
     weights in that layout: ``models/image_encoder``).
     """
-    spec = (spec or "").strip()
-    if not spec:
-        raise ModelNotFoundError("the IP-Adapter spec is empty; " + IP_ADAPTER_HELP, "ip_adapter")
-    path = os.path.abspath(os.path.expanduser(spec))
-    if os.path.isfile(path):
-        weights = path
-    elif os.path.isdir(path):
-        weights = _ip_adapter_weights(path)
-    elif _REPO_ID.match(spec) and (snapshot := cached_repo_snapshot(spec)):
-        weights = _ip_adapter_weights(snapshot)
-    else:
-        raise ModelNotFoundError(
-            f"IP-Adapter {spec!r} not found: no file or folder {path}, and no such repo in the "
-            f"Hugging Face cache {hub_cache_dir()}. {IP_ADAPTER_HELP}",
-            "ip_adapter",
-        )
+    path = find_component(spec, "IP-Adapter", "ip_adapter", IP_ADAPTER_HELP)
+    spec = spec.strip()
+    weights = _ip_adapter_weights(path) if os.path.isdir(path) else path
     if not weights.lower().endswith(SAFE_SUFFIXES):
         raise UnsafeCheckpointError(
             f"IP-Adapter weights {weights} are not .safetensors; pickle weights can run code "
