@@ -82,6 +82,8 @@ class Mode:
     reference_scale: float = 0.0
     """Above 0: pull toward a flat-colour render of the boxes (LSReGen-style guidance)."""
     reference_fraction: float = 0.1
+    box_reference: bool = True
+    """False: no reference file; the engine makes the reference with a first pass."""
 
 
 MODES: dict[str, Mode] = {}
@@ -103,6 +105,17 @@ register_mode(
 )
 register_mode(
     Mode("attention+ref10", "attention", True, reference_scale=0.25, reference_fraction=0.1)
+)
+register_mode(Mode("latent+ref", "latent", True, reference_scale=0.25, reference_fraction=0.4))
+register_mode(
+    Mode(
+        "attention+pass",
+        "attention",
+        True,
+        reference_scale=0.25,
+        reference_fraction=0.4,
+        box_reference=False,
+    )
 )
 
 
@@ -131,7 +144,7 @@ def build_layout(
 ) -> Layout:
     """The Layout a mode generates for a case (``workdir`` holds reference images)."""
     reference = None
-    if mode.reference_scale > 0:
+    if mode.reference_scale > 0 and mode.box_reference:
         workdir = workdir or tempfile.mkdtemp(prefix="fidelity-")
         reference = box_reference(
             case, settings.size, os.path.join(workdir, f"reference-{case.seed}.png")
@@ -208,6 +221,8 @@ class ModeResult:
     coverage: list[float] = field(default_factory=list)
     bleed: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    unet_pixels: list[int] = field(default_factory=list)
+    """Latent pixels (times batch) the UNet processed per image, every call counted."""
     detections: list[list[Detection]] = field(default_factory=list)
     truths: list[list[tuple[str, Box]]] = field(default_factory=list)
 
@@ -271,36 +286,78 @@ def run_benchmark(
     counts = sorted({len(c.objects) for c in cases})
     results = []
     workdir = tempfile.mkdtemp(prefix="fidelity-")
-    for count in counts:
-        subset = [c for c in cases if len(c.objects) == count]
-        for name in modes:
-            mode = MODES[name]
-            result = ModeResult(name, count)
-            for index, case in enumerate(subset):
-                layout = build_layout(case, mode, settings, workdir)
-                start = time.perf_counter()
-                image = pipe(layout=layout, output_type="np").images[0]
-                result.seconds.append(time.perf_counter() - start)
-                pixels = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
-                score_image(pixels, case, detector, colour, result)
-                if save_dir:
-                    from PIL import Image
+    # Every UNet evaluation (latent mode's per-block calls, a first pass) goes through conv_in.
+    processed = [0]
 
-                    os.makedirs(save_dir, exist_ok=True)
-                    Image.fromarray(pixels).save(
-                        os.path.join(save_dir, f"{count}obj-{index:03d}-{name}.png")
-                    )
-            results.append(result)
+    def count_pixels(_module, args):
+        processed[0] += args[0].shape[0] * args[0].shape[-2] * args[0].shape[-1]
+
+    unet = getattr(pipe, "unet", None)
+    hook = None if unet is None else unet.conv_in.register_forward_pre_hook(count_pixels)
+    try:
+        for count in counts:
+            subset = [c for c in cases if len(c.objects) == count]
+            for name in modes:
+                result = ModeResult(name, count)
+                for index, case in enumerate(subset):
+                    layout = build_layout(case, MODES[name], settings, workdir)
+                    processed[0] = 0
+                    start = time.perf_counter()
+                    image = pipe(layout=layout, output_type="np").images[0]
+                    result.seconds.append(time.perf_counter() - start)
+                    if hook is not None:
+                        result.unet_pixels.append(processed[0])
+                    pixels = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+                    score_image(pixels, case, detector, colour, result)
+                    if save_dir:
+                        _save(pixels, save_dir, f"{count}obj-{index:03d}-{name}.png")
+                results.append(result)
+    finally:
+        if hook is not None:
+            hook.remove()
     return results
 
 
+def _save(pixels: np.ndarray, folder: str, name: str) -> None:
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(pixels).save(os.path.join(folder, name))
+
+
 def format_table(results: Sequence[ModeResult]) -> str:
-    """The results as one aligned text table."""
-    plain = {r.objects: r.seconds_per_image for r in results if r.mode == "plain"}
-    header = ("objects", "mode", "placed", "coverage", "bleed", "mAP@0.5", "s/image", "cost")
+    """The results as one aligned text table.
+
+    ``time``: seconds per image over the plain prompt's; ``time/attn``: over attention mode's;
+    ``work``: UNet pixels processed per image over the plain prompt's (every UNet call counted,
+    so latent mode's per-prompt calls and a first pass show; attention's extra tokens do not).
+    """
+
+    def per_count(mode: str, value: Callable[[ModeResult], float]) -> dict[int, float]:
+        return {r.objects: value(r) for r in results if r.mode == mode}
+
+    plain = per_count("plain", lambda r: r.seconds_per_image)
+    attention = per_count("attention", lambda r: r.seconds_per_image)
+    plain_work = per_count("plain", lambda r: float(np.mean(r.unet_pixels or [math.nan])))
+    header = (
+        "objects",
+        "mode",
+        "placed",
+        "coverage",
+        "bleed",
+        "mAP@0.5",
+        "s/image",
+        "time",
+        "time/attn",
+        "work",
+    )
     rows = [header]
+
+    def ratio(value: float, base: float) -> str:
+        return "-" if math.isnan(base) or math.isnan(value) else f"{value / base:.2f}x"
+
     for r in results:
-        base = plain.get(r.objects, math.nan)
+        work = float(np.mean(r.unet_pixels or [math.nan]))
         rows.append(
             (
                 str(r.objects),
@@ -310,7 +367,9 @@ def format_table(results: Sequence[ModeResult]) -> str:
                 "-" if math.isnan(r.mean_bleed) else f"{r.mean_bleed:.2f}",
                 f"{r.map50:.2f}",
                 f"{r.seconds_per_image:.3f}",
-                "-" if math.isnan(base) else f"{r.seconds_per_image / base:.2f}x",
+                ratio(r.seconds_per_image, plain.get(r.objects, math.nan)),
+                ratio(r.seconds_per_image, attention.get(r.objects, math.nan)),
+                ratio(work, plain_work.get(r.objects, math.nan)),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

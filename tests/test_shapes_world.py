@@ -209,7 +209,9 @@ def test_benchmark_scores_an_oracle_perfectly_with_either_detector_path(detector
         "bleed",
         "mAP@0.5",
         "s/image",
-        "cost",
+        "time",
+        "time/attn",
+        "work",
     ]
     assert "100%" in table.splitlines()[2]
 
@@ -226,3 +228,39 @@ def test_benchmark_builds_each_mode_layout():
     default = bench.build_layout(case, bench.MODES["attention"], settings)
     assert default.background_prompt is None
     assert "latent" not in bench.available_modes() or bench.MODES["latent"].engine_mode == "latent"
+
+
+def test_benchmark_counts_every_unet_pixel_a_mode_processes(tiny_model_dir):
+    from engine.latent_regions import plan_latent_regions
+    from engine.pipeline import RegionalSDXLPipeline
+
+    bench = _benchmark_module()
+    pipe = RegionalSDXLPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    cases = bench.shapes_layouts(1, 2, seed=4)
+    # 128 px: the first pass runs at 64 px (it never goes below 64).
+    settings = bench.Settings(size=128, steps=2)
+    modes = ["plain", "attention", "attention+pass", "latent"]
+    results = {r.mode: r for r in bench.run_benchmark(pipe, cases, modes, settings=settings)}
+    latent = (128 // pipe.vae_scale_factor) ** 2
+    # Two steps of a guided (batch 2) call over the whole latent canvas.
+    assert results["plain"].unet_pixels == [2 * 2 * latent]
+    assert results["attention"].unet_pixels == [2 * 2 * latent]
+    # The first pass runs the same steps at half the side: a quarter of the pixels.
+    assert results["attention+pass"].unet_pixels == [2 * 2 * latent + 2 * 2 * latent // 4]
+    # Latent mode: the negative prompt plus each block of its plan, on a crop or the canvas.
+    layout = bench.build_layout(cases[0], bench.MODES["latent"], settings)
+    side = 128 // pipe.vae_scale_factor
+    plan = plan_latent_regions(layout, (side, side), 2, pipe.latent_crops)
+    assert len(plan.blocks) >= 3
+    assert results["latent"].unet_pixels == [round(2 * 2 * latent * plan.relative_cost())]
+    work = {
+        line.split()[1]: line.split()[-1]
+        for line in bench.format_table(list(results.values())).splitlines()[1:]
+    }
+    assert work == {
+        "plain": "1.00x",
+        "attention": "1.00x",
+        "attention+pass": "1.25x",
+        "latent": "2.50x",
+    }
