@@ -3,7 +3,8 @@
 MultiDiffusion / Regional Prompter "latent" style. Each distinct prompt of the Layout (the
 blocks of :func:`engine.regions.prompt_blocks`: scene, background, one per distinct region
 prompt; identical texts share a call, their masks united) predicts the noise with its own text
-and pooled embedding; the predictions are mixed per latent pixel by weights built as in
+(and, on a crop, its own pooled embedding: the global conditioning of a call over the whole
+canvas stays the scene prompt's); the predictions are mixed per latent pixel by weights built as in
 attention mode, from *feathered* masks (region masks with a Gaussian ramp of
 ``FEATHER_SIGMA`` latent pixels around them, so neighbouring predictions blend without seams):
 
@@ -231,9 +232,9 @@ class LatentRegionalUNet:
     Called with the pipeline's batch (the negative rows first when ``guided``, then the
     positive ones), it returns the same batch of predictions: the negative rows from the
     negative prompt over the whole canvas, the positive rows the blend of every block's
-    prediction. The positive rows' text embeddings and pooled embeddings in the call are
-    replaced by each block's (``embeds`` ``(blocks, tokens, dim)``, ``pooled``
-    ``(blocks, dim)``); everything else (timestep, time ids, image embeddings of an IP-Adapter,
+    prediction. The positive rows' text embeddings in the call are replaced by each block's
+    (``embeds`` ``(blocks, tokens, dim)``), and on a crop their pooled embeddings too
+    (``pooled`` ``(blocks, dim)``); everything else (timestep, time ids, image embeddings of an IP-Adapter,
     ControlNet residuals) is taken row by row from the call and cropped where the block is.
     """
 
@@ -326,7 +327,11 @@ class LatentRegionalUNet:
         if block is not None:
             embeds = self.embeds[block : block + 1]
             kwargs["encoder_hidden_states"] = embeds.expand(count, *embeds.shape[1:])
-            if "text_embeds" in added:
+            # A cropped block is an image of its own, which its prompt's pooled embedding
+            # describes. On the whole canvas the global conditioning stays the scene's, as in
+            # attention mode: a region prompt's pooled embedding there asks for that object to
+            # fill the image (on the shapes model: 57% of objects placed instead of 68%).
+            if "text_embeds" in added and crop is not None:
                 pooled = self.pooled[block : block + 1].to(added["text_embeds"])
                 added["text_embeds"] = pooled.expand(count, -1)
         if crop is not None:

@@ -137,6 +137,28 @@ def test_crop_time_ids_say_where_the_crop_is_in_pixels():
     assert cropped.tolist() == [[1024.0, 768.0, 128.0, 256.0, 512.0, 512.0]] * 2
 
 
+def test_only_a_cropped_block_gets_its_own_pooled_embedding():
+    plan = LatentPlan(
+        [
+            LatentBlock("whole", torch.ones(LATENT), None),
+            LatentBlock("small", torch.ones(LATENT), (0, 0, 16, 16)),
+        ],
+        LATENT,
+    )
+    embeds, pooled = torch.randn(2, 77, 8), torch.randn(2, 4)
+    stand_in = LatentRegionalUNet(lambda *a, **k: None, plan, embeds, pooled, guided=False)
+    scene = torch.randn(1, 4)
+    context = {
+        "encoder_hidden_states": torch.zeros(1, 77, 8),
+        "added_cond_kwargs": {"text_embeds": scene, "time_ids": torch.ones(1, 6) * 64},
+    }
+    sample, rows = torch.zeros(1, 4, *LATENT), torch.arange(1)
+    for block, crop, expected in ((0, None, scene), (1, (0, 0, 16, 16), pooled[1:2])):
+        _, _, kwargs = stand_in._inputs(sample, torch.tensor(1), context, rows, block, crop)
+        assert torch.equal(kwargs["encoder_hidden_states"], embeds[block : block + 1])
+        assert torch.equal(kwargs["added_cond_kwargs"]["text_embeds"], expected)
+
+
 def test_residuals_crop_at_every_level_of_an_odd_latent():
     plan = LatentPlan([], (125, 93))
     stand_in = LatentRegionalUNet(lambda *a, **k: None, plan, torch.zeros(0), torch.zeros(0), True)
@@ -180,15 +202,17 @@ def test_full_canvas_region_with_the_scene_prompt_is_the_plain_image(pipe, tiny_
     np.testing.assert_allclose(image, expected, atol=1e-6)
 
 
-def test_a_full_canvas_region_uses_its_own_prompt_and_pooled_embedding(pipe, tiny_model_dir):
+def test_a_full_canvas_region_uses_its_prompt_with_the_scenes_pooled_embedding(
+    pipe, tiny_model_dir
+):
     stock = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
     stock.set_progress_bar_config(disable=True)
-    truck, _, truck_pooled, _ = stock.encode_prompt(
-        "a blue truck", do_classifier_free_guidance=False
-    )
+    truck, _, _, _ = stock.encode_prompt("a blue truck", do_classifier_free_guidance=False)
+    _, _, road_pooled, _ = stock.encode_prompt("a road", do_classifier_free_guidance=False)
+    # The global conditioning of a whole-canvas call describes the canvas: the scene.
     expected = stock(
         prompt_embeds=truck,
-        pooled_prompt_embeds=truck_pooled,
+        pooled_prompt_embeds=road_pooled,
         num_inference_steps=2,
         guidance_scale=6.0,
         generator=torch.Generator("cpu").manual_seed(7),
