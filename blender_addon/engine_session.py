@@ -272,6 +272,17 @@ def condition_state(
     return False, f"{label} unavailable: {state.get('message') or 'no reason given'}"
 
 
+def model_default(name: str, spec: str, reply: dict[str, Any] | None = None) -> float | None:
+    """The value model ``spec`` chooses for Layout field ``name`` when it is left to the
+    model, from the last health check made with that model; None when unknown."""
+    reply = reply if reply is not None else _last_hello
+    model = (reply or {}).get("model")
+    if not isinstance(model, dict) or (model.get("spec") or "") != spec:
+        return None
+    value = (model.get("layout_defaults") or {}).get(name)
+    return value if isinstance(value, int | float) else None
+
+
 def has_capability(name: str, reply: dict[str, Any] | None = None) -> bool | None:
     """Whether the engine lists capability ``name`` (a mode such as ``latent``); None if no
     health check has run."""

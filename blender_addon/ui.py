@@ -204,6 +204,10 @@ class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
         steps = row.row(align=True)
         steps.active = not settings.use_model_fraction
         steps.prop(settings, "reference_fraction")
+        if settings.use_model_fraction:
+            chosen = engine_session.model_default("reference_fraction", model_spec(settings))
+            if chosen is not None:
+                col.label(text=f"The model pulls during {chosen:.0%} of the steps", icon="INFO")
         layout.separator()
         layout.prop(settings, "init_source")
         if settings.init_source == "IMAGE":

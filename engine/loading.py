@@ -188,16 +188,29 @@ def resolve_model(spec: str | None = None, options: LoadOptions | None = None) -
 
 
 def describe_model(spec: str | None = None, options: LoadOptions | None = None) -> dict[str, Any]:
-    """Whether a model spec is usable here, for health checks: never loads it."""
+    """Whether a model spec is usable here, for health checks: never loads it.
+
+    A usable model also says the values it chooses for Layout fields left null
+    (``layout_defaults``, see :mod:`engine.model_defaults`).
+    """
+    from engine.model_defaults import read_model_defaults
+
     spec = spec or default_model_spec()
     try:
         location = resolve_model(spec, options)
+        defaults = read_model_defaults(location.path)
     except (ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError) as exc:
         return {"spec": spec, "found": False, "path": None, "message": str(exc)}
     message = f"{location.kind.replace('_', ' ')} at {location.path}"
     if location.config:
         message += f" (configs from {location.config})"
-    return {"spec": spec, "found": True, "path": location.path, "message": message}
+    return {
+        "spec": spec,
+        "found": True,
+        "path": location.path,
+        "message": message,
+        "layout_defaults": defaults,
+    }
 
 
 def _weight_files(folder: str) -> list[str]:

@@ -21,7 +21,9 @@ Requests:
     ``{"available": bool, "spec": ...,
     "message": ...}``, the message saying why one is unavailable. With ``model`` (optional), it also
     reports whether that model is on this machine, without loading it:
-    ``"model": {"spec": "shapes", "found": true, "path": "/...", "message": "..."}``.
+    ``"model": {"spec": "shapes", "found": true, "path": "/...", "message": "...",
+    "layout_defaults": {"reference_fraction": 0.4}}`` (the values the model chooses for Layout
+    fields left null).
 
 ``{"op": "generate", "id": "r1", "layout": {...}, "out": "/abs/out.png", "model": "shapes"}``
     ``layout`` is an inline Layout (``engine.layout``; mask and depth paths absolute), ``out``

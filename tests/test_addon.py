@@ -131,6 +131,18 @@ def test_describe_hello_lists_model_state():
     ]
 
 
+def test_model_default_comes_from_the_check_made_with_that_model():
+    from blender_addon.engine_session import model_default
+
+    reply = {
+        "model": {"spec": "shapes", "found": True, "layout_defaults": {"reference_fraction": 0.4}}
+    }
+    assert model_default("reference_fraction", "shapes", reply) == 0.4
+    assert model_default("reference_fraction", "other", reply) is None
+    assert model_default("steps", "shapes", reply) is None
+    assert model_default("reference_fraction", "shapes", {}) is None
+
+
 # -- bpy: registration, properties, label operators ----------------------------------------------
 
 
