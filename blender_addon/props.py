@@ -55,9 +55,16 @@ def readable_name(name: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def _factor(name: str, description: str, default: float):
+    """A 0..1 slider property."""
+    return FloatProperty(
+        name=name, description=description, default=default, min=0.0, max=1.0, subtype="FACTOR"
+    )
+
+
 def model_spec(settings, name: str = "model") -> str:
-    """A model setting (``model``, ``controlnet``, ``ip_adapter``, ``gligen``) as the engine needs it:
-    blend-relative paths made absolute."""
+    """A model setting (``model``, ``controlnet``, ``ip_adapter``, ``gligen``) as the engine
+    needs it: blend-relative paths made absolute."""
     model = getattr(settings, name).strip()
     return bpy.path.abspath(model) if model.startswith("//") else model
 
@@ -99,16 +106,13 @@ class LayoutDiffusionObjectSettings(bpy.types.PropertyGroup):
         max=10.0,
         soft_max=3.0,
     )
-    strength: FloatProperty(
+    strength: _factor(
         name="Strength",
         description=(
             "With an init image: 0 keeps the init image's pixels for this object, 1 "
             "regenerates it freely"
         ),
         default=1.0,
-        min=0.0,
-        max=1.0,
-        subtype="FACTOR",
     )
     reference_image: PointerProperty(
         name="Reference Image",
@@ -162,13 +166,10 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         ),
         default="",
     )
-    base_ratio: FloatProperty(
+    base_ratio: _factor(
         name="Base Ratio",
         description="How much of the scene prompt blends into each object's area",
         default=_DEFAULTS.base_ratio,
-        min=0.0,
-        max=1.0,
-        subtype="FACTOR",
     )
     model: StringProperty(
         name="Model",
@@ -264,13 +265,10 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         ),
         default=_DEFAULTS.reference_fraction is None,
     )
-    reference_fraction: FloatProperty(
+    reference_fraction: _factor(
         name="Steps",
         description="Fraction of the steps, from the first, during which the proxy render pulls",
         default=0.1,
-        min=0.0,
-        max=1.0,
-        subtype="FACTOR",
     )
     init_source: EnumProperty(
         name="Init Image",
@@ -283,16 +281,13 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         type=bpy.types.Image,
         description="The image to start from when Init Image is Image",
     )
-    strength: FloatProperty(
+    strength: _factor(
         name="Background Strength",
         description=(
             "With an init image: how freely pixels outside every object are regenerated "
             "(0 keeps the init image, 1 ignores it)"
         ),
         default=_DEFAULTS.strength,
-        min=0.0,
-        max=1.0,
-        subtype="FACTOR",
     )
     controlnet: StringProperty(
         name="Depth ControlNet",
@@ -311,21 +306,15 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         max=5.0,
         soft_max=2.0,
     )
-    depth_start: FloatProperty(
+    depth_start: _factor(
         name="Start",
         description="Fraction of the steps after which depth conditioning starts",
         default=_DEFAULTS.depth_start,
-        min=0.0,
-        max=1.0,
-        subtype="FACTOR",
     )
-    depth_end: FloatProperty(
+    depth_end: _factor(
         name="End",
         description="Fraction of the steps after which depth conditioning stops",
         default=_DEFAULTS.depth_end,
-        min=0.0,
-        max=1.0,
-        subtype="FACTOR",
     )
     ip_adapter: StringProperty(
         name="IP-Adapter",
