@@ -4,6 +4,7 @@ model's behaviour (colour fidelity, and regional attention placing objects bette
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -127,6 +128,17 @@ def test_training_state_round_trip_resumes_identically_and_exports_a_loadable_pi
         pipeline_defaults(pipe)["reference_fraction"]
         == (shapes_model.LAYOUT_DEFAULTS["reference_fraction"])
     )
+
+
+def test_a_run_stops_at_the_step_it_is_given(tmp_path):
+    from engine.shapes.train import main
+
+    common = ["--batch", "2", "--vae-batch", "2", "--vae-steps", "1", "--threads", "1"]
+    folders = ["--state", str(tmp_path / "state"), "--out", str(tmp_path / "model")]
+    main(["--minutes", "10", "--until-step", "2", *common, *folders])
+    main(["--minutes", "10", "--until-step", "3", "--resume", *common, *folders])
+    with open(tmp_path / "model" / "training.json", encoding="utf-8") as handle:
+        assert json.load(handle) == {"unet_step": 3, "vae_step": 1}
 
 
 def test_regional_training_blocks_and_biases_follow_the_layout(tmp_path):

@@ -1,6 +1,11 @@
 """Train the shapes model on synthetic scenes and export it as a diffusers folder.
 
-    python -m engine.shapes.train --minutes 90 [--resume]
+    python -m engine.shapes.train --minutes 90 [--resume] [--until-step N]
+
+``--until-step N`` stops at a step count rather than at the machine's speed, so a run is
+defined by its seed and step (the shipped model's ``training.json`` says its step). Resuming
+restores every RNG, the optimizer and the EMA, so a chain of resumed runs sees the same data
+and noise as one uninterrupted run.
 
 Two phases: the VAE alone (short), then the VAE frozen and the UNet trained jointly with both
 text encoders (v-prediction, min-SNR weighting, EMA, caption dropout to zero embeddings, which
@@ -46,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, required=True, help="wall-clock budget of this run")
+    p.add_argument(
+        "--until-step", type=int, default=None, help="stop once the UNet reaches this step"
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help="exported diffusers folder")
     p.add_argument("--state", default=DEFAULT_STATE, help="resumable training state folder")
     p.add_argument("--resume", action="store_true", help="continue from --state")
@@ -442,7 +450,11 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer.log("phase 2: UNet + text encoders")
     window, window_start, losses = 0, time.monotonic(), []
-    while time.monotonic() < deadline:
+
+    def more_steps() -> bool:
+        return args.until_step is None or trainer.step < args.until_step
+
+    while time.monotonic() < deadline and more_steps():
         loss = trainer.unet_step_once()
         if math.isfinite(loss):
             losses.append(loss)
