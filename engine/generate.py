@@ -16,7 +16,7 @@ from typing import Any
 from engine.conditions import conditions_used
 from engine.errors import CancelledError, OutOfMemoryError, OutputError, is_out_of_memory
 from engine.layout import Layout, LayoutError
-from engine.model_defaults import pipeline_defaults, with_model_defaults
+from engine.model_defaults import resolve_for
 from engine.provenance import sampler_name, save_png
 
 
@@ -54,7 +54,7 @@ def planned_steps(pipe: Any, layout: Layout) -> int:
     pass's when reference guidance has no reference image and makes one."""
     from engine.guidance import guided_levels
 
-    layout = with_model_defaults(layout, pipeline_defaults(pipe))
+    layout = resolve_for(pipe, layout)
     first_pass = (
         layout.reference is None
         and layout.reference_scale > 0
@@ -80,7 +80,7 @@ def run_generation(
     """
     check_layout_files(layout)
     # Provenance records the values actually used, model-chosen ones included.
-    layout = with_model_defaults(layout, pipeline_defaults(pipe))
+    layout = resolve_for(pipe, layout)
     if should_stop is not None and should_stop():
         raise CancelledError("cancelled before it started")
 

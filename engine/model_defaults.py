@@ -78,6 +78,11 @@ def pipeline_defaults(pipe: Any) -> dict[str, float]:
     return cached
 
 
+def resolve_for(pipe: Any, layout: Layout) -> Layout:
+    """``layout`` with the fields it leaves to the model filled in for ``pipe``'s model."""
+    return with_model_defaults(layout, pipeline_defaults(pipe))
+
+
 def with_model_defaults(layout: Layout, defaults: dict[str, float]) -> Layout:
     """``layout`` with its null model-chosen fields filled from ``defaults`` (itself if none)."""
     missing = {name: value for name, value in defaults.items() if getattr(layout, name, 0) is None}

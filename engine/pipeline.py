@@ -45,7 +45,6 @@ from engine.latent_regions import (
     plan_latent_regions,
 )
 from engine.layout import Layout, LayoutError
-from engine.model_defaults import pipeline_defaults, with_model_defaults
 from engine.regions import RegionalState, plan_regions
 from engine.step_hooks import StepHooks, prepare_step_hooks
 
@@ -116,10 +115,6 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
         with layout_conditions(self, layout) as extra:
             output = self._generate(layout, {**kwargs, **extra})
         return hooks.finish_output(output)
-
-    def resolve_layout(self, layout: Layout) -> Layout:
-        """``layout`` with the fields it leaves to the model filled in for this model."""
-        return with_model_defaults(layout, pipeline_defaults(self))
 
     def _step_hooks(self, layout: Layout, kwargs: dict[str, Any]) -> StepHooks:
         """Prepare the Layout's reference guidance and per-region strength and put their

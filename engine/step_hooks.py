@@ -255,9 +255,9 @@ def prepare_step_hooks(
     # Imported here: both modules build on this one's helpers.
     from engine.collage import keeps_init, prepare_collage
     from engine.guidance import prepare_reference_guidance, reference_image
-    from engine.model_defaults import pipeline_defaults, with_model_defaults
+    from engine.model_defaults import resolve_for
 
-    layout = with_model_defaults(layout, pipeline_defaults(pipe))
+    layout = resolve_for(pipe, layout)
     reference = reference_image(pipe, layout, **(first_pass_kwargs or {}))
     init = None
     if layout.init_image is not None and (keeps_init(layout) or layout.keep_outside):
