@@ -201,17 +201,31 @@ def _attend(
     attn: Attention, query: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Multi-head attention of projected queries over a text context; ``(batch, q, inner)``."""
+    return multi_head_attention(
+        attn, query, attn.to_k(context), attn.to_v(context), bias, attn.norm_q, attn.norm_k
+    )
+
+
+def multi_head_attention(
+    attn: Attention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm_q: Any = None,
+    norm_k: Any = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention over ``attn.heads`` heads of projected ``(batch, n, inner)``
+    queries, keys and values (per-head norms applied when given); ``(batch, q, inner)``."""
     batch_size = query.shape[0]
-    key = attn.to_k(context)
-    value = attn.to_v(context)
     head_dim = key.shape[-1] // attn.heads
     query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
     key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
     value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False
     )

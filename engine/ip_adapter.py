@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from engine.attention import RegionalAttnProcessor, RegionalContext
+from engine.attention import RegionalAttnProcessor, RegionalContext, multi_head_attention
 from engine.layout import Layout, LayoutError
 from engine.masks import region_mask
 from engine.regions import RegionalState, attention_grids, downsample_mask, grid_for_query
@@ -152,15 +151,8 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
         return total
 
     def _attend(self, attn: Attention, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        batch = query.shape[0]
-        key = self.to_k_ip(tokens)
-        value = self.to_v_ip(tokens)
-        head_dim = key.shape[-1] // attn.heads
-        q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-        return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        # diffusers' IP-Adapter attention applies no per-head norms to the image tokens.
+        return multi_head_attention(attn, query, self.to_k_ip(tokens), self.to_v_ip(tokens))
 
 
 # -- Installation and loading -------------------------------------------------------------------
