@@ -50,17 +50,13 @@ def check_layout_files(layout: Layout) -> None:
 
 
 def planned_steps(pipe: Any, layout: Layout) -> int:
-    """Denoising steps generating ``layout`` with ``pipe`` runs: the Layout's own, plus a first
-    pass's when reference guidance has no reference image and makes one."""
-    from engine.guidance import guided_levels
+    """Denoising steps generating ``layout`` with ``pipe`` runs: the Layout's own, plus those of
+    a pass making the reference (a first pass or GLIGEN, both with the Layout's steps)."""
+    from engine.guidance import reference_source
 
     layout = resolve_for(pipe, layout)
-    first_pass = (
-        layout.reference is None
-        and layout.reference_scale > 0
-        and guided_levels(layout.reference_fraction, layout.steps) > 0
-    )
-    return layout.steps * (2 if first_pass else 1)
+    made = reference_source(pipe, layout) in ("first_pass", "gligen")
+    return layout.steps * (2 if made else 1)
 
 
 def run_generation(
