@@ -18,13 +18,14 @@ attention processors read.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engine.layout import Layout
 from engine.masks import region_mask
+from engine.wire.layout import Layout
 
 
 def attention_grids(latent_size: tuple[int, int]) -> list[tuple[int, int]]:
@@ -116,15 +117,23 @@ def combine_block_weights(
     return weights
 
 
-def plan_regions(layout: Layout, latent_size: tuple[int, int]) -> RegionPlan:
-    """Group the Layout's prompts into blocks and weigh them on every attention grid."""
+def plan_regions(
+    layout: Layout,
+    latent_size: tuple[int, int],
+    masks: Sequence[torch.Tensor] | None = None,
+) -> RegionPlan:
+    """Group the Layout's prompts into blocks and weigh them on every attention grid.
+
+    ``masks`` (one latent-size tensor per region, 0..1) replaces the regions' own masks and
+    boxes, for callers that hold masks in memory.
+    """
     prompts, region_blocks = prompt_blocks(layout)
     grids = attention_grids(latent_size)
     coverage = [torch.zeros(grid) for grid in grids]
     regional = [torch.zeros((len(prompts), *grid)) for grid in grids]
     image_size = (layout.height, layout.width)
     for i, (region, block) in enumerate(zip(layout.regions, region_blocks, strict=True)):
-        mask = region_mask(region, i, image_size, latent_size)
+        mask = masks[i] if masks is not None else region_mask(region, i, image_size, latent_size)
         if not mask.any():
             continue  # fully hidden object: nothing to place
         for level, grid in enumerate(grids):

@@ -31,15 +31,22 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
-from engine.layout import Layout, Region
 from engine.model_defaults import DEFAULTS_FILE
 from engine.regions import plan_regions
 from engine.shapes import model as shapes_model
 from engine.shapes.detect import colour_labels
-from engine.shapes.world import BACKGROUND_CAPTION, ShapeObject, scene_batch
+from engine.shapes.world import (
+    BACKGROUND_CAPTION,
+    ShapeObject,
+    caption_for,
+    scene_batch,
+    visible_masks,
+)
+from engine.wire.layout import Layout, Region
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(REPO, "engine", "models", "shapes")
@@ -77,6 +84,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.5,
         help="share of UNet batches trained with regional cross-attention blocks",
+    )
+    p.add_argument(
+        "--overlap-fraction",
+        type=float,
+        default=0.3,
+        help="share of scenes whose objects overlap in a depth order",
+    )
+    p.add_argument(
+        "--crowd-fraction",
+        type=float,
+        default=0.25,
+        help="share of UNet batches of crowded scenes (5 to 16 small objects) at --crowd-size",
+    )
+    p.add_argument("--crowd-size", type=int, default=128, help="image side of crowded batches")
+    p.add_argument(
+        "--full-state",
+        action="store_true",
+        help="keep fp32 weights and optimizer moments in the state (resumes bit for bit); by "
+        "default the state holds fp16 weights and a resumed run re-warms the optimizer",
     )
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument(
@@ -119,6 +145,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.step = 0
         self.vae_step = 0
+        self.warm_from = 0  # the step the learning-rate warm-up counts from
         self.vae_opt = torch.optim.AdamW(self.parts["vae"].parameters(), lr=args.vae_lr)
         params = [p for name in TRAINED for p in self.parts[name].parameters()]
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -152,10 +179,21 @@ class Trainer:
         x, captions, _ = self.scenes(batch)
         return x, captions
 
-    def scenes(self, batch: int | None = None):
-        """A batch of scenes: pixels in [-1, 1] (NCHW), captions and objects."""
+    def scenes(self, batch: int | None = None, crowded: bool = False):
+        """A batch of scenes: pixels in [-1, 1] (NCHW), captions and objects.
+
+        A crowded batch is ``--crowd-size`` pixels square with as many pixels in all as a
+        normal batch; other batches are the model's native size, some scenes overlapping.
+        """
         batch = batch or self.args.batch
-        pixels, captions, objects = scene_batch(self.rng, batch, shapes_model.IMAGE_SIZE)
+        if crowded:
+            size = self.args.crowd_size
+            batch = max(1, batch * shapes_model.IMAGE_SIZE**2 // size**2)
+            pixels, captions, objects = scene_batch(self.rng, batch, size, crowd=(5, 16))
+        else:
+            pixels, captions, objects = scene_batch(
+                self.rng, batch, shapes_model.IMAGE_SIZE, overlap=self.args.overlap_fraction
+            )
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return x, captions, objects
 
@@ -210,30 +248,53 @@ class Trainer:
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
         self.log(f"vae scaling_factor {vae.config.scaling_factor:.4f}")
 
-    def regional_text(
-        self, captions: list[str], objects: list[list[ShapeObject]]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-        """Token blocks and per-grid attention biases as the regional pipeline builds them.
+    def scene_prompt(self, objects: list[ShapeObject]) -> str:
+        """A scene prompt in one of the forms users write: naming every object, some of them,
+        none ("a plain background"), or empty."""
+        form = self.rng.integers(4)
+        if form == 0 or not objects:
+            return caption_for(list(objects)) if objects else BACKGROUND_CAPTION
+        if form == 1:
+            keep = self.rng.permutation(len(objects))[: int(self.rng.integers(1, len(objects) + 1))]
+            return caption_for([objects[i] for i in sorted(keep)])
+        return BACKGROUND_CAPTION if form == 2 else ""
 
-        Each sample becomes a Layout (its objects as regions; background either the default,
-        i.e. the caption without the phrases, or "a plain background"); the engine's region
-        plan gives each pixel's block weights, whose logs bias cross-attention. Samples with
-        fewer blocks are padded with zero blocks that no pixel may attend to.
+    def regional_text(
+        self, captions: list[str], objects: list[list[ShapeObject]], size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Token blocks, pooled embeddings and per-grid attention biases as the regional
+        pipeline builds them.
+
+        Each sample becomes a Layout the way a user would write it: its objects as regions
+        (boxes, or occlusion-aware visible masks), a scene prompt in one of the forms of
+        ``scene_prompt``, the default or an explicit background prompt, a base ratio of 0 or
+        0.1-0.3. The engine's region plan gives each pixel's block weights, whose logs bias
+        cross-attention, and the pooled embedding is the scene prompt's, as at inference.
+        Samples with fewer blocks are padded with zero blocks that no pixel may attend to.
+        ``captions`` name each scene's objects (they are drawn again in the prompt forms).
         """
-        plans = []
-        for caption, objs in zip(captions, objects, strict=True):
+        size = size or shapes_model.IMAGE_SIZE
+        latent = size // 4
+        plans, scene_prompts = [], []
+        for objs in objects:
+            scene_prompt = self.scene_prompt(objs)
             background = BACKGROUND_CAPTION if self.rng.random() < 0.5 else None
+            base_ratio = 0.0 if self.rng.random() < 0.5 else float(self.rng.uniform(0.1, 0.3))
             layout = Layout(
-                prompt=caption,
-                width=shapes_model.IMAGE_SIZE,
-                height=shapes_model.IMAGE_SIZE,
+                prompt=scene_prompt,
+                width=size,
+                height=size,
                 regions=[Region(o.phrase, o.box) for o in objs],
                 background_prompt=background,
-                base_ratio=float(self.rng.uniform(0.1, 0.3)),
+                base_ratio=base_ratio,
             )
-            latent = shapes_model.IMAGE_SIZE // 4
-            plans.append(plan_regions(layout, (latent, latent)))
-        texts = sorted({t for plan in plans for t in plan.prompts} | set(captions))
+            masks = None
+            if objs and self.rng.random() < 0.5:
+                visible = torch.from_numpy(visible_masks(objs, size))
+                masks = list(F.adaptive_avg_pool2d(visible[:, None], (latent, latent))[:, 0])
+            plans.append(plan_regions(layout, (latent, latent), masks))
+            scene_prompts.append(scene_prompt)
+        texts = sorted({t for plan in plans for t in plan.prompts} | set(scene_prompts))
         encoded, pooled_all = self.encode_text(texts)
         row = {t: i for i, t in enumerate(texts)}
         blocks = max(len(plan.prompts) for plan in plans)
@@ -244,7 +305,7 @@ class Trainer:
         )
         padded = torch.cat([encoded, encoded.new_zeros((1, tokens, width))])
         embeds = padded[index].reshape(len(plans), blocks * tokens, width)
-        pooled = pooled_all[torch.tensor([row[c] for c in captions])]
+        pooled = pooled_all[torch.tensor([row[c] for c in scene_prompts])]
         biases = {}
         for level, grid in enumerate(plans[0].grids):
             weights = torch.zeros((len(plans), blocks, grid[0] * grid[1]))
@@ -256,11 +317,12 @@ class Trainer:
 
     def unet_step_once(self) -> float:
         args, unet, vae = self.args, self.parts["unet"], self.parts["vae"]
-        x, captions, objects = self.scenes()
+        x, captions, objects = self.scenes(crowded=self.rng.random() < args.crowd_fraction)
+        size = x.shape[-1]
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
         if self.rng.random() < args.regional_fraction:
-            embeds, pooled, biases = self.regional_text(captions, objects)
+            embeds, pooled, biases = self.regional_text(captions, objects, size)
         else:
             embeds, pooled = self.encode_text(captions)
             keep = (torch.rand(len(captions)) >= args.caption_dropout).float()
@@ -275,7 +337,6 @@ class Trainer:
         noise = torch.randn_like(latents)
         noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
         target = ab.sqrt() * noise - (1 - ab).sqrt() * latents
-        size = shapes_model.IMAGE_SIZE
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(n, 1)
         pred = unet(
             noisy,
@@ -286,7 +347,7 @@ class Trainer:
         snr = (ab / (1 - ab)).view(n)
         weight = torch.clamp(snr, max=args.min_snr) / (snr + 1)
         loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
-        warmup = min(1.0, (self.step + 1) / 200)
+        warmup = min(1.0, (self.step + 1 - self.warm_from) / 200)
         for group in self.opt.param_groups:
             group["lr"] = args.lr * warmup
         self.opt.zero_grad(set_to_none=True)
@@ -317,11 +378,20 @@ class Trainer:
         tmp = self.args.state.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+        full = self.args.full_state
+
+        def stored(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {
+                k: (v if full or not v.dtype.is_floating_point else v.half()).contiguous()
+                for k, v in weights.items()
+            }
+
         for name in (*TRAINED, "vae"):
-            sd = {k: v.contiguous() for k, v in self.parts[name].state_dict().items()}
-            save_file(sd, os.path.join(tmp, f"{name}.safetensors"))
+            save_file(
+                stored(self.parts[name].state_dict()), os.path.join(tmp, f"{name}.safetensors")
+            )
         for name in TRAINED:
-            save_file(self.ema[name], os.path.join(tmp, f"ema_{name}.safetensors"))
+            save_file(stored(self.ema[name]), os.path.join(tmp, f"ema_{name}.safetensors"))
         meta: dict = {
             "step": self.step,
             "vae_step": self.vae_step,
@@ -331,7 +401,8 @@ class Trainer:
         }
         for label, opt in (("opt", self.opt), ("vae_opt", self.vae_opt)):
             tensors, groups = _flatten_optimizer(opt.state_dict())
-            save_file(tensors, os.path.join(tmp, f"{label}.safetensors"))
+            if full:
+                save_file(tensors, os.path.join(tmp, f"{label}.safetensors"))
             meta[f"{label}_groups"] = groups
         save_file({"torch_rng": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as handle:
@@ -349,15 +420,24 @@ class Trainer:
         for name in (*TRAINED, "vae"):
             self.parts[name].load_state_dict(load_file(os.path.join(folder, f"{name}.safetensors")))
         for name in TRAINED:
-            self.ema[name] = load_file(os.path.join(folder, f"ema_{name}.safetensors"))
+            ema = load_file(os.path.join(folder, f"ema_{name}.safetensors"))
+            self.ema[name] = {k: v.to(self.ema[name][k].dtype) for k, v in ema.items()}
         self.parts["vae"].register_to_config(scaling_factor=meta["vae_scaling_factor"])
+        self.step, self.vae_step = meta["step"], meta["vae_step"]
+        rewarmed = []
         for label, opt in (("opt", self.opt), ("vae_opt", self.vae_opt)):
-            tensors = load_file(os.path.join(folder, f"{label}.safetensors"))
-            opt.load_state_dict(_unflatten_optimizer(tensors, meta[f"{label}_groups"]))
+            path = os.path.join(folder, f"{label}.safetensors")
+            if os.path.exists(path):
+                opt.load_state_dict(_unflatten_optimizer(load_file(path), meta[f"{label}_groups"]))
+            else:
+                rewarmed.append(label)
+        if "opt" in rewarmed:
+            # A compact state has no Adam moments: they re-estimate during a fresh warm-up.
+            self.warm_from = self.step
         self.rng.bit_generator.state = meta["numpy_rng"]
         torch.set_rng_state(load_file(os.path.join(folder, "rng.safetensors"))["torch_rng"])
-        self.step, self.vae_step = meta["step"], meta["vae_step"]
-        self.log(f"resumed at unet step {self.step}, vae step {self.vae_step}")
+        note = f" (optimizer re-warmed: {', '.join(rewarmed)})" if rewarmed else ""
+        self.log(f"resumed at unet step {self.step}, vae step {self.vae_step}{note}")
 
     def export(self) -> None:
         """Save the EMA weights as an fp16 StableDiffusionXLPipeline folder, swapped in whole."""

@@ -1,14 +1,18 @@
 """Synthetic shapes-world scenes: images, captions and per-object boxes, seeded and fast.
 
-A scene holds 0 to 4 shapes (circle, square, triangle) in six colours on a plain or gradient
-neutral background. Shapes are rasterized with numpy from signed distances, so their edges are
-anti-aliased. Captions follow one fixed grammar that the model's word-level tokenizer covers:
-``"a red circle"``, ``"a red circle and a blue square"``,
-``"a red circle, a blue square and a green triangle"``; an empty scene is ``"a plain background"``.
+A scene holds shapes (circle, square, triangle) in six colours on a plain or gradient neutral
+background: 0 to 4 large ones, optionally overlapping in a depth order (a front shape hides part of
+a back one), or many small ones on a larger canvas (crowded scenes). Shapes are rasterized with
+numpy from signed distances, so their edges are anti-aliased. Captions follow one fixed grammar
+that the model's word-level tokenizer covers: ``"a red circle"``, ``"a red circle and a blue
+square"``, ``"a red circle, a blue square and a green triangle"``; an empty scene is
+``"a plain background"``. Objects are kept in paint order (back to front); captions name them in
+a random order.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,11 +76,15 @@ def sample_objects(
     max_size: float | None = None,
     distinct_colours: bool = False,
     margin: float = 0.04,
+    overlap: bool = False,
 ) -> list[ShapeObject]:
-    """Draw ``count`` non-overlapping objects with square boxes inside the frame.
+    """Draw ``count`` objects with square boxes inside the frame, in paint order.
 
     Sizes are fractions of the image side; the defaults shrink with the count so four objects
     still fit. ``distinct_colours`` gives every object its own colour (unambiguous scoring).
+    Without ``overlap`` boxes keep ``margin`` apart; with it, each new box must overlap at
+    least one earlier box while hiding at most 40% of any of them, so later (front) objects
+    partly cover earlier (back) ones and every object stays recognisable.
     """
     if not 0 <= count <= 4:
         raise ValueError(f"a shapes-world scene holds 0 to 4 objects, got {count}")
@@ -84,12 +92,7 @@ def sample_objects(
         min_size = 0.30 if count <= 2 else 0.24
     if max_size is None:
         max_size = (0.50, 0.50, 0.44, 0.36, 0.32)[count]
-    colour_names = list(COLOURS)
-    colours = (
-        list(rng.choice(colour_names, size=count, replace=False))
-        if distinct_colours
-        else list(rng.choice(colour_names, size=count))
-    )
+    colours = _colours(rng, count, distinct_colours)
     for _attempt in range(200):
         boxes: list[tuple[float, float, float, float]] = []
         for _ in range(count):
@@ -98,7 +101,7 @@ def sample_objects(
                 x0 = float(rng.uniform(0.02, 0.98 - size))
                 y0 = float(rng.uniform(0.02, 0.98 - size))
                 box = (x0, y0, x0 + size, y0 + size)
-                if all(not _overlaps(box, other, margin) for other in boxes):
+                if _fits(box, boxes, margin, overlap):
                     boxes.append(box)
                     break
             else:
@@ -111,6 +114,59 @@ def sample_objects(
             ]
         min_size, max_size = min_size * 0.95, max_size * 0.95
     raise RuntimeError(f"could not place {count} objects without overlap")
+
+
+def crowded_objects(
+    rng: np.random.Generator,
+    count: int,
+    *,
+    min_size: float,
+    max_size: float,
+    distinct_colours: bool = False,
+) -> list[ShapeObject]:
+    """Draw ``count`` small non-overlapping objects, one per cell of a jittered grid.
+
+    Sizes are fractions of the image side, clipped to the grid cell so any count fits; colours
+    and shapes repeat once ``count`` passes the 18 colour-shape pairs.
+    """
+    if count < 0:
+        raise ValueError(f"a scene holds 0 or more objects, got {count}")
+    columns = max(1, math.ceil(math.sqrt(count)))
+    rows = max(1, math.ceil(count / columns))
+    cells = rng.permutation(rows * columns)[:count]
+    cell_w, cell_h = 0.96 / columns, 0.96 / rows
+    colours = _colours(rng, count, distinct_colours and count <= len(COLOURS))
+    shapes = rng.choice(SHAPES, size=count)
+    objects = []
+    for colour, shape, cell in zip(colours, shapes, cells, strict=True):
+        row, column = divmod(int(cell), columns)
+        size = min(float(rng.uniform(min_size, max_size)), 0.9 * min(cell_w, cell_h))
+        x0 = 0.02 + column * cell_w + float(rng.uniform(0, cell_w - size))
+        y0 = 0.02 + row * cell_h + float(rng.uniform(0, cell_h - size))
+        objects.append(ShapeObject(str(colour), str(shape), (x0, y0, x0 + size, y0 + size)))
+    return objects
+
+
+def _colours(rng: np.random.Generator, count: int, distinct: bool) -> list[str]:
+    names = list(COLOURS)
+    return list(rng.choice(names, size=count, replace=not distinct))
+
+
+def _fits(box: tuple[float, ...], others: list[tuple[float, ...]], margin: float, overlap: bool):
+    if not overlap:
+        return all(not _overlaps(box, other, margin) for other in others)
+    if not others:
+        return True
+    hidden = [_intersection(box, other) / _area(other) for other in others]
+    return 0.08 < max(hidden) <= 0.4
+
+
+def _intersection(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _area(box: tuple[float, ...]) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
 
 
 def _overlaps(a: tuple[float, ...], b: tuple[float, ...], margin: float) -> bool:
@@ -167,6 +223,23 @@ def shape_coverage(
     return np.clip(0.5 - dist, 0.0, 1.0)
 
 
+def visible_masks(objects: list[ShapeObject], size: int) -> np.ndarray:
+    """Occlusion-aware masks ``(len(objects), size, size)`` in 0..1, objects in paint order.
+
+    Each object's silhouette minus what the objects painted after it cover: what the add-on's
+    object-index render gives for proxies shaped like the objects.
+    """
+    centres = np.arange(size, dtype=np.float32) + 0.5
+    ys, xs = np.meshgrid(centres, centres, indexing="ij")
+    masks = np.zeros((len(objects), size, size), dtype=np.float32)
+    hidden = np.zeros((size, size), dtype=np.float32)
+    for i in range(len(objects) - 1, -1, -1):
+        coverage = shape_coverage(objects[i].shape, objects[i].box, xs, ys, size)
+        masks[i] = coverage * (1.0 - hidden)
+        hidden = np.maximum(hidden, coverage)
+    return masks
+
+
 def _edge(xs: np.ndarray, ys: np.ndarray, p: tuple[float, float], q: tuple[float, float]):
     """Signed distance to the line p->q, positive on its right-hand side (outside, y down)."""
     dx, dy = q[0] - p[0], q[1] - p[1]
@@ -198,16 +271,48 @@ def random_scene(
     if count is None:
         count = int(rng.choice(len(COUNT_WEIGHTS), p=COUNT_WEIGHTS))
     objects = sample_objects(rng, count, **kwargs)
-    order = rng.permutation(count)
-    objects = [objects[i] for i in order]
-    return Scene(render(objects, size, rng), caption_for(objects), objects)
+    return _scene(rng, objects, size)
+
+
+def crowded_scene(rng: np.random.Generator, size: int, count: int, **kwargs) -> Scene:
+    """One scene of ``count`` small objects (see ``crowded_objects``)."""
+    return _scene(rng, crowded_objects(rng, count, **kwargs), size)
+
+
+def _scene(rng: np.random.Generator, objects: list[ShapeObject], size: int) -> Scene:
+    named = [objects[i] for i in rng.permutation(len(objects))]
+    return Scene(render(objects, size, rng), caption_for(named), objects)
 
 
 def scene_batch(
-    rng: np.random.Generator, batch: int, size: int = 64
+    rng: np.random.Generator,
+    batch: int,
+    size: int = 64,
+    *,
+    overlap: float = 0.0,
+    crowd: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, list[str], list[list[ShapeObject]]]:
-    """``batch`` random scenes stacked as an NxHxWx3 uint8 array, with captions and objects."""
-    scenes = [random_scene(rng, size) for _ in range(batch)]
+    """``batch`` random scenes stacked as an NxHxWx3 uint8 array, with captions and objects.
+
+    ``overlap`` is the share of scenes whose objects overlap in depth order; ``crowd`` =
+    (fewest, most) makes every scene a crowded one with that many small objects.
+    """
+    if crowd is not None:
+        scenes = [
+            crowded_scene(
+                rng,
+                size,
+                int(rng.integers(crowd[0], crowd[1] + 1)),
+                min_size=16 / size,
+                max_size=40 / size,
+            )
+            for _ in range(batch)
+        ]
+    else:
+        scenes = [
+            random_scene(rng, size, overlap=bool(overlap and rng.random() < overlap))
+            for _ in range(batch)
+        ]
     return (
         np.stack([s.image for s in scenes]),
         [s.caption for s in scenes],
