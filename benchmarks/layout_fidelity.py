@@ -32,8 +32,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.layout import MODES as ENGINE_MODES  # noqa: E402
-from engine.layout import Layout, Region  # noqa: E402
 from engine.shapes.detect import (  # noqa: E402
     ColourDetector,
     Detection,
@@ -48,6 +46,8 @@ from engine.shapes.world import (  # noqa: E402
     caption_for,
     sample_objects,
 )
+from engine.wire.layout import MODES as ENGINE_MODES  # noqa: E402
+from engine.wire.layout import Layout, Region  # noqa: E402
 
 Box = tuple[float, float, float, float]
 

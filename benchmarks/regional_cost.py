@@ -43,9 +43,9 @@ from engine.ip_adapter import (  # noqa: E402
     install_masked_ip_adapter,
 )
 from engine.latent_regions import CropPolicy, plan_latent_regions  # noqa: E402
-from engine.layout import Layout, Region  # noqa: E402
 from engine.masks import box_coverage  # noqa: E402
 from engine.regions import RegionalState, plan_regions  # noqa: E402
+from engine.wire.layout import Layout, Region  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
 SDXL_BASE_UNET = {

@@ -1,6 +1,6 @@
 """Build the Blender extension zip: ``python blender_addon/build.py [--output-dir DIR]``.
 
-The add-on folder holds ``layout.py`` as a symlink to the engine's schema (one source of truth),
+The add-on folder holds ``wire`` as a symlink to the engine's wire package (one source of truth),
 but Blender's extension builder skips symlinks and zips cannot carry them portably. So the add-on
 is first staged into a folder with every symlink replaced by the real file, then built and
 validated by Blender's own extension tool (``blender_ext.py``, shipped inside the bpy wheel and

@@ -28,12 +28,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .wire.protocol import PROGRESS_EVENTS
+
 SERVE_ARGS: tuple[str, ...] = ("-m", "engine", "serve")
 """Arguments that start the engine's line-protocol server."""
 
 NOT_INSTALLED_HINT = "Open Preferences > Add-ons > Layout Diffusion and press Set up engine."
-
-PROGRESS_EVENTS = frozenset({"queued", "loading", "progress"})
 
 CONDITION_LABELS = {
     "controlnet": "Depth ControlNet",
@@ -41,7 +41,6 @@ CONDITION_LABELS = {
     "gligen": "GLIGEN",
 }
 """The optional models a request's ``options`` name, by option, with the artist's word for each."""
-"""Events that report on a request without ending it; any other event is its final answer."""
 
 ENGINE_GONE = "engine_crashed"
 NOT_INSTALLED = "not_installed"

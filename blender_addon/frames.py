@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS, write_text_atomic
+from .wire.files import write_text_atomic
+from .wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
 
 SIDECAR_FORMAT = "layout-diffusion-frame"
 SIDECAR_VERSION = 1

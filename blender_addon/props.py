@@ -18,7 +18,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from .layout import Layout, Region
+from .wire.layout import Layout, Region
 
 _DEFAULTS = Layout(prompt="")
 _REGION_DEFAULTS = Region(prompt="", box=(0.0, 0.0, 1.0, 1.0))

@@ -33,9 +33,10 @@ from typing import Any
 
 from . import frames
 from .engine_client import ENGINE_GONE, NOT_INSTALLED, EngineClient, EngineError, Job
+from .wire.protocol import BAD_DEVICE, MODEL_NOT_FOUND
 
 SEED_MODES = ("shot", "frame")
-FATAL_CODES = frozenset({ENGINE_GONE, NOT_INSTALLED, "model_not_found", "bad_device"})
+FATAL_CODES = frozenset({ENGINE_GONE, NOT_INSTALLED, MODEL_NOT_FOUND, BAD_DEVICE})
 """Engine errors that would fail every following frame too: the batch stops at the first."""
 
 

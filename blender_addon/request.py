@@ -22,7 +22,7 @@ from .images import ImageExportError, png_size, rgba8_pixels, save_png
 from .io.composite import Layer, composite_layers
 from .io.masks import DEPTH_MAX
 from .io.png import read_gray_png, read_rgb_png, write_rgb_png
-from .layout import Layout, LayoutError
+from .wire.layout import Layout, LayoutError
 
 RESULT_NAME = "result.png"
 """The result's file name in the scene's output folder."""

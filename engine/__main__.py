@@ -20,8 +20,8 @@ import sys  # noqa: E402
 
 from engine import __version__  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
-from engine.layout import Layout, LayoutError  # noqa: E402
 from engine.loading import LoadOptions, ModelLocation  # noqa: E402
+from engine.wire.layout import Layout, LayoutError  # noqa: E402
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ Region masks are feathered (Gaussian blur in latent space) so kept and regenerat
 without seams. With ``keep_outside`` the decoded image is composited with the init image: pixels
 farther than a narrow band from every region of strength above 0 are the init image's, exactly.
 
-Re-generating one object (:func:`regenerate_layout`) is this with the object at strength 1,
+Re-generating one object (:func:`engine.wire.edits.regenerate_layout`) is this with the object at strength 1,
 everything else at 0, ``keep_outside`` and a new seed.
 """
 
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.layout import Layout, LayoutError
 from engine.masks import region_mask
 from engine.step_hooks import blend, encode_image, noised
+from engine.wire.layout import Layout
 
 FEATHER = 1.0
 """Standard deviation, in latent pixels, of the blur that feathers region masks."""
@@ -197,40 +197,3 @@ def prepare_collage(
             return composite_outside(image, init_image, alpha)
 
     return hook, composite
-
-
-def regenerate_layout(layout: Layout, region: int | str, previous_image: str, seed: int) -> Layout:
-    """A Layout re-generating one region of ``previous_image`` (an absolute path) with a new
-    ``seed``: that region at strength 1, everything else kept, pixels outside it exact.
-
-    ``region`` is the region's index or its ``name``.
-    """
-    if isinstance(region, str):
-        found = [i for i, r in enumerate(layout.regions) if r.name == region]
-        if len(found) != 1:
-            names = [r.name for r in layout.regions]
-            raise LayoutError(
-                f"{'no' if not found else 'more than one'} region is named {region!r} "
-                f"(names: {names}); pass the region's index instead",
-                "regions",
-            )
-        index = found[0]
-    else:
-        index = region
-        if not 0 <= index < len(layout.regions):
-            raise LayoutError(
-                f"no region {index}: the Layout has {len(layout.regions)} regions", "regions"
-            )
-    regions = [
-        dataclasses.replace(r, strength=1.0 if i == index else None)
-        for i, r in enumerate(layout.regions)
-    ]
-    changed = dataclasses.replace(
-        layout,
-        regions=regions,
-        init_image=previous_image,
-        strength=0.0,
-        keep_outside=True,
-        seed=seed,
-    )
-    return Layout.from_dict(changed.to_dict())

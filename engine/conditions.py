@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from engine.layout import Layout, LayoutError
+from engine.wire.layout import Layout, LayoutError
 
 
 def check_conditions(layout: Layout, ip_adapter: str | None) -> None:

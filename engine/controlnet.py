@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import ModelNotFoundError, UnsupportedModelError
-from engine.layout import Layout, LayoutError
 from engine.masks import region_mask
+from engine.wire.layout import Layout, LayoutError
 
 
 def load_depth(path: str, size: tuple[int, int]) -> torch.Tensor:

@@ -15,9 +15,9 @@ from typing import Any
 
 from engine.conditions import conditions_used
 from engine.errors import CancelledError, OutOfMemoryError, OutputError, is_out_of_memory
-from engine.layout import Layout, LayoutError
 from engine.model_defaults import resolve_for
 from engine.provenance import sampler_name, save_png
+from engine.wire.layout import Layout, LayoutError
 
 
 @dataclass

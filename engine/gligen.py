@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.errors import ModelNotFoundError, UnsupportedModelError
-from engine.layout import SIZE_MULTIPLE, Layout
 from engine.loading import (
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
@@ -37,6 +36,7 @@ from engine.loading import (
     find_component,
     weights_variant,
 )
+from engine.wire.layout import SIZE_MULTIPLE, Layout
 
 log = logging.getLogger("engine.gligen")
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from engine.layout import MIN_SIZE, SIZE_MULTIPLE, Layout
 from engine.masks import region_mask
 from engine.step_hooks import encode_image, load_rgb, noised
+from engine.wire.layout import MIN_SIZE, SIZE_MULTIPLE, Layout
 
 AREA_REF = 0.25
 """Regions covering at least this fraction of the image are pulled with scale 1."""

@@ -31,9 +31,9 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from engine.attention import RegionalAttnProcessor, RegionalContext, multi_head_attention
-from engine.layout import Layout, LayoutError
 from engine.masks import region_mask
 from engine.regions import RegionalState, attention_grids, downsample_mask, grid_for_query
+from engine.wire.layout import Layout, LayoutError
 
 
 class ReferenceState:

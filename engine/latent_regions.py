@@ -45,9 +45,9 @@ from typing import Any
 import torch
 
 from engine.collage import feather as blur
-from engine.layout import Layout
 from engine.masks import region_mask
 from engine.regions import combine_block_weights, prompt_blocks
+from engine.wire.layout import Layout
 
 FEATHER_SIGMA = 1.0
 """Standard deviation, in latent pixels, of the blur that feathers region masks (8 image

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.layout import LayoutError, Region
+from engine.wire.layout import LayoutError, Region
 
 
 def box_coverage(box: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from engine.errors import UnsupportedModelError
-from engine.layout import Layout
+from engine.wire.layout import Layout
 
 DEFAULTS_FILE = "layout_defaults.json"
 """File in a model's folder holding its recommended values."""

@@ -44,9 +44,9 @@ from engine.latent_regions import (
     latent_regions,
     plan_latent_regions,
 )
-from engine.layout import Layout, LayoutError
 from engine.regions import RegionalState, plan_regions
 from engine.step_hooks import StepHooks, prepare_step_hooks
+from engine.wire.layout import Layout, LayoutError
 
 # The Layout modes this pipeline generates.
 _MODES = ("attention", "latent")

@@ -22,7 +22,8 @@ import os
 from typing import Any
 
 from engine import __version__
-from engine.layout import Layout, atomic_open
+from engine.wire.files import atomic_open
+from engine.wire.layout import Layout
 
 PROVENANCE_KEY = "layout-diffusion"
 PARAMETERS_KEY = "parameters"

@@ -1,6 +1,6 @@
 """``python -m engine serve``: the engine as a long-lived subprocess speaking JSON lines.
 
-Protocol (version ``PROTOCOL_VERSION`` in ``engine.layout``)
+Protocol (version ``PROTOCOL_VERSION`` in ``engine.wire.protocol``)
 ------------------------------------------------------------
 
 The client writes requests to the engine's stdin and reads replies and events from its stdout,
@@ -26,7 +26,7 @@ Requests:
     fields left null).
 
 ``{"op": "generate", "id": "r1", "layout": {...}, "out": "/abs/out.png", "model": "shapes"}``
-    ``layout`` is an inline Layout (``engine.layout``; mask and depth paths absolute), ``out``
+    ``layout`` is an inline Layout (``engine.wire.layout``; mask and depth paths absolute), ``out``
     the absolute PNG path to write, ``model`` optional (default: the model of the previous
     generate, else the serve ``--model``, else ``shapes``). Optional ``options`` overrides the
     serve flags for this request: ``{"device", "dtype", "cpu_offload", "vae_tiling",
@@ -104,30 +104,15 @@ from typing import IO, TYPE_CHECKING, Any
 
 from engine import __version__
 from engine.errors import BadRequestError, CancelledError, EngineError, is_out_of_memory
-from engine.layout import MODES, PROTOCOL_VERSION, Layout, LayoutError
+from engine.wire.layout import MODES, Layout, LayoutError
+from engine.wire.protocol import NULLABLE_OPTIONS, OPTION_TYPES, PROTOCOL_VERSION, QUEUE_LIMIT
 
 if TYPE_CHECKING:
     from engine.loading import LoadOptions, ModelLocation
 
 log = logging.getLogger("engine.serve")
 
-QUEUE_LIMIT = 4
-"""Generates that may wait behind the running one before ``busy`` is answered."""
-
 CAPABILITIES = [*MODES, "cancel", "release", "progress", "queue", "single_file", "provenance"]
-
-_OPTION_TYPES = {
-    "device": str,
-    "dtype": str,
-    "cpu_offload": bool,
-    "vae_tiling": bool,
-    "allow_pickle": bool,
-    "config": str,
-    "controlnet": str,
-    "ip_adapter": str,
-    "gligen": str,
-}
-_NULLABLE_OPTIONS = ("config", "controlnet", "ip_adapter", "gligen")
 
 
 @dataclasses.dataclass
@@ -377,13 +362,13 @@ class Server:
         if not isinstance(overrides, dict):
             raise BadRequestError("'options' must be an object", "options")
         for key, value in overrides.items():
-            kind = _OPTION_TYPES.get(key)
+            kind = OPTION_TYPES.get(key)
             if kind is None:
                 raise BadRequestError(
-                    f"unknown option {key!r}; known options are {sorted(_OPTION_TYPES)}",
+                    f"unknown option {key!r}; known options are {sorted(OPTION_TYPES)}",
                     f"options.{key}",
                 )
-            if not isinstance(value, kind) and not (key in _NULLABLE_OPTIONS and value is None):
+            if not isinstance(value, kind) and not (key in NULLABLE_OPTIONS and value is None):
                 raise BadRequestError(
                     f"option {key!r} must be a {kind.__name__}, got {value!r}", f"options.{key}"
                 )

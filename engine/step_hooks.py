@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from engine.layout import Layout, LayoutError
+from engine.wire.layout import Layout, LayoutError
 
 StepEnd = Callable[[Any, int, Any, dict], dict]
 """diffusers' ``callback_on_step_end(pipe, step, timestep, tensors) -> tensors to replace``."""

@@ -116,7 +116,7 @@ def guidance(
 
 
 def test_new_settings_default_to_the_layout_defaults(guidance):
-    from blender_addon.layout import Layout, Region
+    from blender_addon.wire.layout import Layout, Region
 
     layout, region = Layout(prompt=""), Region(prompt="", box=(0, 0, 1, 1))
     assert guidance["defaults"] == {
@@ -466,7 +466,7 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str, gligen: str)
     addon_utils.enable("blender_addon", default_set=True, handle_error=None)
     from blender_addon import engine_session, operators, ui
     from blender_addon.io.png import write_rgb_png
-    from blender_addon.layout import Layout
+    from blender_addon.wire.layout import Layout
 
     _setup_scene(model)
     scene = bpy.context.scene

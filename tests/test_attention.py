@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
 from engine.attention import RegionalAttnProcessor, RegionalContext, install_regional_attention
-from engine.layout import Layout, Region
 from engine.regions import RegionalState, plan_regions
 from engine.tiny import tiny_sdxl_components
+from engine.wire.layout import Layout, Region
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_batch_renders_the_moving_cube_with_one_engine(blend, tmp_path):
     assert loads[0] > 0 and loads[1:] == [0.0, 0.0], loads
 
     # A sidecar reproduces its frame: its Layout resolves against the output folder.
-    from engine.layout import Layout
+    from engine.wire.layout import Layout
 
     layout = Layout.from_dict(records[1]["layout"], base_dir=str(out))
     assert os.path.isfile(layout.regions[0].mask) and os.path.isfile(layout.depth)

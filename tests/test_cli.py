@@ -11,9 +11,9 @@ from PIL import Image
 from serve_client import ROOT, engine_env
 
 from engine.__main__ import main
-from engine.layout import Layout
 from engine.model_defaults import SDXL_DEFAULTS, with_model_defaults
 from engine.provenance import PARAMETERS_KEY, PROVENANCE_KEY, read_provenance
+from engine.wire.layout import Layout
 
 
 def run_engine(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -16,12 +16,12 @@ from engine.collage import (
     free_maps,
     keep_alpha,
     kept_levels,
-    regenerate_layout,
 )
 from engine.guidance import first_pass_layout
-from engine.layout import Layout, LayoutError, Region
 from engine.pipeline import RegionalSDXLPipeline
 from engine.step_hooks import encode_image, prepare_step_hooks
+from engine.wire.edits import regenerate_layout
+from engine.wire.layout import Layout, LayoutError, Region
 
 SIDE = 64
 LATENT = SIDE // 2  # the tiny VAE downsamples by 2

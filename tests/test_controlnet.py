@@ -21,8 +21,8 @@ from engine.controlnet import (
     residual_multipliers,
 )
 from engine.errors import ModelNotFoundError, UnsupportedModelError
-from engine.layout import Layout
 from engine.loading import LoadOptions, PipelineCache, resolve_controlnet
+from engine.wire.layout import Layout
 
 LEFT, TOP_RIGHT = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 0.5]
 

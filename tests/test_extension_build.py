@@ -35,13 +35,18 @@ def test_manifest_declares_the_extension():
         assert manifest["version"] == tomllib.load(handle)["project"]["version"]
 
 
-def test_zip_carries_the_real_layout_schema(built_zip):
+def test_zip_carries_the_real_wire_package(built_zip):
+    wire = os.path.join(ROOT, "engine", "wire")
     with zipfile.ZipFile(built_zip) as archive:
         names = set(archive.namelist())
-        shipped = archive.read("layout.py")
+        shipped = {
+            name: archive.read(f"wire/{name}") for name in os.listdir(wire) if name.endswith(".py")
+        }
         modes = {info.filename: info.external_attr >> 16 for info in archive.infolist()}
-    with open(os.path.join(ROOT, "engine", "layout.py"), "rb") as handle:
-        assert shipped == handle.read(), "the zip's layout.py differs from engine/layout.py"
+    assert {"layout.py", "protocol.py", "files.py"} <= set(shipped)
+    for name, data in shipped.items():
+        with open(os.path.join(wire, name), "rb") as handle:
+            assert data == handle.read(), f"the zip's wire/{name} differs from engine/wire/{name}"
     assert not [name for name, mode in modes.items() if stat.S_ISLNK(mode)]
     expected = {
         "blender_manifest.toml",

@@ -10,7 +10,7 @@ import pytest
 
 from blender_addon import frames
 from blender_addon.frames import FrameSpecError
-from engine.layout import Layout
+from engine.wire.layout import Layout
 
 
 def write_png(path: str, width: int, height: int, value: int = 0) -> None:

@@ -24,9 +24,9 @@ from engine.gligen import (
     resolve_gligen,
 )
 from engine.guidance import reference_source
-from engine.layout import Layout, Region
 from engine.loading import LoadOptions, PipelineCache
 from engine.provenance import read_provenance
+from engine.wire.layout import Layout, Region
 
 CAR, TREE = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 0.5)
 

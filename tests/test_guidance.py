@@ -19,7 +19,6 @@ from engine.guidance import (
     pull_map,
     region_scale,
 )
-from engine.layout import Layout, LayoutError, Region
 from engine.pipeline import RegionalSDXLPipeline
 from engine.step_hooks import (
     encode_image,
@@ -28,6 +27,7 @@ from engine.step_hooks import (
     set_schedule,
     start_latents,
 )
+from engine.wire.layout import Layout, LayoutError, Region
 
 SIDE = 64
 LATENT = SIDE // 2  # the tiny VAE downsamples by 2

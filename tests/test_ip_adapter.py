@@ -15,11 +15,11 @@ from engine.attention import RegionalAttnProcessor
 from engine.conditions import check_conditions
 from engine.errors import ModelNotFoundError
 from engine.ip_adapter import ReferenceState, RegionalIPAdapterAttnProcessor
-from engine.layout import Layout, LayoutError
 from engine.loading import LoadOptions, PipelineCache, resolve_ip_adapter
 from engine.masks import box_coverage
 from engine.regions import RegionalState, downsample_mask, plan_regions
 from engine.tiny import IP_ADAPTER_WEIGHTS
+from engine.wire.layout import Layout, LayoutError
 
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 LEFT = [0.0, 0.0, 0.5, 1.0]

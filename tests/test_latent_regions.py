@@ -20,8 +20,8 @@ from engine.latent_regions import (
     latent_block_weights,
     plan_latent_regions,
 )
-from engine.layout import Layout, Region
 from engine.pipeline import RegionalSDXLPipeline
+from engine.wire.layout import Layout, Region
 
 SIDE = 64
 LATENT = (SIDE // 2, SIDE // 2)  # the tiny VAE downsamples by 2

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from engine.layout import Layout, LayoutError, strip_phrases
 from engine.model_defaults import SDXL_DEFAULTS, with_model_defaults
+from engine.wire.layout import Layout, LayoutError
+from engine.wire.phrases import strip_phrases
 
 
 def base(**overrides):

@@ -13,7 +13,6 @@ from PIL import Image
 
 from engine.errors import UnsupportedModelError
 from engine.generate import run_generation
-from engine.layout import Layout, Region
 from engine.model_defaults import (
     DEFAULTS_FILE,
     SDXL_DEFAULTS,
@@ -23,6 +22,7 @@ from engine.model_defaults import (
 )
 from engine.pipeline import RegionalSDXLPipeline
 from engine.provenance import layout_from_png
+from engine.wire.layout import Layout, Region
 
 SIDE = 64
 

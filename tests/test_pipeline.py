@@ -11,8 +11,8 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from engine.attention import RegionalAttnProcessor
-from engine.layout import Layout, Region
 from engine.pipeline import RegionalSDXLPipeline
+from engine.wire.layout import Layout, Region
 
 SIZE = dict(width=96, height=64)
 

@@ -8,7 +8,6 @@ import pytest
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
 
-from engine.layout import Layout, Region
 from engine.provenance import (
     a1111_parameters,
     layout_from_png,
@@ -16,6 +15,7 @@ from engine.provenance import (
     sampler_name,
     save_png,
 )
+from engine.wire.layout import Layout, Region
 
 
 def scene(**overrides) -> Layout:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.layout import Layout, LayoutError, Region
 from engine.masks import box_coverage, region_mask
 from engine.regions import (
     RegionalState,
@@ -18,6 +17,7 @@ from engine.regions import (
     grid_for_query,
     plan_regions,
 )
+from engine.wire.layout import Layout, LayoutError, Region
 
 
 def test_grids_round_odd_sides_up():

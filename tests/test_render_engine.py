@@ -110,7 +110,7 @@ def pixel_helpers() -> dict:
         resize_bilinear,
         srgb_to_linear,
     )
-    from engine.layout import Layout
+    from engine.wire.layout import Layout
 
     boxes_only = Layout.from_dict(
         {
@@ -188,7 +188,7 @@ def scenario(folder: str, model: str) -> dict:
     engine_png = os.path.join(render_dir, "frame_0002.png")
     combined = np.stack([r, g, b], axis=2)
     record = frames.read_sidecar(os.path.join(render_dir, "frame_0002.json"))
-    from engine.layout import Layout
+    from engine.wire.layout import Layout
 
     layout = Layout.from_dict(record["layout"], base_dir=render_dir)
     mask = read_gray_png(layout.regions[0].mask) > 127

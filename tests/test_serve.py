@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from serve_client import EngineClient
 
-from engine.layout import PROTOCOL_VERSION
 from engine.provenance import layout_from_png, read_provenance
+from engine.wire.protocol import PROTOCOL_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +311,7 @@ def test_out_of_memory_becomes_advice_not_a_crash(tmp_path):
 
     from engine.errors import OutOfMemoryError, is_out_of_memory
     from engine.generate import run_generation
-    from engine.layout import Layout
+    from engine.wire.layout import Layout
 
     class Exhausted:
         scheduler = None

@@ -19,7 +19,7 @@ import numpy as np
 from ..io import masks as mask_ops
 from ..io.png import write_gray_png
 from ..io.projection import layout_size, project_objects, square_pixel_size
-from ..layout import Layout
+from ..wire.layout import Layout
 from .camera import camera_model, render_resolution
 
 NO_GEOMETRY_TYPES = {

@@ -1,0 +1,70 @@
+"""The vocabulary of ``engine serve``'s JSON-lines protocol, shared by the engine and the add-on.
+
+``engine.service.serve``'s docstring is the protocol's reference; this module holds the names
+both sides must agree on, so neither retypes them.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+"""Version of the ``engine serve`` line protocol (newline-delimited JSON)."""
+
+OPS = ("hello", "generate", "cancel", "release", "shutdown")
+"""Requests the engine answers."""
+
+PROGRESS_EVENTS = frozenset({"queued", "loading", "progress"})
+"""Events a generate may send before its final one."""
+
+FINAL_EVENTS = frozenset({"result", "cancelled", "error"})
+"""Every generate ends with exactly one of these."""
+
+QUEUE_LIMIT = 4
+"""Generates that may wait behind the running one before ``busy`` is answered."""
+
+OPTION_TYPES: dict[str, type] = {
+    "device": str,
+    "dtype": str,
+    "cpu_offload": bool,
+    "vae_tiling": bool,
+    "allow_pickle": bool,
+    "config": str,
+    "controlnet": str,
+    "ip_adapter": str,
+    "gligen": str,
+}
+"""A generate's ``options``: per-request overrides of the serve flags, with their JSON types."""
+
+NULLABLE_OPTIONS = ("config", "controlnet", "ip_adapter", "gligen")
+"""Options that may be ``null`` (turned off for this request)."""
+
+# Error codes the engine sends in ``error`` events.
+BAD_JSON = "bad_json"
+BAD_REQUEST = "bad_request"
+UNKNOWN_OP = "unknown_op"
+BAD_LAYOUT = "bad_layout"
+MODEL_NOT_FOUND = "model_not_found"
+UNSUPPORTED_MODEL = "unsupported_model"
+UNSAFE_CHECKPOINT = "unsafe_checkpoint"
+BAD_DEVICE = "bad_device"
+OUT_OF_MEMORY = "out_of_memory"
+OUTPUT_FAILED = "output_failed"
+BUSY = "busy"
+CANCELLED = "cancelled"
+INTERNAL = "internal"
+
+ERROR_CODES = frozenset(
+    {
+        BAD_JSON,
+        BAD_REQUEST,
+        UNKNOWN_OP,
+        BAD_LAYOUT,
+        MODEL_NOT_FOUND,
+        UNSUPPORTED_MODEL,
+        UNSAFE_CHECKPOINT,
+        BAD_DEVICE,
+        OUT_OF_MEMORY,
+        OUTPUT_FAILED,
+        BUSY,
+        INTERNAL,
+    }
+)
