@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-c",
-                f"from engine.tiny import save_tiny_sdxl; save_tiny_sdxl({model!r})",
+                f"from tiny import save_tiny_sdxl; save_tiny_sdxl({model!r})",
             ],
             check=True,
             cwd=ROOT,

@@ -296,8 +296,9 @@ def main() -> None:
         return
     unet, context = meta_sdxl_unet()
 
+    from tiny import save_tiny_sdxl
+
     from engine.pipeline import RegionalSDXLPipeline
-    from engine.tiny import save_tiny_sdxl
 
     folder = save_tiny_sdxl(os.path.join(tempfile.mkdtemp(), "tiny-sdxl"))
     pipe = RegionalSDXLPipeline.from_pretrained(folder)

@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random SDXL diffusers folder, loaded by tests through the engine's real loader."""
-    from engine.tiny import save_tiny_sdxl
+    from tiny import save_tiny_sdxl
 
     return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
@@ -25,7 +25,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_controlnet_dir(tmp_path_factory) -> str:
     """A tiny depth ControlNet folder matching ``tiny_model_dir``'s UNet."""
-    from engine.tiny import save_tiny_controlnet
+    from tiny import save_tiny_controlnet
 
     return save_tiny_controlnet(tmp_path_factory.mktemp("models") / "tiny-controlnet")
 
@@ -33,7 +33,7 @@ def tiny_controlnet_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_ip_adapter_dir(tmp_path_factory) -> str:
     """A tiny IP-Adapter folder (weights + image_encoder/) matching ``tiny_model_dir``'s UNet."""
-    from engine.tiny import save_tiny_ip_adapter
+    from tiny import save_tiny_ip_adapter
 
     return save_tiny_ip_adapter(tmp_path_factory.mktemp("models") / "tiny-ip-adapter")
 
@@ -41,7 +41,7 @@ def tiny_ip_adapter_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_gligen_dir(tmp_path_factory) -> str:
     """A tiny GLIGEN (text-box) diffusers folder, for the reference pass."""
-    from engine.tiny import save_tiny_gligen
+    from tiny import save_tiny_gligen
 
     return save_tiny_gligen(tmp_path_factory.mktemp("models") / "tiny-gligen")
 

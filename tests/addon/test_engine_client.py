@@ -17,7 +17,7 @@ from blender_addon.engine_client import (
     EngineError,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def layout(steps: int = 2, size: int = 64) -> dict:

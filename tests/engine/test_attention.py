@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from tiny import tiny_sdxl_components
 
 from engine.attention import RegionalAttnProcessor, RegionalContext, install_regional_attention
 from engine.regions import RegionalState, plan_regions
-from engine.tiny import tiny_sdxl_components
 from engine.wire.layout import Layout, Region
 
 

@@ -202,8 +202,7 @@ def test_folder_without_config_is_not_a_controlnet(tmp_path):
 
 def test_controlnet_of_another_base_model_is_refused(cache, tiny_model_dir, tmp_path):
     from diffusers import ControlNetModel, UNet2DConditionModel
-
-    from engine.tiny import tiny_unet
+    from tiny import tiny_unet
 
     config = {**tiny_unet().config, "cross_attention_dim": 32}
     other = ControlNetModel.from_unet(

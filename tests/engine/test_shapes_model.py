@@ -17,7 +17,7 @@ from engine.shapes import model as shapes_model
 from engine.shapes.detect import colour_labels
 from engine.shapes.world import COLOURS, VOCABULARY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED = os.path.join(ROOT, "engine", "models", "shapes")
 
 

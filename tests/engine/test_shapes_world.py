@@ -164,7 +164,7 @@ def _benchmark_module():
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "layout_fidelity.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "layout_fidelity.py")
     spec = importlib.util.spec_from_file_location("layout_fidelity", path)
     module = importlib.util.module_from_spec(spec)
     # Dataclasses look their module up in sys.modules while the module runs.
