@@ -18,6 +18,8 @@ from engine.shapes.world import VOCABULARY
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 IMAGE_SIZE = 64
+VAE_FACTOR = 4
+"""Pixels per latent cell along each side."""
 TEXT_WIDTH = 64
 """Hidden width of each text encoder; the UNet sees both concatenated (128 per token)."""
 TIME_EMBED = 8

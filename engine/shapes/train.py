@@ -259,41 +259,48 @@ class Trainer:
             return caption_for([objects[i] for i in sorted(keep)])
         return BACKGROUND_CAPTION if form == 2 else ""
 
+    def sample_layout(
+        self, objects: list[ShapeObject], size: int
+    ) -> tuple[Layout, list[torch.Tensor] | None]:
+        """A Layout for one training scene, written the way a user would write it.
+
+        Its objects become regions (boxes, or for half the scenes the occlusion-aware visible
+        masks the add-on sends, returned at the latent size); the scene prompt takes one of the
+        forms of ``scene_prompt``; the background prompt is the default or explicit; the base
+        ratio is 0 or 0.1-0.3.
+        """
+        layout = Layout(
+            prompt=self.scene_prompt(objects),
+            width=size,
+            height=size,
+            regions=[Region(o.phrase, o.box) for o in objects],
+            background_prompt=BACKGROUND_CAPTION if self.rng.random() < 0.5 else None,
+            base_ratio=0.0 if self.rng.random() < 0.5 else float(self.rng.uniform(0.1, 0.3)),
+        )
+        masks = None
+        if objects and self.rng.random() < 0.5:
+            latent = size // shapes_model.VAE_FACTOR
+            visible = torch.from_numpy(visible_masks(objects, size))
+            masks = list(F.adaptive_avg_pool2d(visible[:, None], (latent, latent))[:, 0])
+        return layout, masks
+
     def regional_text(
-        self, captions: list[str], objects: list[list[ShapeObject]], size: int | None = None
+        self, layouts: list[Layout], masks: list[list[torch.Tensor] | None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """Token blocks, pooled embeddings and per-grid attention biases as the regional
-        pipeline builds them.
+        pipeline builds them for ``layouts`` (one per sample, all of one size).
 
-        Each sample becomes a Layout the way a user would write it: its objects as regions
-        (boxes, or occlusion-aware visible masks), a scene prompt in one of the forms of
-        ``scene_prompt``, the default or an explicit background prompt, a base ratio of 0 or
-        0.1-0.3. The engine's region plan gives each pixel's block weights, whose logs bias
-        cross-attention, and the pooled embedding is the scene prompt's, as at inference.
+        The engine's region plan gives each pixel's block weights, whose logs bias
+        cross-attention; the pooled embedding is the scene prompt's, as at inference.
+        ``masks`` (per sample: latent-size region masks, or None for boxes) replace the boxes.
         Samples with fewer blocks are padded with zero blocks that no pixel may attend to.
-        ``captions`` name each scene's objects (they are drawn again in the prompt forms).
         """
-        size = size or shapes_model.IMAGE_SIZE
-        latent = size // 4
-        plans, scene_prompts = [], []
-        for objs in objects:
-            scene_prompt = self.scene_prompt(objs)
-            background = BACKGROUND_CAPTION if self.rng.random() < 0.5 else None
-            base_ratio = 0.0 if self.rng.random() < 0.5 else float(self.rng.uniform(0.1, 0.3))
-            layout = Layout(
-                prompt=scene_prompt,
-                width=size,
-                height=size,
-                regions=[Region(o.phrase, o.box) for o in objs],
-                background_prompt=background,
-                base_ratio=base_ratio,
-            )
-            masks = None
-            if objs and self.rng.random() < 0.5:
-                visible = torch.from_numpy(visible_masks(objs, size))
-                masks = list(F.adaptive_avg_pool2d(visible[:, None], (latent, latent))[:, 0])
-            plans.append(plan_regions(layout, (latent, latent), masks))
-            scene_prompts.append(scene_prompt)
+        masks = masks or [None] * len(layouts)
+        plans = []
+        for layout, region_masks in zip(layouts, masks, strict=True):
+            latent = layout.height // shapes_model.VAE_FACTOR
+            plans.append(plan_regions(layout, (latent, latent), region_masks))
+        scene_prompts = [layout.prompt for layout in layouts]
         texts = sorted({t for plan in plans for t in plan.prompts} | set(scene_prompts))
         encoded, pooled_all = self.encode_text(texts)
         row = {t: i for i, t in enumerate(texts)}
@@ -322,7 +329,8 @@ class Trainer:
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
         if self.rng.random() < args.regional_fraction:
-            embeds, pooled, biases = self.regional_text(captions, objects, size)
+            drawn = [self.sample_layout(objs, size) for objs in objects]
+            embeds, pooled, biases = self.regional_text(*map(list, zip(*drawn, strict=True)))
         else:
             embeds, pooled = self.encode_text(captions)
             keep = (torch.rand(len(captions)) >= args.caption_dropout).float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -63,11 +64,12 @@ def test_components_have_the_sdxl_layout_with_cross_attention_at_every_level():
     assert parts["scheduler"].config.prediction_type == "v_prediction"
 
 
-def _tiny_trainer(tmp_path, name):
+def _tiny_trainer(tmp_path, name, *extra):
     from engine.shapes.train import Trainer, parse_args
 
     args = parse_args(
         [
+            *extra,
             "--minutes",
             "1",
             "--batch",
@@ -86,7 +88,7 @@ def _tiny_trainer(tmp_path, name):
 
 
 def test_training_state_round_trip_resumes_identically_and_exports_a_loadable_pipeline(tmp_path):
-    first = _tiny_trainer(tmp_path, "model")
+    first = _tiny_trainer(tmp_path, "model", "--full-state")
     first.vae_step_once()
     first.calibrate_vae()
     first.parts["vae"].requires_grad_(False)
@@ -94,7 +96,7 @@ def test_training_state_round_trip_resumes_identically_and_exports_a_loadable_pi
     first.save_state()
     first.export()
 
-    second = _tiny_trainer(tmp_path, "model")
+    second = _tiny_trainer(tmp_path, "model", "--full-state")
     second.load_state()
     assert (second.step, second.vae_step) == (1, 1)
     assert second.parts["vae"].config.scaling_factor == first.parts["vae"].config.scaling_factor
@@ -141,17 +143,48 @@ def test_a_run_stops_at_the_step_it_is_given(tmp_path):
         assert json.load(handle) == {"unet_step": 3, "vae_step": 1}
 
 
+def test_compact_state_holds_fp16_weights_and_no_optimizer_moments_and_resumes(tmp_path):
+    first = _tiny_trainer(tmp_path, "model")
+    first.parts["vae"].requires_grad_(False)
+    first.unet_step_once()
+    first.unet_step_once()
+    first.save_state()
+    files = set(os.listdir(tmp_path / "state"))
+    assert "opt.safetensors" not in files and "vae_opt.safetensors" not in files
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "state" / "unet.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    full = first.parts["unet"].state_dict()
+    assert all(torch.equal(stored[k].float(), full[k].half().float()) for k in full)
+
+    second = _tiny_trainer(tmp_path, "model")
+    second.load_state()
+    # No Adam moments: the learning rate warms up again from the resumed step.
+    assert (second.step, second.warm_from) == (2, 2)
+    assert second.ema["unet"]["conv_in.weight"].dtype == torch.float32
+    assert math.isfinite(second.unet_step_once())
+
+
+def _plain_layout(prompt, objects, **fields):
+    from engine.wire.layout import Layout, Region
+
+    regions = [Region(o.phrase, o.box) for o in objects]
+    return Layout(prompt=prompt, width=64, height=64, regions=regions, **fields)
+
+
 def test_regional_training_blocks_and_biases_follow_the_layout(tmp_path):
     from engine.shapes.world import ShapeObject
 
     trainer = _tiny_trainer(tmp_path, "model")
-    trainer.rng = np.random.default_rng(0)  # its first draw (0.64) picks the default background
     red = ShapeObject("red", "circle", (0.0, 0.0, 0.5, 0.5))
     blue = ShapeObject("blue", "square", (0.5, 0.5, 1.0, 1.0))
+    layouts = [
+        _plain_layout("a red circle and a blue square", [red, blue], base_ratio=0.2),
+        _plain_layout("a plain background", []),
+    ]
     with torch.no_grad():
-        embeds, pooled, biases = trainer.regional_text(
-            ["a red circle and a blue square", "a plain background"], [[red, blue], []]
-        )
+        embeds, pooled, biases = trainer.regional_text(layouts)
         alone, alone_pooled = trainer.encode_text(
             ["a red circle", "a red circle and a blue square"]
         )
@@ -168,6 +201,44 @@ def test_regional_training_blocks_and_biases_follow_the_layout(tmp_path):
     # Sample 1 has one block; the padding blocks are never attended to.
     assert (biases[16 * 16][1, :, 77:] == float("-inf")).all()
     assert (embeds[1, 77:] == 0).all()
+
+
+def test_regional_training_takes_the_pooled_embedding_of_the_scene_prompt_it_was_given(tmp_path):
+    from engine.shapes.world import ShapeObject
+
+    trainer = _tiny_trainer(tmp_path, "model")
+    red = ShapeObject("red", "circle", (0.0, 0.0, 0.5, 0.5))
+    layouts = [_plain_layout("", [red], base_ratio=0.0), _plain_layout("a plain background", [red])]
+    with torch.no_grad():
+        _, pooled, _ = trainer.regional_text(layouts)
+        _, expected = trainer.encode_text(["", "a plain background"])
+    assert torch.allclose(pooled, expected, atol=1e-6)
+
+
+def test_training_layouts_cover_every_scene_prompt_form_and_visible_masks(tmp_path):
+    from engine.shapes.world import BACKGROUND_CAPTION, caption_for, sample_objects
+
+    trainer = _tiny_trainer(tmp_path, "model")
+    trainer.rng = np.random.default_rng(3)
+    objects = sample_objects(np.random.default_rng(1), 3, overlap=True)
+    forms, ratios, with_masks = set(), set(), 0
+    for _ in range(80):
+        layout, masks = trainer.sample_layout(objects, 64)
+        named = sum(o.phrase in layout.prompt for o in objects)
+        if layout.prompt == caption_for(objects) or named == len(objects):
+            forms.add("all")
+        elif named:
+            forms.add("some")
+        else:
+            forms.add(layout.prompt or "empty")
+        ratios.add(layout.base_ratio == 0.0)
+        if masks is not None:
+            with_masks += 1
+            assert len(masks) == 3 and masks[0].shape == (16, 16)
+            # The back object's mask loses what the front ones cover; its box does not.
+            assert masks[0].sum() < 16 * 16 * (objects[0].box[2] - objects[0].box[0]) ** 2
+    assert forms == {"all", "some", BACKGROUND_CAPTION, "empty"}
+    assert ratios == {True, False} and 20 < with_masks < 60
 
 
 def test_biased_cross_attention_keeps_pixels_deaf_to_forbidden_blocks():
