@@ -32,19 +32,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses  # noqa: E402
 
-from engine.attention import (  # noqa: E402
-    CROSS_ATTENTION_SUFFIX,
-    RegionalContext,
-    install_regional_attention,
-)
 from engine.ip_adapter import (  # noqa: E402
     ReferenceContext,
     ReferenceState,
     install_masked_ip_adapter,
 )
-from engine.latent_regions import CropPolicy, plan_latent_regions  # noqa: E402
-from engine.masks import box_coverage  # noqa: E402
-from engine.regions import RegionalState, plan_regions  # noqa: E402
+from engine.regional.attention import (  # noqa: E402
+    CROSS_ATTENTION_SUFFIX,
+    RegionalContext,
+    install_regional_attention,
+)
+from engine.regional.latent import CropPolicy, plan_latent_regions  # noqa: E402
+from engine.regional.masks import box_coverage  # noqa: E402
+from engine.regional.plan import RegionalState, plan_regions  # noqa: E402
 from engine.wire.layout import Layout, Region  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json

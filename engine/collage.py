@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.masks import region_mask
+from engine.regional.masks import blur, region_mask
 from engine.step_hooks import blend, encode_image, noised
 from engine.wire.layout import Layout
 
@@ -61,20 +61,6 @@ def kept_levels(strength: float, steps: int) -> int:
     return steps - free_steps + 1
 
 
-def feather(mask: torch.Tensor, sigma: float = FEATHER) -> torch.Tensor:
-    """A ``(H, W)`` mask blurred by a Gaussian of ``sigma`` pixels (edges extended)."""
-    if sigma <= 0:
-        return mask
-    radius = max(1, math.ceil(2 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    blurred = F.pad(mask[None, None], (radius, radius, radius, radius), mode="replicate")
-    blurred = F.conv2d(blurred, kernel.view(1, 1, 1, -1))
-    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1))
-    return blurred[0, 0].clamp(0.0, 1.0)
-
-
 def free_maps(
     layout: Layout, latent_size: tuple[int, int], sigma: float = FEATHER
 ) -> list[torch.Tensor | None]:
@@ -91,7 +77,7 @@ def free_maps(
     for index, region in enumerate(layout.regions):
         mask = region_mask(region, index, image_size, latent_size)
         if mask.any():
-            masks.append(feather(mask, sigma))
+            masks.append(blur(mask, sigma))
             kept.append(kept_levels(region_strength(layout, index), steps))
     coverage = torch.stack(masks).amax(dim=0) if masks else torch.zeros(latent_size)
     background_kept = kept_levels(layout.strength, steps)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import ModelNotFoundError, UnsupportedModelError
-from engine.masks import region_mask
+from engine.regional.masks import region_mask
 from engine.wire.layout import Layout, LayoutError
 
 
@@ -231,7 +231,7 @@ def depth_control(pipe: Any, layout: Layout) -> Iterator[DepthControl | None]:
     scale = pipe.vae_scale_factor
     latent_size = (layout.height // scale, layout.width // scale)
     # The ControlNet reads the regional prompt blocks like the UNet does.
-    from engine.attention import install_regional_attention
+    from engine.regional.attention import install_regional_attention
 
     install_regional_attention(controlnet, pipe.regional_context())
     hook = DepthControl(

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from engine.masks import region_mask
+from engine.regional.masks import region_mask
 from engine.step_hooks import encode_image, load_rgb, noised
 from engine.wire.layout import MIN_SIZE, SIZE_MULTIPLE, Layout
 

@@ -16,7 +16,7 @@ as diffusers does. The result equals diffusers' processor up to float rounding, 
 code is reused, not copied, and an image costs only its attention over a few tokens.
 
 Masks come from the same region masks as regional prompting, area-averaged to each attention
-grid (``engine.regions``), rather than diffusers' ``IPAdapterMaskProcessor`` resampling, which
+grid (``engine.regional.plan``), rather than diffusers' ``IPAdapterMaskProcessor`` resampling, which
 guesses the grid from the aspect ratio and can miss odd latent sizes.
 """
 
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import Attention
 
-from engine.attention import RegionalAttnProcessor, RegionalContext, multi_head_attention
-from engine.masks import region_mask
-from engine.regions import RegionalState, attention_grids, downsample_mask, grid_for_query
+from engine.regional.attention import RegionalAttnProcessor, RegionalContext, multi_head_attention
+from engine.regional.masks import region_mask
+from engine.regional.plan import RegionalState, attention_grids, downsample_mask, grid_for_query
 from engine.wire.layout import Layout, LayoutError
 
 

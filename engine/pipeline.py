@@ -4,9 +4,9 @@
 Layout and steers each region's prompt into its mask, by the Layout's ``mode``:
 
 - ``attention`` (about the cost of a plain image): regional cross-attention, every prompt block
-  in one UNet call (``engine.regions``, ``engine.attention``);
+  in one UNet call (``engine.regional.plan``, ``engine.regional.attention``);
 - ``latent`` (about ``(blocks + 1) / 2`` times the cost, less with crops): one UNet call per
-  distinct prompt, predictions blended by feathered masks (``engine.latent_regions``).
+  distinct prompt, predictions blended by feathered masks (``engine.regional.latent``).
 
 In both modes the Layout's reference guidance and per-region strength from an init image
 (``engine.step_hooks``) run as step-end hooks before the caller's ``callback_on_step_end``, and
@@ -21,7 +21,7 @@ Extension points, for conditions that act on every UNet call:
   ``engine.controlnet``). In latent mode the per-block calls run inside that call's forward
   and receive the residuals cut to their crop.
 - *Cross-attention processors* that add to the text attention (an IP-Adapter,
-  ``engine.ip_adapter``) subclass ``engine.attention.RegionalAttnProcessor``, read
+  ``engine.ip_adapter``) subclass ``engine.regional.attention.RegionalAttnProcessor``, read
   ``pipe.regional_context()`` and add their term through its ``split_encoder_states`` /
   ``extra_attention`` hook, which hands over the projected query (no second ``to_q``, one
   output projection); attention mode's text part then stays regional. Latent mode
@@ -36,15 +36,15 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from engine.attention import RegionalContext, install_regional_attention
 from engine.conditions import layout_conditions
-from engine.latent_regions import (
+from engine.regional.attention import RegionalContext, install_regional_attention
+from engine.regional.latent import (
     DEFAULT_CROPS,
     CropPolicy,
     latent_regions,
     plan_latent_regions,
 )
-from engine.regions import RegionalState, plan_regions
+from engine.regional.plan import RegionalState, plan_regions
 from engine.step_hooks import StepHooks, prepare_step_hooks
 from engine.wire.layout import Layout, LayoutError
 

@@ -36,7 +36,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
 from engine.model_defaults import DEFAULTS_FILE
-from engine.regions import plan_regions
+from engine.regional.plan import plan_regions
 from engine.shapes import model as shapes_model
 from engine.shapes.detect import colour_labels
 from engine.shapes.world import (

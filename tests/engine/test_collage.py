@@ -12,13 +12,13 @@ from PIL import Image
 
 from engine.collage import (
     composite_outside,
-    feather,
     free_maps,
     keep_alpha,
     kept_levels,
 )
 from engine.guidance import first_pass_layout
 from engine.pipeline import RegionalSDXLPipeline
+from engine.regional.masks import blur
 from engine.step_hooks import encode_image, prepare_step_hooks
 from engine.wire.edits import regenerate_layout
 from engine.wire.layout import Layout, LayoutError, Region
@@ -86,15 +86,15 @@ def test_kept_levels_follow_img2img_step_counts(strength, steps, levels):
     assert kept_levels(strength, steps) == levels
 
 
-def test_feather_spreads_a_pixel_into_a_normalized_gaussian():
+def test_blur_spreads_a_pixel_into_a_normalized_gaussian():
     mask = torch.zeros(9, 9)
     mask[4, 4] = 1.0
-    blurred = feather(mask, sigma=1.0)
+    blurred = blur(mask, sigma=1.0)
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-6)
     kernel = torch.exp(-0.5 * torch.arange(-2.0, 3.0) ** 2)
     kernel = kernel / kernel.sum()
     torch.testing.assert_close(blurred[2:7, 2:7], torch.outer(kernel, kernel))
-    assert torch.equal(feather(torch.ones(5, 7)), torch.ones(5, 7))
+    assert torch.equal(blur(torch.ones(5, 7)), torch.ones(5, 7))
 
 
 def test_free_maps_blend_layers_and_let_the_freer_region_win():

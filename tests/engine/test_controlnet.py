@@ -10,7 +10,6 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 
-from engine.attention import RegionalAttnProcessor
 from engine.conditions import layout_conditions
 from engine.controlnet import (
     active_at,
@@ -22,6 +21,7 @@ from engine.controlnet import (
 )
 from engine.errors import ModelNotFoundError, UnsupportedModelError
 from engine.loading import LoadOptions, PipelineCache, resolve_controlnet
+from engine.regional.attention import RegionalAttnProcessor
 from engine.wire.layout import Layout
 
 LEFT, TOP_RIGHT = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 0.5]

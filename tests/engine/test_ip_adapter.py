@@ -12,13 +12,13 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from tiny import IP_ADAPTER_WEIGHTS
 
-from engine.attention import RegionalAttnProcessor
 from engine.conditions import check_conditions
 from engine.errors import ModelNotFoundError
 from engine.ip_adapter import ReferenceState, RegionalIPAdapterAttnProcessor
 from engine.loading import LoadOptions, PipelineCache, resolve_ip_adapter
-from engine.masks import box_coverage
-from engine.regions import RegionalState, downsample_mask, plan_regions
+from engine.regional.attention import RegionalAttnProcessor
+from engine.regional.masks import box_coverage
+from engine.regional.plan import RegionalState, downsample_mask, plan_regions
 from engine.wire.layout import Layout, LayoutError
 
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"

@@ -10,8 +10,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from engine.attention import RegionalAttnProcessor
 from engine.pipeline import RegionalSDXLPipeline
+from engine.regional.attention import RegionalAttnProcessor
 from engine.wire.layout import Layout, Region
 
 SIZE = dict(width=96, height=64)

@@ -231,8 +231,8 @@ def test_benchmark_builds_each_mode_layout():
 
 
 def test_benchmark_counts_every_unet_pixel_a_mode_processes(tiny_model_dir):
-    from engine.latent_regions import plan_latent_regions
     from engine.pipeline import RegionalSDXLPipeline
+    from engine.regional.latent import plan_latent_regions
 
     bench = _benchmark_module()
     pipe = RegionalSDXLPipeline.from_pretrained(tiny_model_dir)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.masks import region_mask
+from engine.regional.masks import region_mask
 from engine.wire.layout import Layout
 
 

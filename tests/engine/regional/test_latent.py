@@ -10,7 +10,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from serve_client import EngineClient
 
-from engine.latent_regions import (
+from engine.pipeline import RegionalSDXLPipeline
+from engine.regional.latent import (
     CropPolicy,
     LatentBlock,
     LatentPlan,
@@ -20,7 +21,6 @@ from engine.latent_regions import (
     latent_block_weights,
     plan_latent_regions,
 )
-from engine.pipeline import RegionalSDXLPipeline
 from engine.wire.layout import Layout, Region
 
 SIDE = 64

@@ -23,7 +23,7 @@ from diffusers.models.attention_processor import (
     XFormersAttnProcessor,
 )
 
-from engine.regions import RegionalState
+from engine.regional.plan import RegionalState
 
 CROSS_ATTENTION_SUFFIX = "attn2.processor"
 

@@ -1,7 +1,7 @@
 """Latent mode: every region prompt denoised by its own UNet call, predictions blended by mask.
 
 MultiDiffusion / Regional Prompter "latent" style. Each distinct prompt of the Layout (the
-blocks of :func:`engine.regions.prompt_blocks`: scene, background, one per distinct region
+blocks of :func:`engine.regional.plan.prompt_blocks`: scene, background, one per distinct region
 prompt; identical texts share a call, their masks united) predicts the noise with its own text
 (and, on a crop, its own pooled embedding: the global conditioning of a call over the whole
 canvas stays the scene prompt's); the predictions are mixed per latent pixel by weights built as in
@@ -44,9 +44,8 @@ from typing import Any
 
 import torch
 
-from engine.collage import feather as blur
-from engine.masks import region_mask
-from engine.regions import combine_block_weights, prompt_blocks
+from engine.regional.masks import blur, region_mask
+from engine.regional.plan import combine_block_weights, prompt_blocks
 from engine.wire.layout import Layout
 
 FEATHER_SIGMA = 1.0

@@ -1,4 +1,4 @@
-"""Region masks rasterized at the latent resolution.
+"""Region masks rasterized at the latent resolution, and the one blur that softens them.
 
 A region's mask is its mask image when it has one, else its box. Mask images are read with PIL as
 grayscale in 0..1, resized to the image size and area-averaged down to the latent grid; the
@@ -8,6 +8,7 @@ result is cached per file path and modification time, so an unchanged mask file 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -92,3 +93,17 @@ def _grayscale(image) -> np.ndarray:
     if image.mode == "F":
         return np.asarray(image, dtype=np.float32)
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def blur(mask: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """A ``(H, W)`` mask blurred by a Gaussian of ``sigma`` pixels (edges extended)."""
+    if sigma <= 0:
+        return mask
+    radius = max(1, math.ceil(2 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    blurred = F.pad(mask[None, None], (radius, radius, radius, radius), mode="replicate")
+    blurred = F.conv2d(blurred, kernel.view(1, 1, 1, -1))
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1))
+    return blurred[0, 0].clamp(0.0, 1.0)

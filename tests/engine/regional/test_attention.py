@@ -8,8 +8,12 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from tiny import tiny_sdxl_components
 
-from engine.attention import RegionalAttnProcessor, RegionalContext, install_regional_attention
-from engine.regions import RegionalState, plan_regions
+from engine.regional.attention import (
+    RegionalAttnProcessor,
+    RegionalContext,
+    install_regional_attention,
+)
+from engine.regional.plan import RegionalState, plan_regions
 from engine.wire.layout import Layout, Region
 
 
@@ -204,7 +208,7 @@ def test_every_attention_grid_of_an_odd_latent_gets_its_bias(monkeypatch):
     # Two cross-attention levels (latent/2 and latent/4), as in SDXL, on a 25x19 latent.
     from diffusers import UNet2DConditionModel
 
-    from engine.regions import RegionPlan
+    from engine.regional.plan import RegionPlan
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.masks import box_coverage, region_mask
-from engine.regions import (
+from engine.regional.masks import box_coverage, region_mask
+from engine.regional.plan import (
     RegionalState,
     attention_grids,
     downsample_mask,
