@@ -232,11 +232,12 @@ def visible_masks(objects: list[ShapeObject], size: int) -> np.ndarray:
     centres = np.arange(size, dtype=np.float32) + 0.5
     ys, xs = np.meshgrid(centres, centres, indexing="ij")
     masks = np.zeros((len(objects), size, size), dtype=np.float32)
-    hidden = np.zeros((size, size), dtype=np.float32)
+    uncovered = np.ones((size, size), dtype=np.float32)
     for i in range(len(objects) - 1, -1, -1):
+        # Alpha compositing, as ``render`` paints: what each object shows through those after it.
         coverage = shape_coverage(objects[i].shape, objects[i].box, xs, ys, size)
-        masks[i] = coverage * (1.0 - hidden)
-        hidden = np.maximum(hidden, coverage)
+        masks[i] = coverage * uncovered
+        uncovered *= 1.0 - coverage
     return masks
 
 

@@ -23,10 +23,12 @@ from engine.shapes.world import (
     VOCABULARY,
     ShapeObject,
     caption_for,
+    crowded_objects,
     random_scene,
     render,
     sample_objects,
     scene_batch,
+    visible_masks,
 )
 
 PHRASE = rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
@@ -44,7 +46,7 @@ def test_same_seed_same_scenes_other_seed_other_scenes():
     assert a[0].shape == (6, 64, 64, 3) and a[0].dtype == np.uint8
 
 
-def test_captions_follow_the_grammar_and_name_every_object_in_order():
+def test_captions_follow_the_grammar_and_name_every_object():
     rng = np.random.default_rng(0)
     counts = set()
     for _ in range(300):
@@ -53,8 +55,43 @@ def test_captions_follow_the_grammar_and_name_every_object_in_order():
         assert GRAMMAR.match(scene.caption), scene.caption
         assert set(scene.caption.replace(",", " , ").split()) <= set(VOCABULARY)
         named = re.findall(PHRASE, scene.caption)
-        assert [f"a {c} {s}" for c, s in named] == [o.phrase for o in scene.objects]
+        # Objects are in paint order; the caption names them in a random order.
+        assert sorted(f"a {c} {s}" for c, s in named) == sorted(o.phrase for o in scene.objects)
     assert counts == {0, 1, 2, 3, 4}
+
+
+def test_overlapping_scenes_hide_part_of_each_back_object_and_paint_front_last():
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        objects = sample_objects(rng, 3, overlap=True, distinct_colours=True)
+        masks = visible_masks(objects, 64)
+        full = visible_masks(objects[:1], 64)[0]
+        # The back object keeps most of itself; something of it is hidden.
+        assert 0.3 < masks[0].sum() / full.sum() < 1.0
+        assert masks[-1].sum() == pytest.approx(visible_masks(objects[-1:], 64)[0].sum())
+        image = render(objects, 64)
+        front = masks[-1] > 0.99
+        colour = np.array(COLOURS[objects[-1].colour])
+        assert (np.abs(image[front].astype(int) - colour).max(axis=-1) <= 1).all()
+        # Visible masks never overlap: each pixel belongs to at most one object in full.
+        assert masks.sum(axis=0).max() <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize(("count", "size"), [(16, 256), (36, 384), (100, 640)])
+def test_crowded_scenes_place_every_object_apart_inside_the_frame(count, size):
+    rng = np.random.default_rng(count)
+    objects = crowded_objects(rng, count, min_size=16 / size, max_size=40 / size)
+    assert len(objects) == count
+    for i, a in enumerate(objects):
+        assert 0 <= a.box[0] < a.box[2] <= 1 and 0 <= a.box[1] < a.box[3] <= 1
+        assert (a.box[2] - a.box[0]) * size >= 8
+        assert all(not _boxes_overlap(a.box, b.box) for b in objects[i + 1 :])
+    pixels, captions, scenes = scene_batch(rng, 2, 128, crowd=(5, 16))
+    assert pixels.shape == (2, 128, 128, 3) and all(5 <= len(o) <= 16 for o in scenes)
+
+
+def _boxes_overlap(a, b) -> bool:
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
 
 
 def test_caption_joins():
