@@ -4,7 +4,7 @@
 
 Builds a scene with a labeled cube crossing the frame, saves a tiny random SDXL (real
 architecture) to a temporary folder, starts the engine once, then times
-:class:`blender_addon.render.BatchRenderer` over the frames: frame change, projection, mask
+:class:`blender_addon.render.batch.BatchRenderer` over the frames: frame change, projection, mask
 render, request, response, atomic publish and sidecar per frame. Prints the batch time (engine
 start and model load excluded) divided by the sum of the engine's own generation times (the
 ``seconds`` of each result event). 1.00 means the batch costs nothing beyond generating.
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from blender_addon.engine_client import EngineClient
-    from blender_addon.render import BatchRenderer
+    from blender_addon.client.engine_client import EngineClient
+    from blender_addon.render.batch import BatchRenderer
 
     with tempfile.TemporaryDirectory(prefix="batch-overhead-") as folder:
         model = os.path.join(folder, "tiny-sdxl")

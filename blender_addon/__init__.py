@@ -1,20 +1,33 @@
 """Layout Diffusion for Blender: label proxy objects, generate an image from the camera.
 
-The add-on projects every labeled object through the active camera into a region (box, mask,
-depth), writes a Layout and hands it to the local engine, which runs in its own Python.
+The data path, one package per step: the Blender scene is projected into a Layout
+(``blender/``, on the pure ``core/``), sent to the engine process (``client/``), and the image
+comes back into the artist's view (``ui/``) or a render layer (``render/``). ``wire`` is the
+engine's own schema and protocol package, shared by both sides.
 
-Importing this package does not import bpy: the pure modules (``engine_client``, ``layout``,
-``io``) stay usable outside Blender. Blender classes load in :func:`register`.
+Importing this package does not import bpy: ``core``, ``client`` and ``wire`` stay usable
+outside Blender. The Blender classes load in :func:`register`.
 """
 
 from __future__ import annotations
 
-_MODULES = ("props", "preferences", "operators", "ui", "overlay", "render_engine")
+import importlib
+from types import ModuleType
+
+from .client import engine_session
+
+_MODULES = (
+    "ui.props",
+    "ui.preferences",
+    "ui.operators",
+    "ui.panels",
+    "ui.overlay",
+    "render.engine",
+)
 
 
-def _modules() -> list:
-    import importlib
-
+def _modules() -> list[ModuleType]:
+    # lazy: these import bpy, which importing the package must not
     return [importlib.import_module(f".{name}", __name__) for name in _MODULES]
 
 
@@ -29,6 +42,4 @@ def unregister() -> None:
     """Undo :func:`register` and stop the engine process if one runs."""
     for module in reversed(_modules()):
         module.unregister()
-    from . import engine_session
-
     engine_session.shutdown()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io.projection import CameraModel, camera_to_world_matrix
+from ..core.projection import CameraModel, camera_to_world_matrix
 
 
 def render_resolution(scene) -> tuple[int, int]:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 
 import bpy
 import numpy as np
+
+from .images import import_oiio
 
 PASS_INDEX_MAX = 32767
 """Blender's upper limit for ``Object.pass_index``."""
@@ -70,26 +71,13 @@ class IdRender:
     """Names of untracked objects by their id (those that could get a unique pass index)."""
 
 
-def _import_oiio():
-    try:
-        import OpenImageIO
-    except ImportError:
-        # Blender's bundled Python modules live outside the default path of the `bpy` module.
-        site = os.path.join(bpy.utils.resource_path("LOCAL"), "python", "lib")
-        for candidate in glob.glob(os.path.join(site, "python3*", "site-packages")):
-            if candidate not in sys.path:
-                sys.path.append(candidate)
-        import OpenImageIO
-    return OpenImageIO
-
-
 def read_exr_channels(path: str, wanted: tuple[tuple[str, ...], ...]) -> list[np.ndarray]:
     """Read single channels of a multilayer EXR, each given by accepted name endings.
 
     Blender 5 writes every pass as its own part (an OpenImageIO subimage), e.g.
     ``ViewLayer.Object Index.X``; older releases name it ``IndexOB.X``.
     """
-    oiio = _import_oiio()
+    oiio = import_oiio()
     image = oiio.ImageInput.open(path)
     if image is None:
         raise RuntimeError(f"cannot open the id render {path}: {oiio.geterror()}")

@@ -1,4 +1,6 @@
-"""Blender images as PNG files the engine can read (reference images, init images).
+"""Images between Blender and files: Blender images as PNG files the engine can read
+(reference images, init images), and image files read through Blender's OpenImageIO (the
+engine's generated PNGs, whatever their PNG filters).
 
 Blender's Python has no PIL, so an image datablock is written by one of two routes: an
 unmodified PNG on disk is copied byte for byte (exact, and instant), anything else (a JPEG or
@@ -9,31 +11,16 @@ pixels in scene-linear; the latter are encoded to sRGB. Alpha is dropped.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
-import struct
+import sys
 
 import bpy
 import numpy as np
 
-from .io.png import PNG_SIGNATURE, write_rgb_png
-
-
-class ImageExportError(ValueError):
-    """An image that cannot be written; the message says which and what to do."""
-
-
-def png_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from a PNG file's header, or None if it is not a readable PNG."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(24)
-    except OSError:
-        return None
-    if len(head) < 24 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        return None
-    width, height = struct.unpack(">II", head[16:24])
-    return int(width), int(height)
+from ..core.errors import UserError
+from ..core.png import png_size, write_rgb_png
 
 
 def _file_path(image) -> str | None:
@@ -58,7 +45,7 @@ def rgba8_pixels(image) -> np.ndarray:
     width, height = image.size
     if not width or not height:
         where = f" (file {bpy.path.abspath(image.filepath)})" if image.filepath else ""
-        raise ImageExportError(
+        raise UserError(
             f"Image {image.name!r} has no pixels{where}: its file may be missing; open or "
             "repack it in the Image Editor, or choose another image"
         )
@@ -77,7 +64,7 @@ def rgba8_pixels(image) -> np.ndarray:
 def save_png(image, path: str) -> str:
     """Write ``image`` (a ``bpy.types.Image``) to ``path`` as an RGB PNG; returns ``path``.
 
-    Raises ImageExportError when the image has no pixels.
+    Raises UserError when the image has no pixels.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     source = _file_path(image)
@@ -87,3 +74,34 @@ def save_png(image, path: str) -> str:
         return path
     write_rgb_png(path, rgb8_pixels(image))
     return path
+
+
+def import_oiio():
+    """Blender's OpenImageIO module (bundled with Blender, outside the ``bpy`` wheel's path)."""
+    try:
+        import OpenImageIO
+    except ImportError:
+        # Blender's bundled Python modules live outside the default path of the `bpy` module.
+        site = os.path.join(bpy.utils.resource_path("LOCAL"), "python", "lib")
+        for candidate in glob.glob(os.path.join(site, "python3*", "site-packages")):
+            if candidate not in sys.path:
+                sys.path.append(candidate)
+        import OpenImageIO
+    return OpenImageIO
+
+
+def read_image_rgb(path: str) -> np.ndarray:
+    """An 8-bit image file (the engine's PNG) as (H, W, 3) float32 in [0, 1], row 0 at the top."""
+    oiio = import_oiio()
+    image = oiio.ImageInput.open(path)
+    if image is None:
+        raise RuntimeError(f"cannot read the generated image {path}: {oiio.geterror()}")
+    try:
+        spec = image.spec()
+        pixels = np.asarray(image.read_image(oiio.FLOAT), dtype=np.float32)
+    finally:
+        image.close()
+    pixels = pixels.reshape(spec.height, spec.width, spec.nchannels)
+    if spec.nchannels == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return pixels[:, :, :3]

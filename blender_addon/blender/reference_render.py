@@ -20,11 +20,12 @@ from collections.abc import Mapping, Sequence
 import bpy
 import numpy as np
 
-from ..io.colors import UNCOLORED, Rgb, linear_to_srgb8, paint_ids, prompt_color
-from ..io.masks import resample_nearest
-from ..io.png import write_rgb_png
-from ..io.projection import layout_size, square_pixel_size
+from ..core.colors import UNCOLORED, Rgb, linear_to_srgb8, paint_ids, prompt_color
+from ..core.masks import resample_nearest
+from ..core.png import write_rgb_png
+from ..core.projection import layout_size, square_pixel_size
 from .camera import camera_model, render_resolution
+from .id_render import render_ids
 
 REFERENCE_NAME = "reference.png"
 """File name of the reference render in a Layout's folder."""
@@ -88,8 +89,6 @@ def render_reference(scene, labeled: Sequence[tuple[object, str]], path: str, ca
     ``reference=True`` makes the same image from the render it already does for the masks;
     this is for a reference on its own. The user's scene is left as it was.
     """
-    from .id_render import render_ids
-
     camera = camera or scene.camera
     if camera is None:
         raise ValueError(

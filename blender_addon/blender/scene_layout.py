@@ -2,13 +2,12 @@
 
 Boxes come from projecting the evaluated geometry (modifiers applied) through the scene camera;
 masks and depth come from one Cycles render of object indices (:mod:`.id_render`). The math lives
-in :mod:`blender_addon.io`; this module only gathers data from bpy and writes files.
+in :mod:`..core`; this module only gathers data from bpy and writes files.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,11 +15,14 @@ from dataclasses import dataclass, field
 import bpy
 import numpy as np
 
-from ..io import masks as mask_ops
-from ..io.png import write_gray_png
-from ..io.projection import layout_size, project_objects, square_pixel_size
+from ..core import masks as mask_ops
+from ..core.names import safe_name
+from ..core.png import write_gray_png
+from ..core.projection import layout_size, project_objects, square_pixel_size
 from ..wire.layout import Layout
 from .camera import camera_model, render_resolution
+from .id_render import render_ids
+from .reference_render import REFERENCE_NAME, id_colors, write_reference
 
 NO_GEOMETRY_TYPES = {
     "EMPTY": "is an empty: it has no geometry to project; label a mesh instead",
@@ -90,10 +92,6 @@ def _geometry(obj, depsgraph) -> tuple[np.ndarray, np.ndarray] | str:
     matrix = np.array(evaluated.matrix_world, dtype=np.float64)
     world = coords.reshape(-1, 3).astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
     return world, edges.reshape(-1, 2)
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "object"
 
 
 def _hidden_reason(ids: np.ndarray, box: np.ndarray, own: int, names: dict[int, str]) -> str:
@@ -194,9 +192,7 @@ def _write_object_masks(
     visible, pixel_counts, jobs = [], {}, []
     for index, pixels in mask_ops.pixels_by_id(ids, len(placed)):
         entry = placed[index - 1]
-        entry.mask = os.path.join(
-            out_dir, f"mask_{index:03d}_{_safe_name(entry.item.obj.name)}.png"
-        )
+        entry.mask = os.path.join(out_dir, f"mask_{index:03d}_{safe_name(entry.item.obj.name)}.png")
         jobs.append((entry.mask, pixels))
     for index, entry in enumerate(placed, start=1):
         if counts[index]:
@@ -213,8 +209,6 @@ def _write_object_masks(
 
 def _write_reference(ids: np.ndarray, placed: list[_Placed], others, out_dir: str) -> str:
     """Paint the id render in flat object colours; ids 1..N are ``placed`` in order."""
-    from .reference_render import REFERENCE_NAME, id_colors, write_reference
-
     tracked = [(entry.item.obj, entry.item.prompt) for entry in placed]
     path = os.path.join(out_dir, REFERENCE_NAME)
     return write_reference(path, ids, id_colors(tracked, others))
@@ -270,8 +264,6 @@ def layout_from_camera(
     pixel_counts: dict[str, int] = {}
     depth_path = reference_path = None
     if placed and (masks or depth or reference):
-        from .id_render import render_ids
-
         started = time.perf_counter()
         rendered = render_ids(
             scene,

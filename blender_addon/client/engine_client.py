@@ -5,12 +5,9 @@ JSON: one request per line on stdin, events tagged with the request's ``id`` on 
 stderr. This module is standard library only so it runs inside Blender's Python, in the
 animation renderer, and in tests without bpy.
 
-Two ways to use it:
-
-* non-blocking: ``job = client.generate(...)`` then poll ``job.poll()`` from a UI timer; a reader
-  thread fills each job's event queue, so the caller never waits on the pipe;
-* blocking: ``client.run(layout, out, model)`` returns the result event or raises
-  :class:`EngineError`.
+``job = client.generate(...)`` returns at once; a reader thread fills each job's event queue,
+so a UI timer polls ``job.poll()`` without waiting on the pipe, and a batch blocks on
+``job.wait()`` or iterates the job.
 """
 
 from __future__ import annotations
@@ -24,23 +21,15 @@ import queue
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from .wire.protocol import PROGRESS_EVENTS
+from ..wire.protocol import PROGRESS_EVENTS
 
 SERVE_ARGS: tuple[str, ...] = ("-m", "engine", "serve")
 """Arguments that start the engine's line-protocol server."""
 
 NOT_INSTALLED_HINT = "Open Preferences > Add-ons > Layout Diffusion and press Set up engine."
-
-CONDITION_LABELS = {
-    "controlnet": "Depth ControlNet",
-    "ip_adapter": "IP-Adapter",
-    "gligen": "GLIGEN",
-}
-"""The optional models a request's ``options`` name, by option, with the artist's word for each."""
 
 ENGINE_GONE = "engine_crashed"
 NOT_INSTALLED = "not_installed"
@@ -324,35 +313,6 @@ class EngineClient:
         if options:
             fields["options"] = options
         return self.request("generate", **fields)
-
-    def run(
-        self,
-        layout: dict[str, Any],
-        out: str,
-        model: str | None = None,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
-        """Generate and block until done; return the ``result`` event or raise EngineError.
-
-        ``on_progress`` sees every non-final event (``loading``, ``progress``). On timeout the
-        request is cancelled and EngineError(timeout) raised.
-        """
-        job = self.generate(layout, out, model)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                event = job.events.get(timeout=remaining)
-            except queue.Empty:
-                job.cancel()
-                raise EngineError(
-                    TIMEOUT, f"The engine did not finish within {timeout} s; the job was cancelled."
-                ) from None
-            if event is job.final:
-                return self._check(event)
-            if on_progress is not None:
-                on_progress(event)
 
     def cancel(self, target: str) -> None:
         """Ask the engine to stop request ``target``; answered on the target job (cancelled)."""

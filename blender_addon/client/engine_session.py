@@ -16,8 +16,8 @@ import sys
 import threading
 from typing import Any
 
+from ..core.request import CONDITION_LABELS
 from .engine_client import (
-    CONDITION_LABELS,
     NOT_INSTALLED,
     NOT_INSTALLED_HINT,
     EngineClient,
@@ -35,8 +35,8 @@ _client_lock = threading.Lock()
 
 
 def addon_dir() -> str:
-    """The folder this add-on runs from (symlinks resolved)."""
-    return os.path.dirname(os.path.realpath(__file__))
+    """The folder this add-on runs from (symlinks resolved): the package above ``client/``."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def checkout_root() -> str | None:

@@ -1,6 +1,6 @@
 """Frame bookkeeping for animation renders: ranges, file names, atomic writes, sidecars, resume.
 
-Pure standard library (no bpy), so every rule about which frame is done and how a file reaches
+No bpy, so every rule about which frame is done and how a file reaches
 its final name can be tested without Blender.
 
 A frame is *complete* when its image and its sidecar JSON both exist and agree: the sidecar names
@@ -16,13 +16,14 @@ import hashlib
 import json
 import os
 import re
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .wire.files import write_text_atomic
-from .wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
+from ..wire.files import write_text_atomic
+from ..wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
+from .errors import UserError
+from .png import png_size
 
 SIDECAR_FORMAT = "layout-diffusion-frame"
 SIDECAR_VERSION = 1
@@ -34,7 +35,7 @@ _PARTIAL = ".partial-"
 _TEMP_NAME = re.compile(r"^\..+(\.partial-\d+(\.[A-Za-z0-9]+)?|\.\d+\.tmp)$")
 
 
-class FrameSpecError(ValueError):
+class FrameSpecError(UserError, ValueError):
     """A frame list the user typed that cannot be read; the message shows the accepted forms."""
 
 
@@ -95,14 +96,12 @@ class FramePaths:
     """Folder for the frame's masks and depth map, which the sidecar's Layout points at."""
 
 
-def frame_paths(
-    out_dir: str, frame: int, pattern: str = DEFAULT_PATTERN, ext: str = ".png"
-) -> FramePaths:
+def frame_paths(out_dir: str, frame: int) -> FramePaths:
     """The image, sidecar and layout folder of ``frame`` in ``out_dir``."""
-    stem = frame_name(frame, pattern)
+    stem = frame_name(frame)
     return FramePaths(
         frame=frame,
-        image=os.path.join(out_dir, stem + ext),
+        image=os.path.join(out_dir, stem + ".png"),
         sidecar=os.path.join(out_dir, stem + ".json"),
         layout_dir=os.path.join(out_dir, "layout", stem),
     )
@@ -158,15 +157,6 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def png_size(path: str) -> tuple[int, int]:
-    """(width, height) from a PNG's header, without decoding it."""
-    with open(path, "rb") as handle:
-        head = handle.read(24)
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise ValueError(f"{path} is not a PNG file")
-    return struct.unpack(">II", head[16:24])
-
-
 def make_sidecar(
     paths: FramePaths,
     layout: Mapping[str, Any],
@@ -184,7 +174,10 @@ def make_sidecar(
     ``Layout.from_dict(sidecar["layout"], base_dir=<sidecar folder>)`` still finds the masks.
     """
     folder = os.path.dirname(os.path.abspath(paths.sidecar))
-    width, height = png_size(paths.image)
+    size = png_size(paths.image)
+    if size is None:
+        raise ValueError(f"{paths.image} is not a PNG file")
+    width, height = size
     return {
         "format": SIDECAR_FORMAT,
         "format_version": SIDECAR_VERSION,
@@ -271,7 +264,6 @@ def plan_frames(
     out_dir: str,
     frames: Iterable[int],
     *,
-    pattern: str = DEFAULT_PATTERN,
     overwrite: bool = False,
 ) -> tuple[list[FramePaths], list[FrameState]]:
     """Split ``frames`` into those to render and those already complete (kept unless overwrite).
@@ -281,7 +273,7 @@ def plan_frames(
     todo: list[FramePaths] = []
     done: list[FrameState] = []
     for frame in frames:
-        paths = frame_paths(out_dir, frame, pattern)
+        paths = frame_paths(out_dir, frame)
         if overwrite:
             todo.append(paths)
             continue

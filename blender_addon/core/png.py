@@ -1,4 +1,4 @@
-"""PNG writing with the standard library (Blender's Python has no PIL).
+"""PNG files with numpy and the standard library (Blender's Python has no PIL).
 
 Writes 8-bit masks, 16-bit depth maps and 8-bit RGB reference renders: one IHDR, one IDAT, IEND,
 filter type 0 on every row. Masks and flat-colour renders are mostly flat, so a fast zlib level
@@ -15,6 +15,20 @@ import zlib
 import numpy as np
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(width, height) from a PNG file's header without decoding it; None when the file is
+    missing or not a PNG."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return int(width), int(height)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

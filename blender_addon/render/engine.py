@@ -11,7 +11,7 @@ Placeholders, the compositor, multilayer EXR. Three more passes carry the layout
 - ``Layout Depth`` (1 channel): the depth map sent to the engine, 1 at the nearest surface, 0 on
   the background.
 
-The engine process is the add-on's shared one (:mod:`.engine_session`): it starts with the
+The engine process is the add-on's shared one (:mod:`..client.engine_session`): it starts with the
 first frame and stays loaded for every following one. Each frame's PNG, sidecar and masks are
 kept next to the blend file (``layout_diffusion/<scene>/render/``) so any frame can be
 reproduced. Esc cancels the running generation; the model stays loaded.
@@ -33,17 +33,20 @@ import time
 
 import bpy
 import numpy as np
+from bl_ui import properties_output, properties_render
 
-from . import engine_session, frames, preferences
-from .engine_client import EngineError
-from .io.masks import box_pixels, resample_nearest
-from .render import (
-    engine_details,
-    frame_request,
-    publish_frame,
-    render_settings,
-    scene_seed_mode,
-)
+from ..blender.camera import render_resolution
+from ..blender.frame_request import build_request, scene_seed_mode
+from ..blender.images import read_image_rgb
+from ..blender.outputs import render_dir
+from ..client import engine_session
+from ..client.engine_client import EngineError
+from ..core import frames
+from ..core.errors import UserError
+from ..core.masks import box_pixels, resample_nearest
+from ..core.png import read_gray_png
+from ..ui import preferences
+from .publish import engine_details, publish_frame, render_settings
 
 ENGINE_ID = "LAYOUT_DIFFUSION"
 PASS_REGION = "Layout Region"
@@ -102,29 +105,8 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return top * (1 - fr)[:, None, None] + bottom * fr[:, None, None]
 
 
-def read_rgb_png(path: str) -> np.ndarray:
-    """An 8-bit PNG as (H, W, 3) float32 in [0, 1], row 0 at the top (via OpenImageIO)."""
-    from .blender.id_render import _import_oiio
-
-    oiio = _import_oiio()
-    image = oiio.ImageInput.open(path)
-    if image is None:
-        raise RuntimeError(f"cannot read the generated image {path}: {oiio.geterror()}")
-    try:
-        spec = image.spec()
-        pixels = np.asarray(image.read_image(oiio.FLOAT), dtype=np.float32)
-    finally:
-        image.close()
-    pixels = pixels.reshape(spec.height, spec.width, spec.nchannels)
-    if spec.nchannels == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
-    return pixels[:, :, :3]
-
-
 def region_ids(layout, height: int, width: int) -> np.ndarray:
     """(H, W) float32: 1-based region index per pixel from the masks (boxes without masks)."""
-    from .io.png import read_gray_png
-
     ids = np.zeros((height, width), dtype=np.float32)
     for index, region in enumerate(layout.regions, start=1):
         if region.mask:
@@ -139,8 +121,6 @@ def region_ids(layout, height: int, width: int) -> np.ndarray:
 
 def layout_passes(layout, height: int, width: int) -> dict[str, np.ndarray]:
     """The three layout passes as (H, W, C) float32 arrays, row 0 at the top."""
-    from .io.png import read_gray_png
-
     ids = region_ids(layout, height, width)
     colour = np.zeros((height, width, 4), dtype=np.float32)
     inside = ids > 0
@@ -165,13 +145,6 @@ def _to_rect(image: np.ndarray) -> np.ndarray:
 # -- The engine -----------------------------------------------------------------------------------
 
 
-def render_dir(scene) -> str:
-    """Where F12 and Ctrl-F12 keep each frame's engine PNG, sidecar and masks."""
-    from .operators import output_dir
-
-    return os.path.join(output_dir(scene), "render")
-
-
 class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
     """Renders the camera view by generating it from the labeled objects' Layout."""
 
@@ -194,7 +167,7 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
             self._render(scene, depsgraph)
         except RenderCancelled:
             self.update_stats("", "Layout Diffusion: cancelled")
-        except (ValueError, EngineError, OSError, RuntimeError) as exc:
+        except (UserError, ValueError, EngineError, OSError, RuntimeError) as exc:
             message = str(exc)
             if isinstance(exc, EngineError) and exc.code == "out_of_memory":
                 message += " (lower the render resolution)"
@@ -203,8 +176,6 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
             self.update_stats("", f"Layout Diffusion: {message}")
 
     def _render(self, scene, depsgraph) -> None:
-        from .blender.camera import render_resolution
-
         width, height = render_resolution(scene)
         frame = scene.frame_current
         seed_mode = scene_seed_mode(depsgraph.scene_eval)
@@ -214,7 +185,9 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         # The mask render is a nested Cycles render: only safe on the main thread (background
         # renders); interactive F12 runs in a render thread and uses boxes only.
         on_main = threading.current_thread() is threading.main_thread()
-        made = frame_request(scene, depsgraph, paths.layout_dir, frame, seed_mode, masks=on_main)
+        made = build_request(
+            scene, depsgraph, paths.layout_dir, frame=frame, seed_mode=seed_mode, masks=on_main
+        )
         layout_seconds = time.perf_counter() - started
         if self.test_break():
             raise RenderCancelled
@@ -285,7 +258,7 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         )
 
     def _write_result(self, image_path: str, layout, width: int, height: int) -> None:
-        pixels = srgb_to_linear(resize_bilinear(read_rgb_png(image_path), height, width))
+        pixels = srgb_to_linear(resize_bilinear(read_image_rgb(image_path), height, width))
         combined = np.concatenate([pixels, np.ones((height, width, 1), np.float32)], axis=2)
         passes = layout_passes(layout, height, width)
         result = self.begin_result(0, 0, width, height)
@@ -305,8 +278,6 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
 
 def _compatible_panels() -> list:
     """Blender's output and colour-management panels, which list the engines they appear for."""
-    from bl_ui import properties_output, properties_render
-
     panels = [
         cls
         for module in (properties_output, properties_render)

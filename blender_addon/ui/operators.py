@@ -4,19 +4,18 @@ unlabel objects."""
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 import time
 from typing import Any
 
 import bpy
 
-from . import engine_session, overlay, preferences, request
-from .engine_client import ENGINE_GONE, EngineError, Job
-from .props import model_spec
-
-# layout_settings is also imported from here by the batch renderer.
-from .request import UserError, layout_settings
+from ..blender.frame_request import build_request
+from ..blender.outputs import output_dir
+from ..client import engine_session
+from ..client.engine_client import ENGINE_GONE, EngineError, Job
+from ..core import request
+from ..core.errors import UserError
+from . import overlay, preferences
 
 RESULT_IMAGE = "Layout Diffusion Result"
 """Name of the Image datablock that receives every result (reloaded, never duplicated)."""
@@ -88,88 +87,7 @@ def current_run() -> GenerationRun | None:
     return _run if _run is not None and not _run.job.done else None
 
 
-# -- Building the request ----------------------------------------------------------------------
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "scene"
-
-
-def output_dir(scene, create: bool = True) -> str:
-    """Where a scene's Layout, masks and result go: next to the blend file, else a temp folder."""
-    if bpy.data.filepath:
-        base = os.path.join(os.path.dirname(bpy.data.filepath), "layout_diffusion")
-    else:
-        base = os.path.join(tempfile.gettempdir(), "layout_diffusion")
-    folder = os.path.join(base, _safe_name(scene.name))
-    if create:
-        os.makedirs(folder, exist_ok=True)
-    return folder
-
-
-def labeled_objects(scene) -> list:
-    """The scene's objects whose label is enabled, as the scene-to-layout code expects them."""
-    from .blender.scene_layout import LabeledObject
-
-    return [
-        LabeledObject(ob, ob.layout_diffusion.prompt, ob.layout_diffusion.weight)
-        for ob in scene.objects
-        if ob.layout_diffusion.enabled
-    ]
-
-
-def build_layout(context, regenerate: str | None = None, seed: int | None = None):
-    """Project the labeled objects through the camera into a Layout; returns (layout, skipped).
-
-    With ``regenerate`` (an object name), the Layout re-generates that object of the last result
-    with ``seed``, keeping every other pixel. Raises UserError when there is nothing to generate
-    from or a setting cannot be used.
-    """
-    from .blender.scene_layout import layout_from_camera
-
-    scene = context.scene
-    settings = scene.layout_diffusion
-    labeled = labeled_objects(scene)
-    if not labeled:
-        raise UserError(
-            "No labeled objects: select proxy objects and press Label Selected "
-            "(3D View sidebar > Layout), or tick Layout in Object properties"
-        )
-    request.check_settings(settings)
-    folder = output_dir(scene)
-    options = request.engine_options(settings, model_spec)
-    # The proxy render is also the init image (or what its object layers go over).
-    from_render = not regenerate and settings.init_source in request.RENDERED_SOURCES
-    try:
-        made = layout_from_camera(
-            scene,
-            labeled,
-            folder,
-            settings=layout_settings(settings),
-            depsgraph=context.evaluated_depsgraph_get(),
-            reference=request.sends_proxy_reference(settings) or from_render,
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    objects = {item.obj.name: item.obj for item in labeled}
-    init = None if regenerate else request.init_image(settings, folder, made.layout, objects)
-    layout = request.apply_objects(
-        made.layout,
-        objects,
-        folder,
-        init=init,
-        strength=settings.strength,
-        ip_adapter=options["ip_adapter"],
-        reference=request.sends_proxy_reference(settings),
-        layers=settings.init_source == "LAYERS",
-    )
-    if regenerate:
-        skipped = dict(made.skipped)
-        if regenerate in skipped:
-            raise UserError(f"{regenerate!r} cannot be re-generated: it {skipped[regenerate]}")
-        previous = request.previous_result(folder, (layout.width, layout.height))
-        layout = request.regenerate(layout, regenerate, previous, seed)
-    return layout, list(made.skipped)
+# -- Starting a generation ---------------------------------------------------------------------
 
 
 def start_generation(
@@ -178,7 +96,7 @@ def start_generation(
     """Build the Layout, save it, and send it to the (warm) engine. Raises UserError/EngineError.
 
     With ``regenerate`` (an object name): re-generate that object of the last result with
-    ``seed`` (see :func:`build_layout`).
+    ``seed`` (see :func:`~..blender.frame_request.build_request`).
     """
     global _run
     if current_run() is not None:
@@ -187,22 +105,19 @@ def start_generation(
     # The engine first: a missing one fails before the mask render, and a cold one imports
     # torch while the masks render.
     client = engine_session.get_client(preferences.engine_python(context))
-    layout, skipped = build_layout(context, regenerate, seed)
     folder = output_dir(scene)
+    made = build_request(
+        scene, context.evaluated_depsgraph_get(), folder, regenerate=regenerate, seed=seed
+    )
+    layout = made.layout
     layout.save(os.path.join(folder, "layout.json"))
     overlay.set_layout(scene.name, layout.to_dict())
     out = os.path.join(folder, request.RESULT_NAME)
-    settings = scene.layout_diffusion
     sent = layout.to_dict()
-    job = client.generate(
-        sent,
-        out,
-        model_spec(settings) or None,
-        options=request.engine_options(settings, model_spec),
-    )
+    job = client.generate(sent, out, made.model, options=made.options)
     what = f"Re-generated {regenerate!r}" if regenerate else "Generated"
     _run = GenerationRun(job, scene.name, out, layout.width, layout.height, sent, what)
-    _run.skipped = skipped
+    _run.skipped = list(made.skipped)
     return _run
 
 

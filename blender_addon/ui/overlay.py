@@ -7,9 +7,17 @@ any zoom or pan.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
+import blf
 import bpy
+import gpu
+from bpy_extras.view3d_utils import location_3d_to_region_2d
+from gpu_extras.batch import batch_for_shader
+
+from ..blender.outputs import output_dir
 
 Point = tuple[float, float]
 
@@ -36,11 +44,6 @@ def get_layout(scene_name: str) -> list[tuple[tuple[float, float, float, float],
 
 def _saved_layout(scene) -> list[tuple[tuple[float, float, float, float], str]]:
     """The boxes of the scene's last saved Layout (after reopening a file), read once."""
-    import json
-    import os
-
-    from .operators import output_dir
-
     path = os.path.join(output_dir(scene, create=False), "layout.json")
     try:
         with open(path, encoding="utf-8") as handle:
@@ -72,8 +75,6 @@ def box_outline(corners: Sequence[Point], box: Sequence[float]) -> list[Point]:
 
 def camera_frame_in_region(scene, region, rv3d) -> list[Point] | None:
     """The active camera's frame corners in region pixels, or None if one is off screen."""
-    from bpy_extras.view3d_utils import location_3d_to_region_2d
-
     camera = scene.camera
     if camera is None or camera.type != "CAMERA":
         return None
@@ -101,10 +102,6 @@ def _draw() -> None:
     corners = camera_frame_in_region(scene, context.region, rv3d)
     if corners is None:
         return
-
-    import blf
-    import gpu
-    from gpu_extras.batch import batch_for_shader
 
     lines: list[Point] = []
     for box, _label in boxes:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import bpy
 
-from . import engine_session, operators, preferences, request
-from .blender.camera import render_resolution
-from .props import model_spec
+from ..blender.camera import render_resolution
+from ..blender.models import model_spec
+from ..client import engine_session
+from ..core import request
+from . import operators, preferences
 
 MAX_LISTED = 40
 """Labeled objects listed in the sidebar; the rest are counted (the list is for checking)."""
@@ -154,11 +156,12 @@ class VIEW3D_PT_layout_diffusion_settings(_SidebarPanel, bpy.types.Panel):
         layout.prop(settings, "base_ratio")
 
 
-def latent_cost(regions: int) -> float:
-    """Time of latent mode relative to attention mode for ``regions`` distinct object prompts:
-    one model call per prompt plus the scene's, against attention's one (both with the negative
-    prompt's call). The engine crops small regions, so this is an upper bound."""
-    return (regions + 2) / 2
+def latent_cost(regions: int, base_ratio: float = 0.2) -> float:
+    """Time of latent mode relative to attention mode for ``regions`` distinct object prompts,
+    by the engine's formula (``MODES`` in :mod:`..wire.layout`): ``(R + 3) / 2``, or
+    ``(R + 2) / 2`` when ``base_ratio`` 0 drops the scene prompt's call. The engine crops small
+    regions, so this is an upper bound."""
+    return (regions + (3 if base_ratio > 0 else 2)) / 2
 
 
 def layer_count(scene) -> int:
@@ -189,7 +192,10 @@ class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
                 {ob.layout_diffusion.prompt for ob in scene.objects if ob.layout_diffusion.enabled}
             )
             layout.label(
-                text=f"Up to {latent_cost(count):.1f}x the time of Attention ({count} prompts)",
+                text=(
+                    f"Up to {latent_cost(count, settings.base_ratio):.1f}x the time of "
+                    f"Attention ({count} prompts)"
+                ),
                 icon="TIME",
             )
             if engine_session.has_capability("latent") is False:

@@ -8,14 +8,20 @@ import sys
 import bpy
 from bpy.props import StringProperty
 
-from . import engine_session, props, request
+from ..blender.models import model_spec
+from ..client import engine_session
+from ..core import request
+
+ADDON_PACKAGE = __package__.rpartition(".")[0]
+"""The add-on's package (``bl_ext.<repo>.layout_diffusion`` when installed): preferences are
+registered under it, not under this ``ui`` sub-package."""
 
 _tasks: dict[str, engine_session.Task | None] = {"setup": None, "check": None}
 
 
 def addon_package() -> str:
     """The add-on's package name (``bl_ext.<repo>.layout_diffusion`` when installed)."""
-    return __package__
+    return ADDON_PACKAGE
 
 
 def get_preferences(context=None):
@@ -47,7 +53,7 @@ def _default_source() -> str:
 class LayoutDiffusionPreferences(bpy.types.AddonPreferences):
     """Engine location and set-up."""
 
-    bl_idname = __package__
+    bl_idname = ADDON_PACKAGE
 
     python: StringProperty(
         name="Engine Python",
@@ -189,9 +195,9 @@ class LAYOUT_DIFFUSION_OT_check_engine(bpy.types.Operator):
         if task is not None and task.running:
             return {"CANCELLED"}
         settings = getattr(context.scene, "layout_diffusion", None)
-        model = props.model_spec(settings) if settings else ""
+        model = model_spec(settings) if settings else ""
         # The scene's ControlNet and IP-Adapter go along, so the reply says whether they exist.
-        options = request.engine_options(settings, props.model_spec) if settings else None
+        options = request.engine_options(settings, model_spec) if settings else None
         task = _tasks["check"] = engine_session.HealthCheckTask(
             engine_python(context), model, options
         )

@@ -18,7 +18,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from .wire.layout import Layout, Region
+from ..wire.layout import Layout, Region
 
 _DEFAULTS = Layout(prompt="")
 _REGION_DEFAULTS = Region(prompt="", box=(0.0, 0.0, 1.0, 1.0))
@@ -60,13 +60,6 @@ def _factor(name: str, description: str, default: float):
     return FloatProperty(
         name=name, description=description, default=default, min=0.0, max=1.0, subtype="FACTOR"
     )
-
-
-def model_spec(settings, name: str = "model") -> str:
-    """A model setting (``model``, ``controlnet``, ``ip_adapter``, ``gligen``) as the engine
-    needs it: blend-relative paths made absolute."""
-    model = getattr(settings, name).strip()
-    return bpy.path.abspath(model) if model.startswith("//") else model
 
 
 def _get_prompt(self) -> str:
@@ -214,7 +207,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
                 "LATENT",
                 "Latent",
                 "Denoise each object with its own model call and blend by masks: stronger "
-                "separation, about (R + 2) / 2 times the time for R objects",
+                "separation, about (R + 3) / 2 times the time for R objects",
             ),
         ),
         default=_DEFAULTS.mode.upper(),

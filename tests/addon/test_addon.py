@@ -28,15 +28,15 @@ def run_scenario(name: str, user_dir: str, *args: str, timeout: float = 600) -> 
 
 def test_importing_the_package_does_not_import_bpy():
     code = (
-        "import sys; import blender_addon, blender_addon.engine_client, "
-        "blender_addon.engine_session; print('bpy' in sys.modules)"
+        "import sys; import blender_addon, blender_addon.client.engine_client, "
+        "blender_addon.client.engine_session; print('bpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
 
 
 def test_default_python_is_the_checkout_venv():
-    from blender_addon import engine_session
+    from blender_addon.client import engine_session
 
     assert engine_session.checkout_root() == ROOT
     assert engine_session.default_python() == os.path.join(ROOT, ".venv", "bin", "python")
@@ -46,7 +46,7 @@ def test_default_python_is_the_checkout_venv():
 
 
 def test_setup_installs_torch_before_the_engine(tmp_path):
-    from blender_addon import engine_session
+    from blender_addon.client import engine_session
 
     commands = engine_session.setup_commands("/usr/bin/python3", str(tmp_path / "v"), ROOT)
     argvs = [argv for _, argv in commands]
@@ -65,7 +65,7 @@ def test_setup_installs_torch_before_the_engine(tmp_path):
 
 
 def test_setup_task_runs_in_background_and_reports_the_failing_step():
-    from blender_addon import engine_session
+    from blender_addon.client import engine_session
 
     gate = threading.Event()
     commands = [
@@ -91,7 +91,7 @@ def test_setup_task_runs_in_background_and_reports_the_failing_step():
 
 
 def test_health_check_reports_missing_interpreter(tmp_path):
-    from blender_addon import engine_session
+    from blender_addon.client import engine_session
 
     task = engine_session.HealthCheckTask(str(tmp_path / "nope" / "python"), "shapes").start()
     task.join(30)
@@ -99,7 +99,7 @@ def test_health_check_reports_missing_interpreter(tmp_path):
 
 
 def test_health_check_asks_the_real_engine(tiny_model_dir):
-    from blender_addon import engine_session
+    from blender_addon.client import engine_session
 
     try:
         task = engine_session.HealthCheckTask(engine_session.default_python(), tiny_model_dir)
@@ -114,7 +114,7 @@ def test_health_check_asks_the_real_engine(tiny_model_dir):
 
 
 def test_describe_hello_lists_model_state():
-    from blender_addon.engine_session import describe_hello
+    from blender_addon.client.engine_session import describe_hello
 
     lines = describe_hello(
         {
@@ -132,7 +132,7 @@ def test_describe_hello_lists_model_state():
 
 
 def test_model_default_comes_from_the_check_made_with_that_model():
-    from blender_addon.engine_session import model_default
+    from blender_addon.client.engine_session import model_default
 
     reply = {
         "model": {"spec": "shapes", "found": True, "layout_defaults": {"reference_fraction": 0.4}}
@@ -360,7 +360,8 @@ def scenario_registration() -> dict:
 
     out: dict = {}
     addon_utils.enable("blender_addon", default_set=True, handle_error=None)
-    from blender_addon import overlay, preferences, props
+    from blender_addon.blender import models
+    from blender_addon.ui import overlay, preferences, props
 
     def registered():
         return {
@@ -416,20 +417,20 @@ def scenario_registration() -> dict:
     label.prompt = ""
     prompts["cleared"] = label.prompt
     out["prompts"] = prompts
-    from blender_addon import operators
+    from blender_addon.blender import outputs
 
     folder = os.path.join(os.environ["BLENDER_USER_RESOURCES"], "project")
     os.makedirs(folder, exist_ok=True)
-    unsaved_dir = operators.output_dir(bpy.context.scene, create=False)
+    unsaved_dir = outputs.output_dir(bpy.context.scene, create=False)
     bpy.ops.wm.save_as_mainfile(filepath=os.path.join(folder, "scene.blend"))
     out["output_dirs"] = [
         unsaved_dir,
-        operators.output_dir(bpy.context.scene, create=False),
+        outputs.output_dir(bpy.context.scene, create=False),
         os.path.join(tempfile.gettempdir(), "layout_diffusion", "Scene"),
         os.path.join(folder, "layout_diffusion", "Scene"),
     ]
     settings.model = "//models/tiny"
-    out["model_spec"] = [props.model_spec(settings), os.path.join(folder, "models", "tiny")]
+    out["model_spec"] = [models.model_spec(settings), os.path.join(folder, "models", "tiny")]
     settings.model = "shapes"
     out["readable"] = {
         name: props.readable_name(name)
@@ -528,7 +529,8 @@ def _draw_everything() -> dict:
 
     import bpy
 
-    from blender_addon import engine_client, operators, preferences, ui
+    from blender_addon.client import engine_client
+    from blender_addon.ui import operators, panels, preferences
 
     errors: list[str] = []
 
@@ -544,18 +546,18 @@ def _draw_everything() -> dict:
         return {k: v for k, v in log.items() if k != "errors"}
 
     drawn: dict = {"errors": errors}
-    drawn["object"] = draw(ui.OBJECT_PT_layout_diffusion.draw)
-    draw(ui.OBJECT_PT_layout_diffusion.draw_header)
-    drawn["idle"] = draw(ui.VIEW3D_PT_layout_diffusion.draw)
-    draw(ui.VIEW3D_PT_layout_diffusion_settings.draw)
-    drawn["objects"] = draw(ui.VIEW3D_PT_layout_diffusion_objects.draw)
+    drawn["object"] = draw(panels.OBJECT_PT_layout_diffusion.draw)
+    draw(panels.OBJECT_PT_layout_diffusion.draw_header)
+    drawn["idle"] = draw(panels.VIEW3D_PT_layout_diffusion.draw)
+    draw(panels.VIEW3D_PT_layout_diffusion_settings.draw)
+    drawn["objects"] = draw(panels.VIEW3D_PT_layout_diffusion_objects.draw)
     camera_view = SimpleNamespace(region_3d=SimpleNamespace(view_perspective="CAMERA"))
-    drawn["header"] = draw(ui.draw_camera_header, space_data=camera_view)["operators"]
+    drawn["header"] = draw(panels.draw_camera_header, space_data=camera_view)["operators"]
     job = engine_client.Job(None, "x", "generate")
     run = operators.GenerationRun(job, bpy.context.scene.name, "/tmp/x.png", 64, 64)
     run.update({"event": "progress", "step": 1, "total": 4})
     operators._run = run
-    drawn["running"] = draw(ui.VIEW3D_PT_layout_diffusion.draw)
+    drawn["running"] = draw(panels.VIEW3D_PT_layout_diffusion.draw)
     operators._run = None
 
     class PrefsView:
@@ -628,7 +630,8 @@ def _drive_modal(operators, steps: int, cancel_with: str | None = None) -> dict:
 
 def _finish_reports() -> dict:
     """What the artist reads for engine failures that a test cannot provoke for real."""
-    from blender_addon import engine_client, operators
+    from blender_addon.client import engine_client
+    from blender_addon.ui import operators
 
     finals = {
         "out_of_memory": {
@@ -668,7 +671,9 @@ def scenario_generation(model: str) -> dict:
     import addon_utils
 
     addon_utils.enable("blender_addon", default_set=True, handle_error=None)
-    from blender_addon import engine_session, operators, overlay, preferences
+    from blender_addon.blender import outputs
+    from blender_addon.client import engine_session
+    from blender_addon.ui import operators, overlay, preferences
 
     out: dict = {}
     scene = blender_scenario.empty_project_scene()
@@ -693,7 +698,7 @@ def scenario_generation(model: str) -> dict:
         return {"result": sorted(result), "pid": client.pid if client else None}
 
     first = run_info(bpy.ops.layout_diffusion.generate())
-    folder = operators.output_dir(scene)
+    folder = outputs.output_dir(scene)
     with open(os.path.join(folder, "layout.json"), encoding="utf-8") as handle:
         sent = json.load(handle)
     first["layout"] = {

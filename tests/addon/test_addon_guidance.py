@@ -19,7 +19,6 @@ import blender_scenario
 import numpy as np
 import pytest
 from blender_scenario import ROOT
-
 from engine.model_defaults import SDXL_DEFAULTS
 
 
@@ -46,7 +45,7 @@ def read_rgb(path: str) -> np.ndarray:
 
 
 def test_condition_state_reads_the_last_health_check():
-    from blender_addon.engine_session import condition_state, describe_hello, has_capability
+    from blender_addon.client.engine_session import condition_state, describe_hello, has_capability
 
     reply = {
         "engine_version": "0.1.0",
@@ -82,7 +81,7 @@ def test_condition_state_reads_the_last_health_check():
 
 
 def test_engine_errors_about_conditions_name_the_setting_and_the_object():
-    from blender_addon.request import explain_error
+    from blender_addon.core.request import explain_error
 
     layout = {"regions": [{"name": "red_box"}, {"name": "blue_ball.001"}]}
     text = explain_error(
@@ -250,7 +249,8 @@ def test_health_check_greys_out_what_the_engine_lacks(guidance):
     assert {"mode", "use_reference", "reference_scale", "init_source", "init_image"} <= set(
         drawn["guidance"]["props"]
     )
-    assert "Up to 2.0x the time of Attention (2 prompts)" in drawn["guidance"]["labels"]
+    # The engine's cost: (R + 3) / 2 with the default base_ratio.
+    assert "Up to 2.5x the time of Attention (2 prompts)" in drawn["guidance"]["labels"]
     assert (
         "Latent mode, proxy pull, init image, depth, 1 reference image" in drawn["main"]["labels"]
     )
@@ -331,7 +331,7 @@ def rendered_init(tiny_model_dir, tmp_path_factory) -> dict:
 
 
 def test_init_images_from_the_proxy_render_and_object_layers(rendered_init):
-    from blender_addon.io.colors import BACKGROUND, COLOR_WORDS
+    from blender_addon.core.colors import BACKGROUND, COLOR_WORDS
 
     proxies, layers = rendered_init["proxies"], rendered_init["layers"]
     for run in (proxies, layers):
@@ -414,7 +414,7 @@ class _Capture:
     """Records what the operator hands the engine client, then lets it through."""
 
     def __init__(self):
-        from blender_addon import engine_client
+        from blender_addon.client import engine_client
 
         self.calls: list[dict] = []
         self._original = engine_client.EngineClient.generate
@@ -464,8 +464,11 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str, gligen: str)
     import addon_utils
 
     addon_utils.enable("blender_addon", default_set=True, handle_error=None)
-    from blender_addon import engine_session, operators, ui
-    from blender_addon.io.png import write_rgb_png
+    from blender_addon.blender import outputs
+    from blender_addon.client import engine_session
+    from blender_addon.core.errors import UserError
+    from blender_addon.core.png import write_rgb_png
+    from blender_addon.ui import operators, panels
     from blender_addon.wire.layout import Layout
 
     _setup_scene(model)
@@ -561,19 +564,19 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str, gligen: str)
     view_layer = bpy.context.view_layer
     drawn = {"errors": []}
     for name, function, fields in (
-        ("conditions", ui.VIEW3D_PT_layout_diffusion_conditions.draw, {}),
-        ("guidance", ui.VIEW3D_PT_layout_diffusion_guidance.draw, {}),
-        ("main", ui.VIEW3D_PT_layout_diffusion.draw, {}),
-        ("object", ui.OBJECT_PT_layout_diffusion.draw, {"object": bpy.data.objects["red_box"]}),
+        ("conditions", panels.VIEW3D_PT_layout_diffusion_conditions.draw, {}),
+        ("guidance", panels.VIEW3D_PT_layout_diffusion_guidance.draw, {}),
+        ("main", panels.VIEW3D_PT_layout_diffusion.draw, {}),
+        ("object", panels.OBJECT_PT_layout_diffusion.draw, {"object": bpy.data.objects["red_box"]}),
     ):
         log = _draw(function, **fields)
         drawn["errors"] += log.pop("errors")
         drawn[name] = log
     view_layer.objects.active = bpy.data.objects["red_box"]
-    menu = _draw(ui.draw_object_context_menu, active_object=bpy.data.objects["red_box"])
+    menu = _draw(panels.draw_object_context_menu, active_object=bpy.data.objects["red_box"])
     drawn["context_menu"] = menu["operators"]
     camera = scene.camera
-    menu = _draw(ui.draw_object_context_menu, active_object=camera)
+    menu = _draw(panels.draw_object_context_menu, active_object=camera)
     drawn["context_menu_unlabeled"] = menu["operators"]
     drawn["errors"] += menu["errors"]
     out["drawn"] = drawn
@@ -588,7 +591,7 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str, gligen: str)
             run.update(event)
         final = run.job.final
         result = operators.finish(run, lambda kind, text: reports.append([sorted(kind)[0], text]))
-    except operators.UserError as exc:
+    except UserError as exc:
         final, result, reports = {}, {"CANCELLED"}, [["ERROR", str(exc)]]
     out["result"] = {
         "operator": sorted(result),
@@ -597,7 +600,7 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str, gligen: str)
     }
     out["sent"] = capture.calls[-1]
     # An engine that reports the depth ControlNet did not act (every depth scale 0) is heard.
-    from blender_addon import engine_client
+    from blender_addon.client import engine_client
 
     job = engine_client.Job(None, "fake", "generate")
     job._deliver(
@@ -614,7 +617,7 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str, gligen: str)
         lambda kind, text: unused.append([sorted(kind)[0], text]),
     )
     out["unused_depth_reports"] = unused
-    saved = Layout.load(os.path.join(operators.output_dir(scene), "layout.json"))
+    saved = Layout.load(os.path.join(outputs.output_dir(scene), "layout.json"))
     out["saved_matches_sent"] = saved.to_dict() == out["sent"]["layout"]
 
     # The pull toward an engine pass: no proxy render is sent, GLIGEN makes the reference.
@@ -632,7 +635,7 @@ def scenario_guidance(model: str, controlnet: str, ip_adapter: str, gligen: str)
         "reference": sent["layout"].get("reference", "absent"),
         "reference_scale": sent["layout"].get("reference_scale"),
         "options": sent["options"],
-        "conditions": read_provenance(os.path.join(operators.output_dir(scene), "result.png"))[
+        "conditions": read_provenance(os.path.join(outputs.output_dir(scene), "result.png"))[
             "conditions"
         ],
     }
@@ -645,7 +648,10 @@ def scenario_regenerate(model: str) -> dict:
     import addon_utils
 
     addon_utils.enable("blender_addon", default_set=True, handle_error=None)
-    from blender_addon import engine_session, operators
+    from blender_addon.blender import outputs
+    from blender_addon.client import engine_session
+    from blender_addon.core import request
+    from blender_addon.ui import operators
 
     _setup_scene(model)
     scene = bpy.context.scene
@@ -693,10 +699,9 @@ def scenario_regenerate(model: str) -> dict:
     out["reports"] = reports
     out["sent"] = capture.calls[-1]["layout"] if capture.calls else {}
     out["result_seed"] = settings.result_seed
-    from blender_addon import request
 
     out["next_seed"] = request.next_seed(settings)
-    out["result_path"] = os.path.join(operators.output_dir(scene), request.RESULT_NAME)
+    out["result_path"] = os.path.join(outputs.output_dir(scene), request.RESULT_NAME)
     image = bpy.data.images[operators.RESULT_IMAGE]
     out["result_images"] = sum(
         1 for img in bpy.data.images if img.name.startswith(operators.RESULT_IMAGE)
@@ -711,13 +716,16 @@ def scenario_rendered_init(model: str) -> dict:
     import addon_utils
 
     addon_utils.enable("blender_addon", default_set=True, handle_error=None)
-    from blender_addon import engine_session, operators, render, ui
+    from blender_addon.blender import frame_request, outputs
+    from blender_addon.client import engine_session
+    from blender_addon.core.errors import UserError
+    from blender_addon.ui import panels
 
     _setup_scene(model)
     scene = bpy.context.scene
     settings = scene.layout_diffusion
     settings.strength = 0.5
-    folder = operators.output_dir(scene)
+    folder = outputs.output_dir(scene)
     out: dict = {"errors": {}, "drawn": {"errors": []}}
     capture = _Capture()
 
@@ -731,7 +739,7 @@ def scenario_rendered_init(model: str) -> dict:
         return {"operator": result, "reports": reports, "sent": sent, "init": kept}
 
     def draw_guidance() -> list:
-        log = _draw(ui.VIEW3D_PT_layout_diffusion_guidance.draw)
+        log = _draw(panels.VIEW3D_PT_layout_diffusion_guidance.draw)
         out["drawn"]["errors"] += log["errors"]
         return log["labels"]
 
@@ -757,12 +765,14 @@ def scenario_rendered_init(model: str) -> dict:
     # Settings set from Python reach the evaluated scene the batch reads once it is tagged.
     scene.update_tag()
     depsgraph = bpy.context.evaluated_depsgraph_get()
-    made = render.frame_request(scene, depsgraph, frame_dir, 1, "shot")
+    made = frame_request.build_request(scene, depsgraph, frame_dir, frame=1, seed_mode="shot")
     out["frame"] = made.layout.to_dict()
     try:
-        render.frame_request(scene, depsgraph, frame_dir + "-boxes", 1, "shot", masks=False)
+        frame_request.build_request(
+            scene, depsgraph, frame_dir + "-boxes", frame=1, seed_mode="shot", masks=False
+        )
         out["errors"]["interactive_f12"] = "no error"
-    except ValueError as exc:
+    except UserError as exc:
         out["errors"]["interactive_f12"] = str(exc)
     engine_session.shutdown()
     return out

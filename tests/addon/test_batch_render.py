@@ -225,9 +225,9 @@ def scenario_batch(blend: str, out: str, spec: str, *options: str) -> dict:
     import bpy
 
     import blender_addon
-    from blender_addon import frames
-    from blender_addon.engine_client import EngineClient
-    from blender_addon.render import BatchRenderer
+    from blender_addon.client.engine_client import EngineClient
+    from blender_addon.core import frames
+    from blender_addon.render.batch import BatchRenderer
 
     kill_after = int(options[1]) if options[:1] == ("--kill-after",) else None
     blender_addon.register()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blender_addon.io.composite import (
+from blender_addon.core.composite import (
     Layer,
     composite_layers,
     fit_rect,
     resize,
 )
-from blender_addon.io.png import read_rgb_png, write_rgb_png
+from blender_addon.core.png import read_rgb_png, write_rgb_png
 
 GREY = (128, 128, 128)
 GREEN = (0, 200, 0)

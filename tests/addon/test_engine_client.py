@@ -9,10 +9,9 @@ import time
 
 import pytest
 
-from blender_addon.engine_client import (
+from blender_addon.client.engine_client import (
     ENGINE_GONE,
     NOT_INSTALLED,
-    TIMEOUT,
     EngineClient,
     EngineError,
 )
@@ -41,6 +40,19 @@ def png_size(path: str) -> tuple[int, int]:
     return struct.unpack(">II", header[16:24])
 
 
+def generate_and_wait(
+    client: EngineClient, layout: dict, out: str, model: str, timeout: float = 300
+) -> tuple[dict, list[dict]]:
+    """Generate, wait for the final event; (final event, the events before it). Raises
+    EngineError for an error event, as the batch and the operators read it."""
+    job = client.generate(layout, out, model)
+    final = job.wait(timeout)
+    events = [event for event in job.poll() if event is not final]
+    if final["event"] == "error":
+        raise EngineError(final["code"], final["message"])
+    return final, events
+
+
 @pytest.fixture(scope="module")
 def client():
     """One warm engine for the module: starting one costs seconds (torch import)."""
@@ -64,12 +76,9 @@ def test_hello_reports_engine_and_model(client, tiny_model_dir):
     assert "no-such-model" in missing["model"]["message"]
 
 
-def test_run_reports_every_step_and_writes_the_image(client, tiny_model_dir, tmp_path):
+def test_generate_reports_every_step_and_writes_the_image(client, tiny_model_dir, tmp_path):
     out = str(tmp_path / "out.png")
-    events: list[dict] = []
-    result = client.run(
-        layout(steps=3), out, tiny_model_dir, on_progress=events.append, timeout=300
-    )
+    result, events = generate_and_wait(client, layout(steps=3), out, tiny_model_dir)
     assert result["event"] == "result"
     assert (result["width"], result["height"], result["seed"]) == (64, 64, 3)
     assert png_size(out) == (64, 64)
@@ -87,12 +96,14 @@ def test_engine_errors_raise_with_code_and_message(client, tiny_model_dir, tmp_p
     bad = layout()
     bad["width"] = 65
     with pytest.raises(EngineError) as info:
-        client.run(bad, str(tmp_path / "x.png"), tiny_model_dir, timeout=60)
+        generate_and_wait(client, bad, str(tmp_path / "x.png"), tiny_model_dir, timeout=60)
     assert info.value.code == "bad_layout"
     assert "multiple of 8" in info.value.message
 
     with pytest.raises(EngineError) as info:
-        client.run(layout(), str(tmp_path / "x.png"), str(tmp_path / "missing"), timeout=60)
+        generate_and_wait(
+            client, layout(), str(tmp_path / "x.png"), str(tmp_path / "missing"), timeout=60
+        )
     assert info.value.code == "model_not_found"
     assert "missing" in info.value.message
     assert client.alive, "an error answer must leave the engine running"
@@ -109,18 +120,19 @@ def test_cancel_stops_the_job_and_keeps_the_model(client, tiny_model_dir, tmp_pa
     assert seen.count("progress") < 200
     assert not os.path.exists(tmp_path / "long.png")
     # The model stayed loaded: the next generate does not announce a load.
-    events: list[dict] = []
-    result = client.run(
-        layout(steps=1), str(tmp_path / "after.png"), tiny_model_dir, events.append, 300
+    result, events = generate_and_wait(
+        client, layout(steps=1), str(tmp_path / "after.png"), tiny_model_dir
     )
     assert result["load_seconds"] == 0
     assert "loading" not in [e["event"] for e in events]
 
 
-def test_run_timeout_cancels_and_raises(client, tiny_model_dir, tmp_path):
-    with pytest.raises(EngineError) as info:
-        client.run(layout(steps=500), str(tmp_path / "t.png"), tiny_model_dir, timeout=0.5)
-    assert info.value.code == TIMEOUT
+def test_wait_timeout_then_cancel_frees_the_engine(client, tiny_model_dir, tmp_path):
+    job = client.generate(layout(steps=500), str(tmp_path / "t.png"), tiny_model_dir)
+    with pytest.raises(TimeoutError):
+        job.wait(0.5)
+    job.cancel()
+    assert job.wait(120)["event"] == "cancelled"
     # The cancel went through: the engine takes the next request.
     assert client.hello()["event"] == "hello"
 

@@ -51,10 +51,13 @@ def test_zip_carries_the_real_wire_package(built_zip):
     expected = {
         "blender_manifest.toml",
         "__init__.py",
-        "engine_client.py",
-        "operators.py",
+        "core/projection.py",
+        "client/engine_client.py",
         "blender/scene_layout.py",
-        "io/projection.py",
+        "blender/frame_request.py",
+        "ui/operators.py",
+        "render/engine.py",
+        "render/__main__.py",
     }
     assert expected <= names
     assert "build.py" not in names

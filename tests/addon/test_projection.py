@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from blender_addon.io import masks as mask_ops
-from blender_addon.io.png import encode_gray_png, read_gray_png, write_gray_png
-from blender_addon.io.projection import (
+from blender_addon.core import masks as mask_ops
+from blender_addon.core.png import encode_gray_png, read_gray_png, write_gray_png
+from blender_addon.core.projection import (
     CameraModel,
     boxes_by_owner,
     camera_to_image,
@@ -410,7 +410,7 @@ def test_png_is_readable_by_another_decoder(tmp_path, dtype, rows):
     """OpenImageIO (shipped with Blender) decodes our files to the same pixels and bit depth,
     including masks whose zero rows are written as repeated precompressed blocks."""
     pytest.importorskip("bpy")
-    from blender_addon.blender.id_render import _import_oiio
+    from blender_addon.blender.images import import_oiio as _import_oiio
 
     oiio = _import_oiio()
     image = np.zeros((48, 1500), dtype=dtype)
@@ -459,13 +459,15 @@ def test_png_rejects_what_it_cannot_store():
 
 
 def test_pure_modules_import_without_blender():
-    """``blender_addon.io`` must stay usable outside Blender (the engine side, tools, CI)."""
+    """``blender_addon.core`` must stay usable outside Blender (the engine side, tools, CI)."""
     import subprocess
     import sys
 
     code = (
-        "import sys; import blender_addon.io.projection, blender_addon.io.masks, "
-        "blender_addon.io.png; assert 'bpy' not in sys.modules, 'bpy was imported'"
+        "import sys; import blender_addon.core.projection, blender_addon.core.masks, "
+        "blender_addon.core.png, blender_addon.core.colors, blender_addon.core.composite, "
+        "blender_addon.core.frames, blender_addon.core.request, blender_addon.core.names, "
+        "blender_addon.core.errors; assert 'bpy' not in sys.modules, 'bpy was imported'"
     )
     root = __file__.rsplit("/tests/", 1)[0]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blender_addon.io.colors import (
+from blender_addon.core.colors import (
     BACKGROUND,
     COLOR_WORDS,
     UNCOLORED,
@@ -17,7 +17,7 @@ from blender_addon.io.colors import (
     paint_ids,
     prompt_color,
 )
-from blender_addon.io.png import encode_rgb_png, read_gray_png, write_rgb_png
+from blender_addon.core.png import encode_rgb_png, read_gray_png, write_rgb_png
 
 # -- Pure parts -----------------------------------------------------------------------------------
 

@@ -103,7 +103,7 @@ def test_pixel_helpers(report):
 
 
 def pixel_helpers() -> dict:
-    from blender_addon.render_engine import (
+    from blender_addon.render.engine import (
         PASS_DEPTH,
         PASS_REGION,
         layout_passes,
@@ -145,10 +145,12 @@ def scenario(folder: str, model: str) -> dict:
     sys.path.insert(0, HERE)
     from test_batch_render import scenario_make_scene
 
-    from blender_addon import engine_session, frames
     from blender_addon.blender.id_render import read_exr_channels
-    from blender_addon.io.png import read_gray_png
-    from blender_addon.render_engine import read_rgb_png, resize_bilinear, srgb_to_linear
+    from blender_addon.blender.images import read_image_rgb as read_rgb_png
+    from blender_addon.client import engine_session
+    from blender_addon.core import frames
+    from blender_addon.core.png import png_size, read_gray_png
+    from blender_addon.render.engine import resize_bilinear, srgb_to_linear
 
     blend = os.path.join(folder, "scene.blend")
     scenario_make_scene(blend, model)  # registers the add-on
@@ -257,7 +259,7 @@ def scenario(folder: str, model: str) -> dict:
     ]
     animation = {
         "files": names,
-        "png_sizes": [list(frames.png_size(os.path.join(out, n))) for n in names],
+        "png_sizes": [list(png_size(os.path.join(out, n))) for n in names],
         "box_x0": [s["layout"]["regions"][0]["box"][0] for s in sidecars],
         "engine_pids": len({pid, engine_session.current_client().pid}),
         "load_seconds": [s["timings"]["load_seconds"] for s in sidecars],
@@ -279,7 +281,7 @@ def scenario(folder: str, model: str) -> dict:
 
 
 def _exr_channels(path: str) -> list[str]:
-    from blender_addon.blender.id_render import _import_oiio
+    from blender_addon.blender.images import import_oiio as _import_oiio
 
     oiio = _import_oiio()
     image = oiio.ImageInput.open(path)

@@ -13,7 +13,7 @@ from blender_addon.blender.scene_layout import (  # noqa: E402
     LabeledObject,
     layout_from_camera,
 )
-from blender_addon.io.png import read_gray_png  # noqa: E402
+from blender_addon.core.png import read_gray_png  # noqa: E402
 
 HALF = (1 / 9) / 0.72
 """Half-width of a 2-unit cube's top face (9 in front) through a 50 mm lens on a 36 mm sensor."""

@@ -1,0 +1,3 @@
+"""Generated images into Blender's render pipeline: the render engine (``engine``: F12,
+Ctrl-F12, Combined and the layout passes), the resumable batch renderer (``batch``) with its
+command line (``python -m blender_addon.render``), and what every frame leaves (``publish``)."""

@@ -1,0 +1,195 @@
+"""Render an animation headless, frame by frame, resumable: ``python -m blender_addon.render``.
+
+    python -m blender_addon.render SCENE.blend --frames 1-48 --out DIR [--model shapes]
+        [--engine-python PATH] [--step N] [--seed-mode shot|frame] [--overwrite]
+        [--init-previous STRENGTH]
+
+Needs only the ``bpy`` wheel on the Blender side; the engine runs in its own Python as one
+subprocess for the whole batch (:class:`~.batch.BatchRenderer`), so the model loads once.
+Running the same command again renders only the frames that are not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import bpy
+
+from .. import register
+from ..blender.frame_request import scene_seed_mode
+from ..client import engine_session
+from ..client.engine_client import EngineClient
+from ..core import frames
+from ..core.errors import UserError
+from .batch import SEED_MODES, BatchRenderer, FrameOutcome
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m blender_addon.render",
+        description=(
+            "Render a Blender scene's animation through the Layout Diffusion engine, one PNG and "
+            "one JSON sidecar per frame. Frames already complete in --out are skipped."
+        ),
+    )
+    parser.add_argument("blend", help="the .blend file to render")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument(
+        "--frames", help="frames to render, e.g. 1-48 or 1,5,10-12 (default: the scene's range)"
+    )
+    parser.add_argument(
+        "--step", type=int, help="render every N-th frame (default: the scene's frame step)"
+    )
+    parser.add_argument("--scene", help="scene name (default: the file's active scene)")
+    parser.add_argument("--model", help="model spec (default: the scene's Layout Diffusion model)")
+    parser.add_argument(
+        "--engine-python",
+        help="Python interpreter with the engine installed (default: the checkout's .venv, "
+        "else this interpreter)",
+    )
+    parser.add_argument(
+        "--seed-mode",
+        choices=SEED_MODES,
+        help="'shot': the scene seed for every frame; 'frame': scene seed + frame number "
+        "(default: the scene's setting, else shot)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="render every frame again, even complete ones"
+    )
+    parser.add_argument(
+        "--init-previous",
+        type=float,
+        metavar="STRENGTH",
+        help="start each frame from the previous frame's image (img2img): 0 keeps it, "
+        "1 ignores it; steadier animations at around 0.5-0.7",
+    )
+    return parser
+
+
+class _Progress:
+    """A tqdm bar when tqdm is importable, plain lines otherwise."""
+
+    def __init__(self, total: int, stream=None):
+        self.stream = stream or sys.stderr
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, unit="frame", file=self.stream, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: int, outcome: FrameOutcome) -> None:
+        if outcome.status == "written":
+            text = f"frame {outcome.frame} written in {outcome.seconds:.2f} s"
+        elif outcome.status == "skipped":
+            text = f"frame {outcome.frame} already complete"
+        else:
+            text = f"frame {outcome.frame} FAILED: {outcome.message}"
+        if self.bar is None:
+            print(f"[{done}/{total}] {text}", file=self.stream, flush=True)
+            return
+        if outcome.status == "failed":
+            self.bar.write(text, file=self.stream)
+        self.bar.set_postfix_str(f"frame {outcome.frame}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _open_scene(path: str, scene_name: str | None):
+    if not os.path.isfile(path):
+        raise UserError(f"no such .blend file: {path}")
+    bpy.ops.wm.open_mainfile(filepath=os.path.abspath(path), load_ui=False)
+    if scene_name is None:
+        return bpy.context.scene
+    scene = bpy.data.scenes.get(scene_name)
+    if scene is None:
+        names = ", ".join(s.name for s in bpy.data.scenes)
+        raise UserError(f"{path} has no scene {scene_name!r}; its scenes: {names}")
+    window = getattr(bpy.context, "window", None)
+    if window is not None:
+        window.scene = scene
+    return scene
+
+
+def _register_addon() -> None:
+    if not hasattr(bpy.types.Scene, "layout_diffusion"):
+        register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the batch; exit status 0 when every requested frame is complete, 1 otherwise."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.step is not None and args.step < 1:
+        raise UserError(f"--step must be 1 or more, got {args.step}")
+    if not os.path.isfile(args.blend):
+        raise UserError(f"no such .blend file: {args.blend}")
+    _register_addon()
+    scene = _open_scene(args.blend, args.scene)
+    step = args.step or scene.frame_step
+    # A frame list that cannot be read raises FrameSpecError, a UserError: exit status 2.
+    if args.frames:
+        frame_list = frames.parse_frames(args.frames, step)
+    else:
+        frame_list = list(range(scene.frame_start, scene.frame_end + 1, step))
+    if not frame_list:
+        raise UserError(f"scene {scene.name!r} has an empty frame range; pass --frames")
+    python = args.engine_python or engine_session.default_python() or sys.executable
+    python = engine_session.resolve_python(python)
+    seed_mode = args.seed_mode or scene_seed_mode(scene)
+    client = EngineClient(python, cwd=engine_session.checkout_root())
+    renderer = BatchRenderer(
+        scene,
+        args.out,
+        client,
+        model=args.model,
+        seed_mode=seed_mode,
+        overwrite=args.overwrite,
+        init_previous=args.init_previous,
+    )
+    progress = renderer.progress = _Progress(len(frame_list))
+    try:
+        summary = renderer.run(frame_list)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: complete frames are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        progress.close()
+        client.close()
+    written, skipped, failed = (summary.count(s) for s in ("written", "skipped", "failed"))
+    print(
+        f"{written} written, {skipped} already complete, {failed} failed "
+        f"in {summary.seconds:.1f} s -> {renderer.out_dir}",
+        file=sys.stderr,
+    )
+    if summary.stopped:
+        print(
+            f"error: {summary.stopped}\n"
+            "Frames already written are kept; run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 1
+    if failed:
+        names = ", ".join(str(o.frame) for o in summary.outcomes if o.status == "failed")
+        print(f"error: frames not written: {names} (reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

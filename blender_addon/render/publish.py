@@ -1,0 +1,75 @@
+"""What every generated frame leaves, for the batch and the render engine alike: its image
+under its final name, then its sidecar (Layout, seed, settings, model, engine, timings); see
+:mod:`..core.frames` for what counts as complete."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import bpy
+
+from ..core import frames
+
+
+def render_settings(scene, seed_mode: str) -> dict[str, Any]:
+    """What the sidecar records about where a frame came from (beyond the Layout itself)."""
+    render = scene.render
+    return {
+        "blend_file": bpy.data.filepath,
+        "scene": scene.name,
+        "camera": scene.camera.name if scene.camera else None,
+        "resolution": [render.resolution_x, render.resolution_y],
+        "resolution_percentage": render.resolution_percentage,
+        "seed_mode": seed_mode,
+        "base_seed": int(scene.layout_diffusion.seed),
+    }
+
+
+def publish_frame(
+    paths: frames.FramePaths,
+    tmp: str,
+    event: dict[str, Any],
+    layout: dict[str, Any],
+    *,
+    engine: dict[str, Any],
+    settings: dict[str, Any],
+    layout_seconds: float,
+    started: float,
+) -> dict[str, float]:
+    """Give a generated image (at ``tmp``) its final name, then write its sidecar.
+
+    ``event`` is the engine's ``result`` event; ``started`` the ``time.perf_counter()`` at which
+    work on the frame began. Returns the timings recorded in the sidecar.
+    """
+    frames.publish(tmp, paths.image)
+    timings = {
+        "layout_seconds": layout_seconds,
+        "generate_seconds": float(event.get("seconds") or 0.0),
+        "load_seconds": float(event.get("load_seconds") or 0.0),
+        "frame_seconds": time.perf_counter() - started,
+    }
+    record = frames.make_sidecar(
+        paths,
+        layout,
+        seed=int(layout["seed"]),
+        model=str(event.get("model") or ""),
+        engine=engine,
+        settings=settings,
+        timings=timings,
+    )
+    frames.write_sidecar(paths.sidecar, record)
+    return timings
+
+
+def engine_details(hello: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a ``hello`` reply a sidecar records."""
+    return {key: hello.get(src) for key, src in _ENGINE_KEYS}
+
+
+_ENGINE_KEYS = (
+    ("version", "engine_version"),
+    ("protocol", "protocol"),
+    ("device", "device"),
+    ("dtype", "dtype"),
+)
