@@ -1,12 +1,28 @@
-"""Layout fidelity: does each object appear where its box says, per regional-guidance mode?
+"""Layout fidelity: does each object appear where its box says, with the right shape, for the
+prompts users write?
 
-N random layouts (fixed seeds; boxes from the shapes-world generator, non-overlapping, one colour
-per object) are generated through the engine's RegionalSDXLPipeline in every registered mode,
-and each image is scored by a detector. One table: mode, placement rate, mean box coverage,
-colour bleed, mAP@0.5, seconds per image and cost relative to the plain prompt.
+Rows cover how the engine is used, at its default settings (printed with the table):
 
-    python benchmarks/layout_fidelity.py --model shapes --n 50 --objects 2
-    python benchmarks/layout_fidelity.py --model shapes --n 50 --objects 2 3 4 --modes plain attention
+- *Scene-prompt forms* on N random shapes-world layouts per object count (fixed seeds,
+  non-overlapping boxes, one colour per object): the scene prompt names every object (``all``),
+  one object only (``one``), none (``none``: "a plain background") or is empty (``empty``),
+  each through the regional modes asked for; the plain prompt without regions is the chance
+  baseline. *placed*: the object's colour is where its box is (centroid inside or IoU >= 0.5);
+  *shape*: of the placed objects, the share whose blob has the right shape (fill ratio and
+  top-heaviness of its bounding box, ``engine.shapes.detect.classify_shape``).
+- *Crowded* scenes (``--crowded 16@256 36@384 100@640``): many small objects whose colours
+  repeat, scored box by box (the box holds its colour and that colour dominates it).
+- *Occlusion* (``--occlusion N``): two overlapping objects, the front one partly hiding the back
+  one, given as boxes or as occlusion-aware masks (what the add-on sends); *front* and *back*
+  are the share of the front object's pixels and of the back object's visible pixels that have
+  the object's colour.
+
+Time and UNet work are measured side by side against the plain prompt of the same cases.
+
+    python benchmarks/layout_fidelity.py --model shapes --n 50 --objects 2 4
+    python benchmarks/layout_fidelity.py --model shapes --n 50 --objects 2 --forms all \
+        --modes plain attention latent attention+ref attention+pass
+    python benchmarks/layout_fidelity.py --model shapes --n 0 --crowded 36@384 --occlusion 20
 
 The default detector segments the shapes-world colours (``engine.shapes.detect``). For a real
 SDXL model, pass ``--layouts FILE`` (COCO-style: a JSON list of {"caption", "objects": [{"label",
@@ -36,15 +52,22 @@ from engine.shapes.detect import (  # noqa: E402
     ColourDetector,
     Detection,
     box_iou,
+    classify_shape,
+    colour_labels,
+    colour_mask,
     mean_average_precision,
-    phrase_colour,
+    score_box,
     score_layout,
 )
 from engine.shapes.world import (  # noqa: E402
     BACKGROUND_CAPTION,
     COLOURS,
+    SHAPES,
+    ShapeObject,
     caption_for,
+    crowded_objects,
     sample_objects,
+    visible_masks,
 )
 from engine.wire.layout import MODES as ENGINE_MODES  # noqa: E402
 from engine.wire.layout import Layout, Region  # noqa: E402
@@ -54,21 +77,50 @@ Box = tuple[float, float, float, float]
 
 @dataclass
 class BenchLayout:
-    """One benchmark case: the full caption and its labelled boxes."""
+    """One benchmark case: the full caption and its labelled boxes, back to front."""
 
     caption: str
     objects: list[tuple[str, Box]]
     seed: int
+    kind: str = "standard"
+    """``standard``, ``crowded`` (scored box by box) or ``occlusion`` (front/back shares)."""
+    size: int | None = None
+    """Canvas side for this case; None: the settings' size."""
+
+
+FORMS = ("all", "one", "none", "empty")
+"""Scene-prompt forms: naming every object, one object, none ("a plain background"), or empty."""
+
+
+def scene_prompt(case: BenchLayout, form: str) -> str:
+    """The case's scene prompt in one of the ``FORMS``."""
+    if form == "all":
+        return case.caption
+    if form == "one":
+        return case.objects[0][0] if case.objects else case.caption
+    if form == "none":
+        return BACKGROUND_CAPTION
+    if form == "empty":
+        return ""
+    raise ValueError(f"unknown scene-prompt form {form!r}; choose from {FORMS}")
 
 
 @dataclass
 class Settings:
-    """Generation settings shared by every mode."""
+    """Generation settings shared by every mode; None takes the engine's Layout default."""
 
     size: int = 64
     steps: int = 20
     guidance_scale: float = 5.0
-    base_ratio: float = 0.2
+    base_ratio: float | None = None
+
+    def describe(self) -> str:
+        """The settings as generated, defaults resolved."""
+        base_ratio = Layout(prompt="").base_ratio if self.base_ratio is None else self.base_ratio
+        return (
+            f"{self.size} px unless a row says, {self.steps} steps, CFG {self.guidance_scale}, "
+            f"base_ratio {base_ratio}, other Layout fields at their defaults"
+        )
 
 
 @dataclass(frozen=True)
@@ -124,6 +176,31 @@ def available_modes() -> list[str]:
     return [name for name, mode in MODES.items() if mode.engine_mode in ENGINE_MODES]
 
 
+def case_objects(case: BenchLayout) -> list[ShapeObject]:
+    """The case's objects as shapes-world objects (labels like "a red circle"), back to front."""
+    objects = []
+    for label, box in case.objects:
+        words = label.split()
+        colour = next((w for w in words if w in COLOURS), None)
+        shape = next((w for w in words if w in SHAPES), None)
+        if colour is None or shape is None:
+            raise ValueError(f"{label!r} is not a shapes-world phrase ('a <colour> <shape>')")
+        objects.append(ShapeObject(colour, shape, box))
+    return objects
+
+
+def mask_files(case: BenchLayout, size: int, folder: str) -> list[str]:
+    """Occlusion-aware visible masks of the case's objects as PNG files (the add-on's masks)."""
+    from PIL import Image
+
+    paths = []
+    for i, mask in enumerate(visible_masks(case_objects(case), size)):
+        path = os.path.join(folder, f"mask-{case.seed}-{size}-{i}.png")
+        Image.fromarray(np.clip(np.rint(mask * 255), 0, 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
 def box_reference(case: BenchLayout, size: int, path: str) -> str:
     """Write a flat-colour render of the case's boxes on grey: what the add-on's proxy render
     gives for box-shaped proxies. Objects without a known colour word stay grey."""
@@ -140,26 +217,37 @@ def box_reference(case: BenchLayout, size: int, path: str) -> str:
 
 
 def build_layout(
-    case: BenchLayout, mode: Mode, settings: Settings, workdir: str | None = None
+    case: BenchLayout,
+    mode: Mode,
+    settings: Settings,
+    workdir: str | None = None,
+    form: str = "all",
+    masks: bool = False,
 ) -> Layout:
-    """The Layout a mode generates for a case (``workdir`` holds reference images)."""
+    """The Layout a mode generates for a case with its scene prompt in ``form`` (``workdir``
+    holds reference images and masks; ``masks`` gives regions their visible masks)."""
+    size = case.size or settings.size
     reference = None
-    if mode.reference_scale > 0 and mode.box_reference:
+    if (mode.reference_scale > 0 and mode.box_reference) or masks:
         workdir = workdir or tempfile.mkdtemp(prefix="fidelity-")
-        reference = box_reference(
-            case, settings.size, os.path.join(workdir, f"reference-{case.seed}.png")
-        )
-    regions = (
-        [Region(prompt=label, box=box) for label, box in case.objects] if mode.regional else []
-    )
+    if mode.reference_scale > 0 and mode.box_reference:
+        reference = box_reference(case, size, os.path.join(workdir, f"reference-{case.seed}.png"))
+    regions = []
+    if mode.regional:
+        paths = mask_files(case, size, workdir) if masks else [None] * len(case.objects)
+        regions = [
+            Region(prompt=label, box=box, mask=path)
+            for (label, box), path in zip(case.objects, paths, strict=True)
+        ]
+    extra = {} if settings.base_ratio is None else {"base_ratio": settings.base_ratio}
     return Layout(
-        prompt=case.caption,
-        width=settings.size,
-        height=settings.size,
+        prompt=scene_prompt(case, form if mode.regional else "all"),
+        width=size,
+        height=size,
         regions=regions,
         background_prompt=mode.background if mode.regional else None,
-        base_ratio=settings.base_ratio,
         seed=case.seed,
+        **extra,
         steps=settings.steps,
         guidance_scale=settings.guidance_scale,
         mode=mode.engine_mode,
@@ -178,6 +266,40 @@ def shapes_layouts(n: int, objects: int, seed: int = 0) -> list[BenchLayout]:
         objs = sample_objects(rng, objects, distinct_colours=True)
         cases.append(
             BenchLayout(caption_for(objs), [(o.phrase, o.box) for o in objs], seed=case_seed)
+        )
+    return cases
+
+
+def crowded_layouts(n: int, objects: int, size: int, seed: int = 0) -> list[BenchLayout]:
+    """``n`` crowded cases of ``objects`` small objects on a ``size`` canvas (colours repeat)."""
+    cases = []
+    for i in range(n):
+        case_seed = seed * 100_003 + objects * 10_007 + size * 101 + i
+        rng = np.random.default_rng(case_seed)
+        objs = crowded_objects(rng, objects, min_size=16 / size, max_size=40 / size)
+        cases.append(
+            BenchLayout(
+                caption_for(objs),
+                [(o.phrase, o.box) for o in objs],
+                seed=case_seed,
+                kind="crowded",
+                size=size,
+            )
+        )
+    return cases
+
+
+def occlusion_layouts(n: int, seed: int = 0) -> list[BenchLayout]:
+    """``n`` cases of two overlapping objects, the second in front (it hides part of the first)."""
+    cases = []
+    for i in range(n):
+        case_seed = seed * 100_003 + 77_777 + i
+        rng = np.random.default_rng(case_seed)
+        objs = sample_objects(rng, 2, overlap=True, distinct_colours=True)
+        cases.append(
+            BenchLayout(
+                caption_for(objs), [(o.phrase, o.box) for o in objs], case_seed, kind="occlusion"
+            )
         )
     return cases
 
@@ -213,11 +335,18 @@ def load_detector(spec: str) -> tuple[Callable, bool]:
 
 @dataclass
 class ModeResult:
-    """Scores of one mode over all cases."""
+    """Scores of one row (mode, scene-prompt form, kind of case) over all its cases."""
 
     mode: str
     objects: int
+    form: str = "all"
+    kind: str = "standard"
+    size: int = 64
     placed: list[bool] = field(default_factory=list)
+    shape_ok: list[bool] = field(default_factory=list)
+    """For each placed object (where a shape could be read): whether its shape is right."""
+    front: list[float] = field(default_factory=list)
+    back: list[float] = field(default_factory=list)
     coverage: list[float] = field(default_factory=list)
     bleed: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -229,6 +358,15 @@ class ModeResult:
     @property
     def placement(self) -> float:
         return float(np.mean(self.placed)) if self.placed else math.nan
+
+    @property
+    def shape_rate(self) -> float:
+        return float(np.mean(self.shape_ok)) if self.shape_ok else math.nan
+
+    @property
+    def group(self) -> tuple[str, int, int]:
+        """Rows of one group share their cases: (kind, objects, size)."""
+        return (self.kind, self.objects, self.size)
 
     @property
     def mean_coverage(self) -> float:
@@ -260,10 +398,33 @@ def score_image(
     result.detections.append(detections)
     result.truths.append(list(case.objects))
     if colour:
-        scores = score_layout(image, [(phrase_colour(label), box) for label, box in case.objects])
+        pixel_labels = colour_labels(image)
+        objects = case_objects(case)
+        if case.kind == "crowded":
+            for obj in objects:
+                found = score_box(image, obj.colour, obj.box, pixel_labels)
+                result.placed.append(found.placed)
+                if found.shape is not None:
+                    result.shape_ok.append(found.shape == obj.shape)
+            return
+        scores = score_layout(image, [(o.colour, o.box) for o in objects])
         result.placed += [s.placed for s in scores]
         result.coverage += [s.coverage for s in scores]
         result.bleed += [s.bleed for s in scores]
+        for obj, found in zip(objects, scores, strict=True):
+            if found.placed:
+                mask = colour_mask(image, obj.colour, pixel_labels)
+                shape = classify_shape(mask, obj.box)
+                if shape is not None:
+                    result.shape_ok.append(shape == obj.shape)
+        if case.kind == "occlusion":
+            visible = visible_masks(objects, image.shape[0]) > 0.5
+            shares = [
+                float(colour_mask(image, o.colour, pixel_labels)[v].mean()) if v.any() else 0.0
+                for o, v in zip(objects, visible, strict=True)
+            ]
+            result.back.append(shares[0])
+            result.front.append(shares[-1])
         return
     for label, box in case.objects:
         result.placed.append(
@@ -279,11 +440,19 @@ def run_benchmark(
     colour: bool = True,
     settings: Settings | None = None,
     save_dir: str | None = None,
+    forms: Sequence[str] = ("all",),
 ) -> list[ModeResult]:
-    """Generate every case in every mode through ``pipe`` and score it."""
+    """Generate every case in every mode and scene-prompt form through ``pipe`` and score it.
+
+    The plain prompt has no regions, so it runs with the full caption only; occlusion cases
+    run every regional mode with boxes and again with visible masks (``<mode>+masks``).
+    """
     settings = settings or Settings()
     detector = detector or ColourDetector()
-    counts = sorted({len(c.objects) for c in cases})
+    groups: dict[tuple[str, int, int], list[BenchLayout]] = {}
+    for case in cases:
+        key = (case.kind, len(case.objects), case.size or settings.size)
+        groups.setdefault(key, []).append(case)
     results = []
     workdir = tempfile.mkdtemp(prefix="fidelity-")
     # Every UNet evaluation (latent mode's per-block calls, a first pass) goes through conv_in.
@@ -295,23 +464,29 @@ def run_benchmark(
     unet = getattr(pipe, "unet", None)
     hook = None if unet is None else unet.conv_in.register_forward_pre_hook(count_pixels)
     try:
-        for count in counts:
-            subset = [c for c in cases if len(c.objects) == count]
+        for (kind, count, size), subset in sorted(groups.items()):
             for name in modes:
-                result = ModeResult(name, count)
-                for index, case in enumerate(subset):
-                    layout = build_layout(case, MODES[name], settings, workdir)
-                    processed[0] = 0
-                    start = time.perf_counter()
-                    image = pipe(layout=layout, output_type="np").images[0]
-                    result.seconds.append(time.perf_counter() - start)
-                    if hook is not None:
-                        result.unet_pixels.append(processed[0])
-                    pixels = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
-                    score_image(pixels, case, detector, colour, result)
-                    if save_dir:
-                        _save(pixels, save_dir, f"{count}obj-{index:03d}-{name}.png")
-                results.append(result)
+                regional = MODES[name].regional
+                for form in forms if regional else ("all",):
+                    for masks in (False, True) if kind == "occlusion" and regional else (False,):
+                        label = f"{name}+masks" if masks else name
+                        result = ModeResult(label, count, form, kind, size)
+                        for index, case in enumerate(subset):
+                            layout = build_layout(
+                                case, MODES[name], settings, workdir, form=form, masks=masks
+                            )
+                            processed[0] = 0
+                            start = time.perf_counter()
+                            image = pipe(layout=layout, output_type="np").images[0]
+                            result.seconds.append(time.perf_counter() - start)
+                            if hook is not None:
+                                result.unet_pixels.append(processed[0])
+                            pixels = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+                            score_image(pixels, case, detector, colour, result)
+                            if save_dir:
+                                image_name = f"{kind}-{count}obj-{index:03d}-{label}-{form}.png"
+                                _save(pixels, save_dir, image_name)
+                        results.append(result)
     finally:
         if hook is not None:
             hook.remove()
@@ -328,21 +503,27 @@ def _save(pixels: np.ndarray, folder: str, name: str) -> None:
 def format_table(results: Sequence[ModeResult]) -> str:
     """The results as one aligned text table.
 
-    ``time``: seconds per image over the plain prompt's; ``time/attn``: over attention mode's;
-    ``work``: UNet pixels processed per image over the plain prompt's (every UNet call counted,
-    so latent mode's per-prompt calls and a first pass show; attention's extra tokens do not).
+    ``time``: seconds per image over the plain prompt's on the same cases; ``time/attn``: over
+    attention mode's with the same scene-prompt form; ``work``: UNet pixels processed per image
+    over the plain prompt's (every UNet call counted, so latent mode's per-prompt calls and a
+    first pass show; attention's extra tokens do not). ``front``/``back`` appear when occlusion
+    rows do.
     """
 
-    def per_count(mode: str, value: Callable[[ModeResult], float]) -> dict[int, float]:
-        return {r.objects: value(r) for r in results if r.mode == mode}
+    def base(mode: str, value: Callable[[ModeResult], float], by_form: bool) -> dict:
+        return {(r.group, r.form if by_form else None): value(r) for r in results if r.mode == mode}
 
-    plain = per_count("plain", lambda r: r.seconds_per_image)
-    attention = per_count("attention", lambda r: r.seconds_per_image)
-    plain_work = per_count("plain", lambda r: float(np.mean(r.unet_pixels or [math.nan])))
+    plain = base("plain", lambda r: r.seconds_per_image, False)
+    attention = base("attention", lambda r: r.seconds_per_image, True)
+    plain_work = base("plain", lambda r: float(np.mean(r.unet_pixels or [math.nan])), False)
+    occlusion = any(r.front for r in results)
     header = (
         "objects",
+        "size",
+        "form",
         "mode",
         "placed",
+        "shape",
         "coverage",
         "bleed",
         "mAP@0.5",
@@ -350,32 +531,52 @@ def format_table(results: Sequence[ModeResult]) -> str:
         "time",
         "time/attn",
         "work",
-    )
+    ) + (("front", "back") if occlusion else ())
     rows = [header]
 
-    def ratio(value: float, base: float) -> str:
-        return "-" if math.isnan(base) or math.isnan(value) else f"{value / base:.2f}x"
+    def ratio(value: float, reference: float) -> str:
+        if math.isnan(reference) or math.isnan(value):
+            return "-"
+        return f"{value / reference:.2f}x"
+
+    def number(value: float, style: str = ".2f") -> str:
+        return "-" if math.isnan(value) else format(value, style)
 
     for r in results:
         work = float(np.mean(r.unet_pixels or [math.nan]))
-        rows.append(
-            (
-                str(r.objects),
-                r.mode,
-                f"{r.placement:.0%}",
-                "-" if math.isnan(r.mean_coverage) else f"{r.mean_coverage:.2f}",
-                "-" if math.isnan(r.mean_bleed) else f"{r.mean_bleed:.2f}",
-                f"{r.map50:.2f}",
-                f"{r.seconds_per_image:.3f}",
-                ratio(r.seconds_per_image, plain.get(r.objects, math.nan)),
-                ratio(r.seconds_per_image, attention.get(r.objects, math.nan)),
-                ratio(work, plain_work.get(r.objects, math.nan)),
-            )
+        row = (
+            f"{r.objects}{'*' if r.kind == 'crowded' else ''}",
+            str(r.size),
+            r.form if r.mode != "plain" else "plain",
+            r.mode,
+            f"{r.placement:.0%}",
+            number(r.shape_rate, ".0%"),
+            number(r.mean_coverage),
+            number(r.mean_bleed),
+            number(r.map50),
+            f"{r.seconds_per_image:.3f}",
+            ratio(r.seconds_per_image, plain.get((r.group, None), math.nan)),
+            ratio(r.seconds_per_image, attention.get((r.group, r.form), math.nan)),
+            ratio(work, plain_work.get((r.group, None), math.nan)),
         )
+        if occlusion:
+            row += (
+                number(float(np.mean(r.front)) if r.front else math.nan),
+                number(float(np.mean(r.back)) if r.back else math.nan),
+            )
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     )
+
+
+def _crowded_spec(text: str) -> tuple[int, int]:
+    objects, _, size = text.partition("@")
+    try:
+        return int(objects), int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write OBJECTS@SIZE, e.g. 36@384") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -383,13 +584,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapes", help="model spec (alias, folder, file, repo id)")
     p.add_argument("--n", type=int, default=50, help="layouts per object count")
-    p.add_argument("--objects", type=int, nargs="+", default=[2], help="objects per layout (2-4)")
-    p.add_argument("--modes", nargs="+", default=None, help=f"subset of {list(MODES)}")
+    p.add_argument(
+        "--objects", type=int, nargs="+", default=[2, 4], help="objects per layout (1-4)"
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["plain", "attention"],
+        help=f"subset of {list(MODES)} ('all' for every one this engine has)",
+    )
+    p.add_argument(
+        "--forms", nargs="+", default=list(FORMS), choices=FORMS, help="scene-prompt forms"
+    )
+    p.add_argument(
+        "--crowded",
+        type=_crowded_spec,
+        nargs="*",
+        default=[],
+        metavar="OBJECTS@SIZE",
+        help="crowded rows, e.g. 16@256 36@384 100@640 (scored box by box)",
+    )
+    p.add_argument("--crowded-n", type=int, default=2, help="layouts per crowded row")
+    p.add_argument(
+        "--crowded-forms", nargs="+", default=["none"], choices=FORMS, help="their scene prompts"
+    )
+    p.add_argument("--occlusion", type=int, default=0, help="overlapping two-object layouts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--base-ratio", type=float, default=0.2)
+    p.add_argument("--base-ratio", type=float, default=None, help="default: the Layout's default")
     p.add_argument("--layouts", help="COCO-style layout JSON instead of shapes-world layouts")
     p.add_argument("--detector", default="colour", help="'colour' or 'module:factory'")
     p.add_argument("--save-images", help="folder to write every generated image to")
@@ -401,9 +625,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[ModeResult]:
     """Run the benchmark from the command line and print the table."""
     args = parse_args(argv)
-    from engine.loading import LoadOptions, load_pipeline, resolve_model
+    from engine.loading.assemble import load_pipeline
+    from engine.loading.locate import LoadOptions, resolve_model
 
-    modes = args.modes or available_modes()
+    modes = available_modes() if args.modes == ["all"] else args.modes
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}; registered: {list(MODES)}")
@@ -411,19 +636,43 @@ def main(argv: list[str] | None = None) -> list[ModeResult]:
         cases = load_layouts(args.layouts)
     else:
         cases = [c for k in args.objects for c in shapes_layouts(args.n, k, args.seed)]
+    crowded = [
+        c
+        for objects, size in args.crowded
+        for c in crowded_layouts(args.crowded_n, objects, size, args.seed)
+    ]
+    occluded = occlusion_layouts(args.occlusion, args.seed)
     detector, colour = load_detector(args.detector)
     options = LoadOptions(device=args.device)
     pipe = load_pipeline(resolve_model(args.model, options), options)
     settings = Settings(args.size, args.steps, args.guidance, args.base_ratio)
-    results = run_benchmark(pipe, cases, modes, detector, colour, settings, args.save_images)
-    print(f"model {args.model}, {len(cases)} layouts, {settings}")
+    results = run_benchmark(
+        pipe, cases, modes, detector, colour, settings, args.save_images, args.forms
+    )
+    if crowded:
+        results += run_benchmark(
+            pipe, crowded, modes, detector, colour, settings, args.save_images, args.crowded_forms
+        )
+    if occluded:
+        results += run_benchmark(
+            pipe, occluded, modes, detector, colour, settings, args.save_images, ["none"]
+        )
+    total = len(cases) + len(crowded) + len(occluded)
+    print(f"model {args.model}, {total} layouts; {settings.describe()}")
+    print("(* crowded rows, scored box by box)" if crowded else "")
     print(format_table(results))
     if args.json:
         rows = [
             {
                 "objects": r.objects,
+                "kind": r.kind,
+                "size": r.size,
+                "form": r.form,
                 "mode": r.mode,
                 "placement": r.placement,
+                "shape": r.shape_rate,
+                "front": float(np.mean(r.front)) if r.front else None,
+                "back": float(np.mean(r.back)) if r.back else None,
                 "coverage": r.mean_coverage,
                 "bleed": r.mean_bleed,
                 "map50": r.map50,

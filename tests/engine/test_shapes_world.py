@@ -216,6 +216,7 @@ class _OraclePipe:
     def __call__(self, layout, output_type="np"):
         from types import SimpleNamespace
 
+        # Regions come back to front, so a front object covers the one behind it.
         objs = [ShapeObject(*r.prompt.split()[1:3], r.box) for r in layout.regions]
         image = render(objs, layout.width).astype(np.float32) / 255
         return SimpleNamespace(images=[image])
@@ -237,11 +238,16 @@ def test_benchmark_scores_an_oracle_perfectly_with_either_detector_path(detector
         assert by_mode["attention"].mean_coverage > 0.6 and by_mode["attention"].mean_bleed < 0.05
     else:
         assert np.isnan(by_mode["attention"].mean_coverage)
+    if colour:
+        assert by_mode["attention"].shape_rate == 1.0
     table = bench.format_table(results)
     assert table.splitlines()[0].split() == [
         "objects",
+        "size",
+        "form",
         "mode",
         "placed",
+        "shape",
         "coverage",
         "bleed",
         "mAP@0.5",
@@ -251,6 +257,68 @@ def test_benchmark_scores_an_oracle_perfectly_with_either_detector_path(detector
         "work",
     ]
     assert "100%" in table.splitlines()[2]
+
+
+def test_benchmark_writes_each_scene_prompt_form_and_keeps_plain_as_the_full_caption():
+    bench = _benchmark_module()
+    case = bench.shapes_layouts(1, 3, seed=1)[0]
+    settings = bench.Settings(size=64)
+    prompts = {
+        form: bench.build_layout(case, bench.MODES["attention"], settings, form=form).prompt
+        for form in bench.FORMS
+    }
+    assert prompts == {
+        "all": case.caption,
+        "one": case.objects[0][0],
+        "none": BACKGROUND_CAPTION,
+        "empty": "",
+    }
+    plain = bench.build_layout(case, bench.MODES["plain"], settings, form="empty")
+    assert plain.prompt == case.caption and plain.regions == []
+    # Settings left at None take the engine's own Layout defaults.
+    from engine.wire.layout import Layout
+
+    layout = bench.build_layout(case, bench.MODES["attention"], settings)
+    assert layout.base_ratio == Layout(prompt="").base_ratio
+    assert f"base_ratio {layout.base_ratio}" in settings.describe()
+    pipe_results = bench.run_benchmark(
+        _OraclePipe(), [case], ["plain", "attention"], forms=["none", "empty"]
+    )
+    assert [(r.mode, r.form) for r in pipe_results] == [
+        ("plain", "all"),
+        ("attention", "none"),
+        ("attention", "empty"),
+    ]
+
+
+def test_benchmark_scores_crowded_scenes_box_by_box_and_occlusion_by_visible_pixels(tmp_path):
+    bench = _benchmark_module()
+    crowded = bench.crowded_layouts(1, 36, 384, seed=3)
+    assert crowded[0].kind == "crowded" and len(crowded[0].objects) == 36
+    occluded = bench.occlusion_layouts(3, seed=3)
+    results = bench.run_benchmark(
+        _OraclePipe(), crowded + occluded, ["plain", "attention"], forms=["none"]
+    )
+    by_row = {(r.kind, r.mode): r for r in results}
+    assert by_row[("crowded", "attention")].placement == 1.0
+    assert by_row[("crowded", "attention")].shape_rate >= 0.95
+    assert by_row[("crowded", "plain")].placement == 0.0
+    for mode in ("attention", "attention+masks"):
+        row = by_row[("occlusion", mode)]
+        assert min(row.front) > 0.95 and min(row.back) > 0.95
+    assert by_row[("occlusion", "plain")].front == [0.0] * 3
+    # The masked rows send each region's visible mask: the back one lacks the front's pixels.
+    layout = bench.build_layout(
+        occluded[0], bench.MODES["attention"], bench.Settings(), str(tmp_path), masks=True
+    )
+    from PIL import Image
+
+    back = np.asarray(Image.open(layout.regions[0].mask)) / 255
+    x0, y0, x1, y1 = (round(v * 64) for v in occluded[0].objects[0][1])
+    assert 0 < back.sum() < (x1 - x0) * (y1 - y0)
+    table = bench.format_table(results)
+    assert table.splitlines()[0].split()[-2:] == ["front", "back"]
+    assert "36*" in table
 
 
 def test_benchmark_builds_each_mode_layout():
@@ -292,7 +360,7 @@ def test_benchmark_counts_every_unet_pixel_a_mode_processes(tiny_model_dir):
     assert len(plan.blocks) >= 3
     assert results["latent"].unet_pixels == [round(2 * 2 * latent * plan.relative_cost())]
     work = {
-        line.split()[1]: line.split()[-1]
+        line.split()[3]: line.split()[-1]
         for line in bench.format_table(list(results.values())).splitlines()[1:]
     }
     assert work == {
