@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses  # noqa: E402
 
-from engine.ip_adapter import (  # noqa: E402
-    ReferenceContext,
-    ReferenceState,
+from engine.conditions.object_images import (
+    ObjectImageContext,
+    ObjectImageState,
     install_masked_ip_adapter,
 )
 from engine.regional.attention import (  # noqa: E402
@@ -127,7 +127,7 @@ def meta_step_flops(
     unet: UNet2DConditionModel,
     context: RegionalContext,
     layout: Layout,
-    references: ReferenceContext | None = None,
+    references: ObjectImageContext | None = None,
 ):
     """FLOPs of one guided UNet call for ``layout`` and the number of text tokens it used.
 
@@ -152,7 +152,7 @@ def meta_step_flops(
         if references is not None:
             added["image_embeds"] = [torch.empty(2, 1, IP_ADAPTER_EMBED, device=meta)]
             box = layout.regions[0].box if layout.regions else IMAGE_BOX
-            state = ReferenceState([box_coverage(box, *latent)], [1.0], latent)
+            state = ObjectImageState([box_coverage(box, *latent)], [1.0], latent)
             stack.enter_context(references.active(state))
         with counter:
             unet(sample, torch.tensor(500, device=meta), text, added_cond_kwargs=added)
@@ -168,7 +168,7 @@ def meta_sdxl_unet() -> tuple[UNet2DConditionModel, RegionalContext]:
     return unet, context
 
 
-def meta_ip_adapter_unet() -> tuple[UNet2DConditionModel, RegionalContext, ReferenceContext]:
+def meta_ip_adapter_unet() -> tuple[UNet2DConditionModel, RegionalContext, ObjectImageContext]:
     """:func:`meta_sdxl_unet` with an SDXL IP-Adapter loaded as the engine loads one.
 
     diffusers' IP-Adapter processors and image projection are put where ``load_ip_adapter``

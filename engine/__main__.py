@@ -1,7 +1,7 @@
 """The engine's command line: ``python -m engine generate|serve|info``.
 
 ``generate`` turns a Layout file into a PNG (progress on stderr), ``serve`` speaks the JSON-lines
-protocol of ``engine.serve`` on stdin/stdout, ``info`` (alias ``hello``) shows the device, the
+protocol of ``engine.service.serve`` on stdin/stdout, ``info`` (alias ``hello``) shows the device, the
 precision and whether a model is present.
 """
 
@@ -20,7 +20,8 @@ import sys  # noqa: E402
 
 from engine import __version__  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
-from engine.loading import LoadOptions, ModelLocation  # noqa: E402
+from engine.loading.defaults import describe_model  # noqa: E402
+from engine.loading.locate import LoadOptions, ModelLocation, default_model_spec  # noqa: E402
 from engine.wire.layout import Layout, LayoutError  # noqa: E402
 
 
@@ -121,9 +122,10 @@ def _load_options(args: argparse.Namespace) -> LoadOptions:
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from engine.conditions import check_conditions
-    from engine.generate import check_layout_files, run_generation
-    from engine.loading import PipelineCache, default_model_spec
+    # Imported here so that `--help` and `--version` answer without torch and diffusers.
+    from engine.conditions.apply import check_conditions  # lazy: CLI start-up time
+    from engine.loading.assemble import PipelineCache  # lazy: CLI start-up time
+    from engine.service.generate import check_layout_files, run_generation  # lazy: CLI start-up
 
     layout = Layout.load(args.layout)
     overrides = {k: getattr(args, k) for k in ("seed", "steps") if getattr(args, k) is not None}
@@ -139,7 +141,7 @@ def _generate(args: argparse.Namespace) -> int:
     def announce(location: ModelLocation) -> None:
         print(f"loading {model} from {location.path}", file=sys.stderr)
 
-    pipe, _, load_seconds = PipelineCache().get(model, options, on_load=announce)
+    pipe, load_seconds = PipelineCache().get(model, options, on_load=announce)
     with tqdm(total=layout.steps, desc="generating", unit="step", file=sys.stderr) as bar:
 
         def on_step(step: int, total: int) -> None:
@@ -157,8 +159,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from engine.loading import describe_model
-    from engine.serve import engine_info
+    from engine.service.serve import engine_info  # lazy: CLI start-up time
 
     options = _load_options(args)
     info = engine_info(options)
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            from engine.serve import serve
+            from engine.service.serve import serve  # lazy: CLI start-up time
 
             return serve(_load_options(args), args.model)
         if args.command == "generate":

@@ -8,9 +8,10 @@ Layout and steers each region's prompt into its mask, by the Layout's ``mode``:
 - ``latent`` (about ``(blocks + 1) / 2`` times the cost, less with crops): one UNet call per
   distinct prompt, predictions blended by feathered masks (``engine.regional.latent``).
 
-In both modes the Layout's reference guidance and per-region strength from an init image
-(``engine.step_hooks``) run as step-end hooks before the caller's ``callback_on_step_end``, and
-an attached depth ControlNet and IP-Adapter act through ``engine.conditions``.
+In both modes the Layout's reference pull and per-object strength from an init image
+(``engine.steering``) run as step-end hooks before the caller's ``callback_on_step_end``, and
+an attached depth ControlNet and IP-Adapter act through ``engine.conditions.apply``.
+The models attached by ``engine.loading.assemble`` are declared below as attributes.
 Without ``layout`` the call is diffusers' own, untouched.
 
 Extension points, for conditions that act on every UNet call:
@@ -18,10 +19,10 @@ Extension points, for conditions that act on every UNet call:
 - *Forward pre-hooks on* ``pipe.unet`` (``register_forward_pre_hook(..., with_kwargs=True)``)
   see exactly one call per denoising step over the whole canvas, in both modes, and may add
   ``down_block_additional_residuals`` / ``mid_block_additional_residual`` (a ControlNet,
-  ``engine.controlnet``). In latent mode the per-block calls run inside that call's forward
+  ``engine.conditions.depth``). In latent mode the per-block calls run inside that call's forward
   and receive the residuals cut to their crop.
 - *Cross-attention processors* that add to the text attention (an IP-Adapter,
-  ``engine.ip_adapter``) subclass ``engine.regional.attention.RegionalAttnProcessor``, read
+  ``engine.conditions.object_images``) subclass ``engine.regional.attention.RegionalAttnProcessor``, read
   ``pipe.regional_context()`` and add their term through its ``split_encoder_states`` /
   ``extra_attention`` hook, which hands over the projected query (no second ``to_q``, one
   output projection); attention mode's text part then stays regional. Latent mode
@@ -34,9 +35,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import ControlNetModel, StableDiffusionGLIGENPipeline, StableDiffusionXLPipeline
 
-from engine.conditions import layout_conditions
+from engine.conditions.apply import layout_conditions
+from engine.conditions.object_images import ObjectImageAdapter
+from engine.loading.locate import ComponentLocation
 from engine.regional.attention import RegionalContext, install_regional_attention
 from engine.regional.latent import (
     DEFAULT_CROPS,
@@ -45,7 +48,7 @@ from engine.regional.latent import (
     plan_latent_regions,
 )
 from engine.regional.plan import RegionalState, plan_regions
-from engine.step_hooks import StepHooks, prepare_step_hooks
+from engine.steering.hooks import StepHooks, prepare_step_hooks
 from engine.wire.layout import Layout, LayoutError
 
 # The Layout modes this pipeline generates.
@@ -72,7 +75,7 @@ _LAYOUT_OWNED = (
 
 
 class RegionalSDXLPipeline(StableDiffusionXLPipeline):
-    """SDXL text-to-image; ``pipe(layout=...)`` generates a Layout with regional guidance.
+    """SDXL text-to-image; ``pipe(layout=...)`` generates a Layout with regional prompts.
 
     Loading is inherited (``from_pretrained``, ``from_single_file``). The regional processors
     are installed on the first Layout call and stay; with no Layout active they compute exactly
@@ -82,16 +85,32 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
     latent_crops: CropPolicy | None = DEFAULT_CROPS
     """When latent mode runs small regions on crops of the latents; None: never."""
 
+    # Attached by engine.loading.assemble; None while not configured.
+    depth_controlnet: ControlNetModel | None = None
+    """The depth ControlNet (``engine.conditions.depth``)."""
+    depth_controlnet_location: ComponentLocation | None = None
+    object_image_adapter: ObjectImageAdapter | None = None
+    """The IP-Adapter applying object images (``engine.conditions.object_images``)."""
+    gligen_pipeline: StableDiffusionGLIGENPipeline | None = None
+    """The GLIGEN pipeline making layout references (``engine.conditions.gligen``)."""
+    gligen_location: ComponentLocation | None = None
+
+    model_defaults: dict[str, float] | None = None
+    """The model's values for Layout fields left null, read once (``engine.loading.defaults``)."""
+    conditioned_layouts: tuple[Layout, ...] = ()
+    """The Layouts whose conditions are applied now (``engine.conditions.apply``)."""
+    _layout_context: RegionalContext | None = None
+
     def __call__(self, *args: Any, layout: Layout | None = None, **kwargs: Any):
         """Generate. Without ``layout``: the stock SDXL call, same arguments, same output.
 
         With ``layout``: every setting in it is used and must not be passed again; ``generator``
         (default: a CPU generator seeded with ``layout.seed``), ``latents``, ``output_type``,
         ``callback_on_step_end`` and the other diffusers arguments still apply. The Layout's
-        reference guidance and init-image strengths run as step-end hooks before
-        ``callback_on_step_end`` (which also sees the steps of a first pass making a reference);
-        ``keep_outside`` needs ``output_type='pil'``. Fields the Layout leaves to the model
-        (null) take the model's recommended values (``engine.model_defaults``).
+        reference pull and per-object strengths run as step-end hooks before
+        ``callback_on_step_end`` (which also sees the steps of a first pass making a layout
+        reference); ``keep_outside`` needs ``output_type='pil'``. Fields the Layout leaves to
+        the model (null) take the model's recommended values (``engine.loading.defaults``).
         """
         if layout is None:
             return super().__call__(*args, **kwargs)
@@ -117,7 +136,7 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
         return hooks.finish_output(output)
 
     def _step_hooks(self, layout: Layout, kwargs: dict[str, Any]) -> StepHooks:
-        """Prepare the Layout's reference guidance and per-region strength and put their
+        """Prepare the Layout's reference pull and per-object strength and put their
         starting latents and step-end hooks (before the caller's callback) into ``kwargs``."""
         user = kwargs.get("callback_on_step_end")
         hooks = prepare_step_hooks(
@@ -126,7 +145,7 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
             kwargs["generator"],
             batch_size=kwargs.get("num_images_per_prompt") or 1,
             latents=kwargs.get("latents"),
-            # A first pass making the reference reports progress and can be cancelled too.
+            # A first pass making the layout reference reports progress and can be cancelled too.
             first_pass_kwargs={} if user is None else {"callback_on_step_end": user},
         )
         if hooks.latents is not None:
@@ -156,7 +175,7 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
         if len(plan.prompts) == 1:
             # One prompt for every pixel: plain attention is exactly the regional result.
             return super().__call__(**settings)
-        context = self._regional_context()
+        context = self.regional_context()
         state = RegionalState(
             plan, block_tokens=embeds["prompt_embeds"].shape[1] // len(plan.prompts), guided=guided
         )
@@ -193,15 +212,10 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
 
     def regional_context(self) -> RegionalContext:
         """The context the UNet's regional processors read, installing them if needed."""
-        return self._regional_context()
-
-    def _regional_context(self) -> RegionalContext:
-        """The context the UNet's regional processors read, installing them if needed."""
-        context = getattr(self, "_layout_context", None)
-        if context is None:
-            context = self._layout_context = RegionalContext()
-        install_regional_attention(self.unet, context)
-        return context
+        if self._layout_context is None:
+            self._layout_context = RegionalContext()
+        install_regional_attention(self.unet, self._layout_context)
+        return self._layout_context
 
     @torch.no_grad()
     def _encode_layout_prompts(

@@ -21,17 +21,20 @@ processors as the UNet, so each region's prompt conditions the ControlNet inside
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.errors import ModelNotFoundError, UnsupportedModelError
+from engine.images import grayscale
+from engine.regional.attention import install_regional_attention
 from engine.regional.masks import region_mask
 from engine.wire.layout import Layout, LayoutError
+
+if TYPE_CHECKING:
+    from engine.pipeline import RegionalSDXLPipeline
 
 
 def load_depth(path: str, size: tuple[int, int]) -> torch.Tensor:
@@ -44,12 +47,7 @@ def load_depth(path: str, size: tuple[int, int]) -> torch.Tensor:
 
     try:
         with Image.open(path) as image:
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                gray = np.asarray(image, dtype=np.float32) / 65535.0
-            elif image.mode == "F":
-                gray = np.asarray(image, dtype=np.float32)
-            else:
-                gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+            gray = grayscale(image)
     except FileNotFoundError:
         raise LayoutError(
             f"'depth' {path!r} does not exist; render the depth map again or remove 'depth'",
@@ -218,21 +216,19 @@ def depth_unavailable(layout: Layout, controlnet: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def depth_control(pipe: Any, layout: Layout) -> Iterator[DepthControl | None]:
+def depth_control(pipe: RegionalSDXLPipeline, layout: Layout) -> Iterator[DepthControl | None]:
     """Apply the pipeline's depth ControlNet (``pipe.depth_controlnet``) for one Layout call.
 
     Yields the installed hook, or None when the Layout does not use depth (no ControlNet, no
     depth map, every scale 0): then nothing runs and the call is exactly the plain one.
     """
-    controlnet = getattr(pipe, "depth_controlnet", None)
+    controlnet = pipe.depth_controlnet
     if depth_unavailable(layout, controlnet) is not None:
         yield None
         return
     scale = pipe.vae_scale_factor
     latent_size = (layout.height // scale, layout.width // scale)
     # The ControlNet reads the regional prompt blocks like the UNet does.
-    from engine.regional.attention import install_regional_attention
-
     install_regional_attention(controlnet, pipe.regional_context())
     hook = DepthControl(
         controlnet,
@@ -249,70 +245,3 @@ def depth_control(pipe: Any, layout: Layout) -> Iterator[DepthControl | None]:
         yield hook
     finally:
         handle.remove()
-
-
-def attach_controlnet(pipe: Any, location: Any, allow_pickle: bool = False) -> bool:
-    """Load the ControlNet at ``location`` as ``pipe.depth_controlnet`` (None: drop it).
-
-    Kept if already attached; True if anything changed. Raises UnsupportedModelError for a
-    ControlNet built for another base model than the pipeline's UNet.
-    """
-    if getattr(pipe, "depth_controlnet_location", None) == location:
-        return False
-    pipe.depth_controlnet = pipe.depth_controlnet_location = None
-    if location is None:
-        return True
-    unet = pipe.unet
-    controlnet = load_controlnet(location.path, location.kind, unet.dtype, allow_pickle)
-    for key in ("cross_attention_dim", "addition_embed_type", "in_channels"):
-        ours, theirs = unet.config.get(key), controlnet.config.get(key)
-        if ours != theirs:
-            raise UnsupportedModelError(
-                f"ControlNet {location.spec!r} does not fit this model: its {key} is {theirs!r}, "
-                f"the model's is {ours!r} (a ControlNet for another base model, such as SD 1.5?). "
-                "Use an SDXL depth ControlNet",
-                "controlnet",
-            )
-    controlnet.requires_grad_(False).eval()
-    pipe.depth_controlnet = controlnet.to(pipe._execution_device)
-    pipe.depth_controlnet_location = location
-    return True
-
-
-def load_controlnet(path: str, kind: str, dtype: Any, allow_pickle: bool = False) -> Any:
-    """A ControlNetModel from a diffusers folder or a single checkpoint file, offline."""
-    import warnings
-
-    from diffusers import ControlNetModel
-
-    from engine.loading import hub_cache_dir
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
-        warnings.filterwarnings("ignore", ".*local_dir_use_symlinks.*", UserWarning)
-        if kind == "single_file":
-            # A config.json beside the file describes it; else diffusers infers the
-            # architecture and reads that repo's config from the local cache.
-            folder = os.path.dirname(path)
-            config = folder if os.path.isfile(os.path.join(folder, "config.json")) else None
-            try:
-                return ControlNetModel.from_single_file(
-                    path,
-                    config=config,
-                    torch_dtype=dtype,
-                    local_files_only=True,
-                    cache_dir=hub_cache_dir(),
-                )
-            except OSError as exc:
-                raise ModelNotFoundError(
-                    f"ControlNet {path} is a single file, and building it needs its diffusers "
-                    f"config, which is not here ({exc}). Put the ControlNet's config.json next "
-                    "to the file, or pass the ControlNet as a diffusers folder",
-                    "controlnet",
-                ) from exc
-        return ControlNetModel.from_pretrained(
-            path,
-            torch_dtype=dtype,
-            local_files_only=True,
-            use_safetensors=None if allow_pickle else True,
-        )

@@ -1,7 +1,7 @@
-"""GLIGEN as the source of a reference image: a grounded SD 1.x pass at its native size.
+"""GLIGEN as the source of a layout reference: a grounded SD 1.x pass at its native size.
 
-Reference guidance (:mod:`engine.guidance`) pulls the first steps toward a reference image. With
-no ``reference`` file, LSReGen makes one with GLIGEN, a Stable Diffusion 1.x model whose gated
+The reference pull (:mod:`engine.steering.reference_pull`) moves the first steps toward a
+layout reference. With no ``reference`` file, LSReGen makes one with GLIGEN, a Stable Diffusion 1.x model whose gated
 self-attention layers read phrase + box tokens, so each region's prompt lands in its box from
 the first steps on. When the engine is given a GLIGEN checkpoint (``--gligen``, request option
 ``gligen``), :func:`gligen_reference` runs diffusers' ``StableDiffusionGLIGENPipeline`` with
@@ -13,153 +13,29 @@ the engine's own half-size first pass is the reference.
 The checkpoint is a diffusers folder of the text-box *generation* model (such as
 ``masterful/gligen-1-4-generation-text-box``) or its repo id in the local Hugging Face cache;
 nothing is downloaded. It is loaded next to the SDXL pipeline, on the same device and in the
-same precision, and attached as ``pipe.gligen_pipeline`` (:func:`attach_gligen`). Its safety
-checker is not loaded: the image only guides the SDXL pass and is never shown.
+same precision, and attached as ``pipe.gligen_pipeline``
+(:func:`engine.loading.assemble.attach_gligen`). Its safety checker is not loaded: the image only guides the SDXL pass and is never shown.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import warnings
 from collections.abc import Callable
 from typing import Any
 
-from engine.errors import ModelNotFoundError, UnsupportedModelError
-from engine.loading import (
-    PICKLE_SUFFIXES,
-    SAFE_SUFFIXES,
-    ComponentLocation,
-    LoadOptions,
-    check_folder_weights,
-    find_component,
-    weights_variant,
-)
+import torch
+from PIL import Image
+
+from engine.steering.latents import StepEnd
 from engine.wire.layout import SIZE_MULTIPLE, Layout
 
-log = logging.getLogger("engine.gligen")
+log = logging.getLogger(__name__)
 
-PIPELINE_CLASS = "StableDiffusionGLIGENPipeline"
-"""diffusers' class name in a GLIGEN folder's ``model_index.json``."""
 MAX_BOXES = 30
 """Most phrase + box pairs GLIGEN takes (its projection has 30 object slots)."""
 SCHEDULED_SAMPLING_BETA = 0.3
 """Fraction of the steps GLIGEN's gated layers act in (its scheduled sampling; GLIGEN's
 default): the layout forms in the first steps, the rest only refines the image."""
-
-GLIGEN_HELP = (
-    "The engine works offline; get the GLIGEN text-box generation model on a machine with "
-    "network (`hf download masterful/gligen-1-4-generation-text-box`) and pass its folder, or "
-    "its repo id once it is in the Hugging Face cache here"
-)
-
-StepEnd = Callable[[Any, int, Any, dict], dict]
-
-
-# -- Finding and loading ------------------------------------------------------------------------
-
-
-def resolve_gligen(spec: str, options: LoadOptions | None = None) -> ComponentLocation:
-    """Find a GLIGEN spec (diffusers folder or cached repo id) without loading it.
-
-    Raises ModelNotFoundError (field ``gligen``) saying how to get the model,
-    UnsupportedModelError for a folder holding another pipeline, and UnsafeCheckpointError for
-    pickle-only weights without ``allow_pickle``.
-    """
-    options = options or LoadOptions()
-    path = find_component(spec, "GLIGEN", "gligen", GLIGEN_HELP)
-    if not os.path.isdir(path):
-        raise ModelNotFoundError(
-            f"GLIGEN {path} is a single file; GLIGEN is loaded from a diffusers folder "
-            "(model_index.json, unet/, text_encoder/, vae/, ...). " + GLIGEN_HELP,
-            "gligen",
-        )
-    return _gligen_folder(spec.strip(), path, options)
-
-
-def _gligen_folder(spec: str, folder: str, options: LoadOptions) -> ComponentLocation:
-    index = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index):
-        raise ModelNotFoundError(
-            f"{folder} is not a diffusers pipeline (no model_index.json). Pass the GLIGEN "
-            "folder that holds model_index.json. " + GLIGEN_HELP,
-            "gligen",
-        )
-    try:
-        with open(index, encoding="utf-8") as handle:
-            name = json.load(handle).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        name = None
-    if name != PIPELINE_CLASS:
-        raise UnsupportedModelError(
-            f"{folder} holds a {name or 'unknown'} pipeline, not GLIGEN ({PIPELINE_CLASS}); "
-            "pass the text-box generation model, such as "
-            "masterful/gligen-1-4-generation-text-box",
-            "gligen",
-        )
-    weights = []
-    for root, dirs, files in os.walk(folder):
-        if root != folder:
-            dirs.clear()
-        weights += [f for f in files if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
-    check_folder_weights(folder, weights, "GLIGEN", "gligen", GLIGEN_HELP, options.allow_pickle)
-    return ComponentLocation(spec=spec, kind="folder", path=folder)
-
-
-def load_gligen(location: ComponentLocation, dtype: Any, allow_pickle: bool = False) -> Any:
-    """A ``StableDiffusionGLIGENPipeline`` from a resolved folder, offline, on the CPU.
-
-    Raises UnsupportedModelError for GLIGEN models that do not generate from text and boxes
-    alone (the inpainting and text-image variants).
-    """
-    from diffusers import StableDiffusionGLIGENPipeline
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
-        gligen = StableDiffusionGLIGENPipeline.from_pretrained(
-            location.path,
-            torch_dtype=dtype,
-            local_files_only=True,
-            use_safetensors=None if allow_pickle else True,
-            variant=weights_variant(location.path),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    config = gligen.unet.config
-    if config.get("attention_type") != "gated" or config.get("in_channels") != 4:
-        raise UnsupportedModelError(
-            f"GLIGEN {location.spec!r} is not the text-box generation model (its UNet has "
-            f"attention_type {config.get('attention_type')!r} and {config.get('in_channels')} "
-            "input channels, the inpainting or text-image variant?); pass "
-            "masterful/gligen-1-4-generation-text-box or a model of that kind",
-            "gligen",
-        )
-    gligen.set_progress_bar_config(disable=True)
-    return gligen
-
-
-def attach_gligen(pipe: Any, location: ComponentLocation | None, options: LoadOptions) -> bool:
-    """Load the GLIGEN pipeline at ``location`` as ``pipe.gligen_pipeline`` (None: drop it).
-
-    Kept if already attached; True if anything changed. It gets the SDXL UNet's dtype and
-    device; with ``cpu_offload`` its parts, too, move to the GPU only while they run.
-    """
-    if getattr(pipe, "gligen_location", None) == location:
-        return False
-    pipe.gligen_pipeline = pipe.gligen_location = None
-    if location is None:
-        return True
-    gligen = load_gligen(location, pipe.unet.dtype, options.allow_pickle)
-    if options.cpu_offload:
-        gligen.enable_model_cpu_offload(device=pipe._execution_device)
-    else:
-        gligen.to(pipe._execution_device)
-    pipe.gligen_pipeline = gligen
-    pipe.gligen_location = location
-    return True
-
 
 # -- The reference pass -------------------------------------------------------------------------
 
@@ -236,7 +112,7 @@ def gligen_reference(
     callback: StepEnd | None = None,
     generator: Any = None,
 ):
-    """The reference image for ``layout`` made by GLIGEN, at the Layout's size (PIL).
+    """The layout reference for ``layout`` made by GLIGEN, at the Layout's size (PIL).
 
     One phrase and box per region (:func:`grounding`); the scene prompt, negative prompt,
     steps and guidance scale are the Layout's, the seed too (``generator`` defaults to a CPU
@@ -244,9 +120,6 @@ def gligen_reference(
     (:func:`gligen_size`) and the result is resized to the Layout's. ``callback`` is a
     diffusers step-end callback (progress, cancel) called after each of its steps.
     """
-    import torch
-    from PIL import Image
-
     phrases, boxes = grounding(layout)
     if not phrases:
         raise ValueError("GLIGEN needs at least one region with weight above 0")

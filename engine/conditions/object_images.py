@@ -1,4 +1,4 @@
-"""A reference image per object: IP-Adapter applied inside each region's mask only.
+"""An image per object: IP-Adapter applied inside each region's mask only.
 
 A region may carry an ``image`` (a photo of the object, a product shot). With SDXL IP-Adapter
 weights and their CLIP image encoder on this machine, each image is encoded once per call and
@@ -25,19 +25,30 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import (
+    Attention,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    IPAdapterXFormersAttnProcessor,
+)
+from diffusers.models.embeddings import ImageProjection
 
+from engine.images import load_rgb
+from engine.loading.locate import ComponentLocation
 from engine.regional.attention import RegionalAttnProcessor, RegionalContext, multi_head_attention
 from engine.regional.masks import region_mask
 from engine.regional.plan import RegionalState, attention_grids, downsample_mask, grid_for_query
 from engine.wire.layout import Layout, LayoutError
 
+if TYPE_CHECKING:
+    from engine.pipeline import RegionalSDXLPipeline
 
-class ReferenceState:
-    """The reference images of one call: per image, its mask on every grid and its scale."""
+
+class ObjectImageState:
+    """The object images of one call: per image, its mask on every grid and its scale."""
 
     def __init__(self, masks: list[torch.Tensor], scales: list[float], latent_size: tuple):
         """``masks``: one ``(height, width)`` mask per image at the latent size."""
@@ -62,14 +73,14 @@ class ReferenceState:
         return self._cache[key]
 
 
-class ReferenceContext:
-    """The reference state the IP-Adapter processors of one UNet read; None between calls."""
+class ObjectImageContext:
+    """The object-image state the IP-Adapter processors of one UNet read; None between calls."""
 
     def __init__(self) -> None:
-        self.state: ReferenceState | None = None
+        self.state: ObjectImageState | None = None
 
     @contextlib.contextmanager
-    def active(self, state: ReferenceState) -> Iterator[ReferenceState]:
+    def active(self, state: ObjectImageState) -> Iterator[ObjectImageState]:
         """Make ``state`` visible to the processors during a ``with`` block.
 
         Nested calls (a low-resolution first pass inside a Layout call) restore the outer
@@ -85,21 +96,21 @@ class ReferenceContext:
 class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
     """Regional text cross-attention plus IP-Adapter image attention, masked per image.
 
-    Without an active ReferenceState (a plain diffusers call with ``ip_adapter_image``) the
+    Without an active ObjectImageState (a plain diffusers call with ``ip_adapter_image``) the
     image part is diffusers' unmasked one at ``scale``.
     """
 
     def __init__(
         self,
         context: RegionalContext,
-        references: ReferenceContext,
+        object_images: ObjectImageContext,
         to_k_ip: torch.nn.Linear,
         to_v_ip: torch.nn.Linear,
         scale: float = 1.0,
     ):
         torch.nn.Module.__init__(self)
         RegionalAttnProcessor.__init__(self, context)
-        self.references = references
+        self.object_images = object_images
         self.to_k_ip = to_k_ip
         self.to_v_ip = to_v_ip
         self.scale = scale
@@ -111,14 +122,14 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
             return encoder_hidden_states, None
         text, image_states = encoder_hidden_states
         images = image_states[0]
-        state = self.references.state
+        state = self.object_images.state
         if state is None:
             return text, images if self.scale != 0 else None
         if not any(scale != 0 for scale in state.scales):
             return text, None
         if images.shape[1] != state.count:
             raise ValueError(
-                f"the IP-Adapter got {images.shape[1]} image(s) but the call's references hold "
+                f"the IP-Adapter got {images.shape[1]} image(s) but the call's object images are "
                 f"{state.count}; image embeddings must not be replaced during a Layout call"
             )
         return text, images
@@ -136,14 +147,14 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
         its own image tokens (the negative rows to the negative image embeddings), so the
         regional ``state`` plays no part.
         """
-        references = self.references.state
-        if references is None:
+        images = self.object_images.state
+        if images is None:
             # diffusers' unmasked path: every image's tokens form one key sequence.
             flat = extra.reshape(extra.shape[0], -1, extra.shape[-1])
             return self.scale * self._attend(attn, query, flat)
-        masks = references.masks_for_query(query.shape[1], query.dtype, query.device)
+        masks = images.masks_for_query(query.shape[1], query.dtype, query.device)
         total = None
-        for i, scale in enumerate(references.scales):
+        for i, scale in enumerate(images.scales):
             if scale == 0:
                 continue
             part = scale * (self._attend(attn, query, extra[:, i]) * masks[i])
@@ -158,127 +169,45 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
 # -- Installation and loading -------------------------------------------------------------------
 
 
-def install_masked_ip_adapter(unet: torch.nn.Module, context: RegionalContext) -> ReferenceContext:
+def install_masked_ip_adapter(
+    unet: torch.nn.Module, context: RegionalContext
+) -> ObjectImageContext:
     """Replace the IP-Adapter processors diffusers installed with regional, masked ones.
 
     Each takes over its layer's ``to_k_ip`` / ``to_v_ip`` weights (one adapter only). Returns
-    the ReferenceContext they read.
+    the ObjectImageContext they read.
     """
-    from diffusers.models.attention_processor import (
-        IPAdapterAttnProcessor,
-        IPAdapterAttnProcessor2_0,
-        IPAdapterXFormersAttnProcessor,
-    )
-
     kinds = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
-    references = ReferenceContext()
+    context_images = ObjectImageContext()
     processors = dict(unet.attn_processors)
     for name, processor in processors.items():
         if isinstance(processor, kinds):
             if len(processor.to_k_ip) != 1:
                 raise ValueError("only one IP-Adapter at a time can be applied per region")
             processors[name] = RegionalIPAdapterAttnProcessor(
-                context, references, processor.to_k_ip[0], processor.to_v_ip[0]
+                context, context_images, processor.to_k_ip[0], processor.to_v_ip[0]
             )
     unet.set_attn_processor(processors)
-    return references
+    return context_images
 
 
 @dataclass
-class ReferenceAdapter:
+class ObjectImageAdapter:
     """An IP-Adapter attached to a pipeline: where it came from and the context it reads."""
 
-    location: Any
-    references: ReferenceContext
+    location: ComponentLocation
+    images: ObjectImageContext
 
 
-def detach_ip_adapter(pipe: Any) -> None:
-    """Remove the IP-Adapter, its image encoder and its processors from ``pipe``."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    # diffusers' unload rebuilds every processor by calling its class with no arguments,
-    # which regional processors (they need their context) do not support.
-    processors = {
-        name: AttnProcessor2_0() if isinstance(p, RegionalAttnProcessor) else p
-        for name, p in pipe.unet.attn_processors.items()
-    }
-    pipe.unet.set_attn_processor(processors)
-    pipe.unload_ip_adapter()
-    pipe.reference_adapter = None
+# -- Per-call object images ------------------------------------------------------------------------
 
 
-def attach_ip_adapter(pipe: Any, location: Any) -> bool:
-    """Load the IP-Adapter at ``location`` into ``pipe`` (None: remove it). True if changed.
-
-    The CLIP image encoder is loaded from ``location.encoder``, the weights through diffusers'
-    ``load_ip_adapter`` (offline), and the processors made regional and masked.
-    """
-    current: ReferenceAdapter | None = getattr(pipe, "reference_adapter", None)
-    if (current.location if current else None) == location:
-        return False
-    if current is not None:
-        detach_ip_adapter(pipe)
-    if location is None:
-        return True
-    from safetensors.torch import load_file
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    dtype, device = pipe.unet.dtype, pipe._execution_device
-    encoder = CLIPVisionModelWithProjection.from_pretrained(
-        location.encoder, torch_dtype=dtype, local_files_only=True
-    )
-    size = encoder.config.image_size
-    pipe.register_modules(
-        image_encoder=encoder.to(device),
-        feature_extractor=CLIPImageProcessor(size=size, crop_size=size),
-    )
-    state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, tensor in load_file(location.path).items():
-        group, _, rest = key.partition(".")
-        if group in state:
-            state[group][rest] = tensor
-    if not state["image_proj"] or not state["ip_adapter"]:
-        from engine.errors import UnsupportedModelError
-
-        raise UnsupportedModelError(
-            f"{location.path} is not an IP-Adapter (no image_proj / ip_adapter weights); "
-            "pass an SDXL IP-Adapter .safetensors file",
-            "ip_adapter",
-        )
-    # The regional context must exist before diffusers swaps the cross-attention processors.
-    context = pipe.regional_context()
-    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
-    references = install_masked_ip_adapter(pipe.unet, context)
-    pipe.reference_adapter = ReferenceAdapter(location, references)
-    return True
-
-
-# -- Per-call references ------------------------------------------------------------------------
-
-
-def _load_image(path: str, field: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise LayoutError(
-            f"'{field}' {path!r} does not exist; save the reference image first or remove it",
-            field,
-        ) from None
-    except (OSError, UnidentifiedImageError) as exc:
-        raise LayoutError(
-            f"'{field}' {path!r} is not a readable image ({exc}); save it as a PNG or JPEG", field
-        ) from None
-
-
-def images_unavailable(layout: Layout, pipe: Any) -> str | None:
+def images_unavailable(layout: Layout, pipe: RegionalSDXLPipeline) -> str | None:
     """Why region images will not act for this Layout (None: they will, or there are none)."""
     used = [i for i, r in enumerate(layout.regions) if r.image is not None and r.image_scale > 0]
-    if used and getattr(pipe, "reference_adapter", None) is None:
+    if used and pipe.object_image_adapter is None:
         return (
-            f"'regions[{used[0]}].image' is a reference image, but no IP-Adapter is loaded to "
+            f"'regions[{used[0]}].image' is an object image, but no IP-Adapter is loaded to "
             "apply it; start the engine with --ip-adapter (or send options.ip_adapter), or "
             "remove 'image'"
         )
@@ -286,16 +215,16 @@ def images_unavailable(layout: Layout, pipe: Any) -> str | None:
 
 
 @torch.no_grad()
-def prepare_references(
-    pipe: Any, layout: Layout, guided: bool
-) -> tuple[dict[str, Any], ReferenceState | None]:
-    """The pipeline arguments and reference state for a Layout's region images.
+def prepare_object_images(
+    pipe: RegionalSDXLPipeline, layout: Layout, guided: bool
+) -> tuple[dict[str, Any], ObjectImageState | None]:
+    """The pipeline arguments and object-image state for a Layout's region images.
 
     Returns ``({"ip_adapter_image_embeds": [...]}, state)``; with no IP-Adapter attached,
     ``({}, None)``. With one attached, every call needs image embeddings: a Layout without
     images gets a single zero image at scale 0, which no processor computes with.
     """
-    adapter: ReferenceAdapter | None = getattr(pipe, "reference_adapter", None)
+    adapter = pipe.object_image_adapter
     if adapter is None:
         reason = images_unavailable(layout, pipe)
         if reason:
@@ -312,13 +241,11 @@ def prepare_references(
         mask = region_mask(region, index, image_size, latent_size)
         if not mask.any():
             continue
-        images.append(_load_image(region.image, f"regions[{index}].image"))
+        images.append(load_rgb(region.image, f"regions[{index}].image"))
         masks.append(mask)
         scales.append(region.image_scale)
     device = pipe._execution_device
     projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
-    from diffusers.models.embeddings import ImageProjection
-
     hidden_states = not isinstance(projection, ImageProjection)
     if images:
         embeds, negative = pipe.encode_image(images, device, 1, hidden_states)
@@ -332,19 +259,21 @@ def prepare_references(
         embeds = negative = torch.zeros(shape, device=device, dtype=pipe.image_encoder.dtype)
         masks, scales = [torch.zeros(latent_size)], [0.0]
     stacked = torch.cat([negative[None], embeds[None]]) if guided else embeds[None]
-    state = ReferenceState(masks, scales, latent_size)
+    state = ObjectImageState(masks, scales, latent_size)
     return {"ip_adapter_image_embeds": [stacked]}, state
 
 
 @contextlib.contextmanager
-def reference_images(pipe: Any, layout: Layout, guided: bool) -> Iterator[dict[str, Any]]:
+def apply_object_images(
+    pipe: RegionalSDXLPipeline, layout: Layout, guided: bool
+) -> Iterator[dict[str, Any]]:
     """During a ``with`` block, the Layout's region images act through the IP-Adapter.
 
     Yields the extra pipeline arguments (empty without an IP-Adapter).
     """
-    arguments, state = prepare_references(pipe, layout, guided)
+    arguments, state = prepare_object_images(pipe, layout, guided)
     if state is None:
         yield arguments
         return
-    with pipe.reference_adapter.references.active(state):
+    with pipe.object_image_adapter.images.active(state):
         yield arguments

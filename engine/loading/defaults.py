@@ -16,7 +16,8 @@ import json
 import os
 from typing import Any
 
-from engine.errors import UnsupportedModelError
+from engine.errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError
+from engine.loading.locate import LoadOptions, default_model_spec, resolve_model
 from engine.wire.layout import Layout
 
 DEFAULTS_FILE = "layout_defaults.json"
@@ -71,11 +72,9 @@ def read_model_defaults(folder: str | None) -> dict[str, float]:
 
 def pipeline_defaults(pipe: Any) -> dict[str, float]:
     """The recommended values for the model ``pipe`` was loaded from (read once per pipeline)."""
-    cached = pipe.__dict__.get("_layout_defaults")
-    if cached is None:
-        cached = read_model_defaults(getattr(pipe, "name_or_path", None))
-        pipe.__dict__["_layout_defaults"] = cached
-    return cached
+    if pipe.model_defaults is None:
+        pipe.model_defaults = read_model_defaults(pipe.name_or_path)
+    return pipe.model_defaults
 
 
 def resolve_for(pipe: Any, layout: Layout) -> Layout:
@@ -87,3 +86,27 @@ def with_model_defaults(layout: Layout, defaults: dict[str, float]) -> Layout:
     """``layout`` with its null model-chosen fields filled from ``defaults`` (itself if none)."""
     missing = {name: value for name, value in defaults.items() if getattr(layout, name, 0) is None}
     return dataclasses.replace(layout, **missing) if missing else layout
+
+
+def describe_model(spec: str | None = None, options: LoadOptions | None = None) -> dict[str, Any]:
+    """Whether a model spec is usable here, for health checks: never loads it.
+
+    A usable model also says the values it chooses for Layout fields left null
+    (``layout_defaults``, see :func:`read_model_defaults`).
+    """
+    spec = spec or default_model_spec()
+    try:
+        location = resolve_model(spec, options)
+        defaults = read_model_defaults(location.path)
+    except (ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError) as exc:
+        return {"spec": spec, "found": False, "path": None, "message": str(exc)}
+    message = f"{location.kind.replace('_', ' ')} at {location.path}"
+    if location.config:
+        message += f" (configs from {location.config})"
+    return {
+        "spec": spec,
+        "found": True,
+        "path": location.path,
+        "message": message,
+        "layout_defaults": defaults,
+    }

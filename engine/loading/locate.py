@@ -1,4 +1,4 @@
-"""Finding and loading models, offline only.
+"""Finding models on this machine, offline only: base models and conditioning models.
 
 A model spec is one of:
 
@@ -14,37 +14,26 @@ A model spec is one of:
 Pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) can run code when loaded; they are
 refused unless ``allow_pickle`` is set.
 
-Resolving a spec (:func:`resolve_model`, :func:`describe_model`) only looks at the file system;
-loading (:class:`PipelineCache`) builds the pipeline on the chosen device and keeps it for the
-next request.
+Resolving a spec (:func:`resolve_model`) and the optional conditioning models (ControlNet,
+IP-Adapter, GLIGEN) only looks at the file system; :mod:`engine.loading.assemble` loads them.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
-import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The engine never downloads: make every Hugging Face library fail fast instead of trying.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-from engine.errors import (  # noqa: E402
-    DeviceError,
+from engine.errors import (
     ModelNotFoundError,
     UnsafeCheckpointError,
     UnsupportedModelError,
 )
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 ALIASES: dict[str, Path] = {"shapes": MODELS_DIR / "shapes"}
 """Short names for models shipped with the engine."""
 
@@ -187,32 +176,6 @@ def resolve_model(spec: str | None = None, options: LoadOptions | None = None) -
     )
 
 
-def describe_model(spec: str | None = None, options: LoadOptions | None = None) -> dict[str, Any]:
-    """Whether a model spec is usable here, for health checks: never loads it.
-
-    A usable model also says the values it chooses for Layout fields left null
-    (``layout_defaults``, see :mod:`engine.model_defaults`).
-    """
-    from engine.model_defaults import read_model_defaults
-
-    spec = spec or default_model_spec()
-    try:
-        location = resolve_model(spec, options)
-        defaults = read_model_defaults(location.path)
-    except (ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError) as exc:
-        return {"spec": spec, "found": False, "path": None, "message": str(exc)}
-    message = f"{location.kind.replace('_', ' ')} at {location.path}"
-    if location.config:
-        message += f" (configs from {location.config})"
-    return {
-        "spec": spec,
-        "found": True,
-        "path": location.path,
-        "message": message,
-        "layout_defaults": defaults,
-    }
-
-
 def _weight_files(folder: str) -> list[str]:
     """Weight files of a diffusers folder (top level and one component level down)."""
     found = []
@@ -345,6 +308,14 @@ IP_ADAPTER_HELP = (
     "(`hf download h94/IP-Adapter --include 'sdxl_models/*'`) and pass its repo id once it is "
     "in the Hugging Face cache here, or a folder holding ip-adapter_sdxl.safetensors and "
     "image_encoder/"
+)
+
+GLIGEN_PIPELINE_CLASS = "StableDiffusionGLIGENPipeline"
+"""diffusers' class name in a GLIGEN folder's ``model_index.json``."""
+GLIGEN_HELP = (
+    "The engine works offline; get the GLIGEN text-box generation model on a machine with "
+    "network (`hf download masterful/gligen-1-4-generation-text-box`) and pass its folder, or "
+    "its repo id once it is in the Hugging Face cache here"
 )
 
 
@@ -480,10 +451,65 @@ def _ip_adapter_weights(folder: str) -> str:
     )
 
 
+def weights_variant(folder: str) -> str | None:
+    """``fp16`` when the UNet exists only as fp16 variant files (a common partial download)."""
+    unet = os.path.join(folder, "unet")
+    if not os.path.isdir(unet):
+        return None
+    names = os.listdir(unet)
+    plain = any(n.startswith("diffusion_pytorch_model") and ".fp16." not in n for n in names)
+    return "fp16" if not plain and any(".fp16." in n for n in names) else None
+
+
+def resolve_gligen(spec: str, options: LoadOptions | None = None) -> ComponentLocation:
+    """Find a GLIGEN spec (diffusers folder or cached repo id) without loading it.
+
+    Raises ModelNotFoundError (field ``gligen``) saying how to get the model,
+    UnsupportedModelError for a folder holding another pipeline, and UnsafeCheckpointError for
+    pickle-only weights without ``allow_pickle``.
+    """
+    options = options or LoadOptions()
+    path = find_component(spec, "GLIGEN", "gligen", GLIGEN_HELP)
+    if not os.path.isdir(path):
+        raise ModelNotFoundError(
+            f"GLIGEN {path} is a single file; GLIGEN is loaded from a diffusers folder "
+            "(model_index.json, unet/, text_encoder/, vae/, ...). " + GLIGEN_HELP,
+            "gligen",
+        )
+    return _gligen_folder(spec.strip(), path, options)
+
+
+def _gligen_folder(spec: str, folder: str, options: LoadOptions) -> ComponentLocation:
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise ModelNotFoundError(
+            f"{folder} is not a diffusers pipeline (no model_index.json). Pass the GLIGEN "
+            "folder that holds model_index.json. " + GLIGEN_HELP,
+            "gligen",
+        )
+    try:
+        with open(index, encoding="utf-8") as handle:
+            name = json.load(handle).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name != GLIGEN_PIPELINE_CLASS:
+        raise UnsupportedModelError(
+            f"{folder} holds a {name or 'unknown'} pipeline, not GLIGEN ({GLIGEN_PIPELINE_CLASS}); "
+            "pass the text-box generation model, such as "
+            "masterful/gligen-1-4-generation-text-box",
+            "gligen",
+        )
+    weights = []
+    for root, dirs, files in os.walk(folder):
+        if root != folder:
+            dirs.clear()
+        weights += [f for f in files if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
+    check_folder_weights(folder, weights, "GLIGEN", "gligen", GLIGEN_HELP, options.allow_pickle)
+    return ComponentLocation(spec=spec, kind="folder", path=folder)
+
+
 def describe_conditions(options: LoadOptions | None = None) -> dict[str, dict[str, Any]]:
     """For each optional condition, whether it is available here and why not; never loads."""
-    from engine.gligen import resolve_gligen
-
     options = options or LoadOptions()
     checks = (
         ("controlnet", options.controlnet, resolve_controlnet, "depth ControlNet"),
@@ -508,218 +534,3 @@ def describe_conditions(options: LoadOptions | None = None) -> dict[str, dict[st
         else:
             report[name] = {"available": True, "spec": spec, "message": location.path}
     return report
-
-
-# -- Device and precision ------------------------------------------------------------------------
-
-_DTYPES = {
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
-
-
-def pick_device(requested: str | None = "auto") -> str:
-    """The torch device to run on: ``auto`` picks cuda, then mps, then cpu."""
-    import torch
-
-    requested = (requested or "auto").strip().lower()
-    cuda = torch.cuda.is_available()
-    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    if requested == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    kind = requested.split(":")[0]
-    if kind == "cpu":
-        return "cpu"
-    if kind == "cuda" and cuda:
-        index = requested.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise DeviceError(
-                f"device {requested!r} does not exist: this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s), numbered from 0",
-                "device",
-            )
-        return requested
-    if kind == "mps" and mps:
-        return "mps"
-    if kind in ("cuda", "mps"):
-        raise DeviceError(
-            f"device {requested!r} is not available here (cuda: {cuda}, mps: {mps}); use "
-            "--device auto or cpu, or install a torch build for your GPU",
-            "device",
-        )
-    raise DeviceError(f"unknown device {requested!r}; use auto, cuda, cuda:N, mps or cpu", "device")
-
-
-def pick_dtype(device: str, requested: str | None = "auto") -> Any:
-    """The torch dtype: ``auto`` is float16 on a GPU and float32 on the CPU."""
-    import torch
-
-    requested = (requested or "auto").strip().lower()
-    if requested == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
-    if requested not in _DTYPES:
-        raise DeviceError(
-            f"unknown dtype {requested!r}; use auto, float16, bfloat16 or float32", "dtype"
-        )
-    return getattr(torch, _DTYPES[requested])
-
-
-def dtype_name(dtype: Any) -> str:
-    """``torch.float16`` -> ``float16``."""
-    return str(dtype).removeprefix("torch.")
-
-
-# -- Loading -------------------------------------------------------------------------------------
-
-
-def load_pipeline(location: ModelLocation, options: LoadOptions) -> Any:
-    """Build a RegionalSDXLPipeline from a resolved location, placed on the chosen device."""
-    from engine.pipeline import RegionalSDXLPipeline
-
-    device = pick_device(options.device)
-    dtype = pick_dtype(device, options.dtype)
-    if options.cpu_offload and device == "cpu":
-        raise DeviceError(
-            "--cpu-offload moves weights between the CPU and a GPU, but the device is the CPU; "
-            "drop --cpu-offload or choose a GPU device",
-            "cpu_offload",
-        )
-    common = {"torch_dtype": dtype, "local_files_only": True}
-    with warnings.catch_warnings():
-        # Newer diffusers rename torch_dtype to dtype; the old name works in every version.
-        warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
-        if location.kind == "single_file":
-            pipe = RegionalSDXLPipeline.from_single_file(
-                location.path, config=location.config, **common
-            )
-        else:
-            # use_safetensors=True makes diffusers refuse pickle weights; None lets it fall back.
-            pipe = RegionalSDXLPipeline.from_pretrained(
-                location.path,
-                use_safetensors=None if options.allow_pickle else True,
-                variant=weights_variant(location.path),
-                **common,
-            )
-    if options.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    if options.vae_tiling:
-        pipe.vae.enable_tiling()
-    # Callers report progress themselves (tqdm on the command line, events in serve).
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def weights_variant(folder: str) -> str | None:
-    """``fp16`` when the UNet exists only as fp16 variant files (a common partial download)."""
-    unet = os.path.join(folder, "unet")
-    if not os.path.isdir(unet):
-        return None
-    names = os.listdir(unet)
-    plain = any(n.startswith("diffusion_pytorch_model") and ".fp16." not in n for n in names)
-    return "fp16" if not plain and any(".fp16." in n for n in names) else None
-
-
-Conditions = tuple[
-    "ComponentLocation | None", "ComponentLocation | None", "ComponentLocation | None"
-]
-
-
-def resolve_conditions(options: LoadOptions) -> Conditions:
-    """The ControlNet, IP-Adapter and GLIGEN ``options`` name, resolved (None where not
-    configured)."""
-    from engine.gligen import resolve_gligen
-
-    controlnet = resolve_controlnet(options.controlnet, options) if options.controlnet else None
-    ip_adapter = resolve_ip_adapter(options.ip_adapter, options) if options.ip_adapter else None
-    gligen = resolve_gligen(options.gligen, options) if options.gligen else None
-    return controlnet, ip_adapter, gligen
-
-
-def attach_conditions(
-    pipe: Any, options: LoadOptions, conditions: Conditions | None = None
-) -> bool:
-    """Give ``pipe`` the ControlNet, IP-Adapter and GLIGEN ``options`` name, dropping others.
-
-    Kept when unchanged; True if anything was loaded or unloaded. The ControlNet is placed on
-    the UNet's device and dtype (with ``cpu_offload`` it stays on the GPU for the whole call);
-    GLIGEN on the same device and dtype, offloaded like the pipeline with ``cpu_offload``.
-    """
-    from engine.controlnet import attach_controlnet
-    from engine.gligen import attach_gligen
-    from engine.ip_adapter import attach_ip_adapter
-
-    controlnet, ip_adapter, gligen = conditions or resolve_conditions(options)
-    changed = attach_controlnet(pipe, controlnet, options.allow_pickle)
-    changed = attach_ip_adapter(pipe, ip_adapter) or changed
-    return attach_gligen(pipe, gligen, options) or changed
-
-
-class PipelineCache:
-    """Keeps one loaded pipeline, keyed by (resolved path, device, dtype, options).
-
-    Asking for the same model again returns it with no load; asking for another one frees the
-    first before loading, so two models never share the device's memory.
-    """
-
-    def __init__(self) -> None:
-        self.pipe: Any = None
-        self.key: tuple | None = None
-        self.location: ModelLocation | None = None
-
-    def get(
-        self,
-        spec: str | None,
-        options: LoadOptions,
-        on_load: Callable[[ModelLocation], None] | None = None,
-    ) -> tuple[Any, ModelLocation, float]:
-        """The pipeline for ``spec``, its location, and the seconds spent loading (0 if kept).
-
-        ``on_load`` is called just before a load starts, so callers can tell their users.
-        """
-        location = resolve_model(spec, options)
-        # Resolved first, so a missing ControlNet fails before minutes of loading the base.
-        conditions = resolve_conditions(options)
-        device = pick_device(options.device)
-        key = (
-            location.path,
-            location.config,
-            device,
-            dtype_name(pick_dtype(device, options.dtype)),
-            options.cpu_offload,
-            options.vae_tiling,
-        )
-        start = time.perf_counter()
-        loaded = False
-        if self.pipe is None or key != self.key:
-            self.release()
-            if on_load is not None:
-                on_load(location)
-            self.pipe = load_pipeline(location, options)
-            self.key, self.location = key, location
-            loaded = True
-        # A change of ControlNet, IP-Adapter or GLIGEN alone keeps the base model loaded.
-        loaded = attach_conditions(self.pipe, options, conditions) or loaded
-        return self.pipe, location, time.perf_counter() - start if loaded else 0.0
-
-    def release(self) -> bool:
-        """Drop the kept pipeline and return device memory; True if one was loaded."""
-        if self.pipe is None:
-            return False
-        device = self.key[2] if self.key else "cpu"
-        self.pipe = self.key = self.location = None
-        gc.collect()
-        import torch
-
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        elif device == "mps":
-            torch.mps.empty_cache()
-        return True

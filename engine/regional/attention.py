@@ -4,7 +4,7 @@
 (``attn2``) layers only. While a ``RegionalState`` is active on its ``RegionalContext`` it adds
 the state's per-pixel block bias to the attention scores; otherwise it *is* ``AttnProcessor2_0``,
 so one installation serves plain and regional calls alike. Subclasses may add a term computed
-from the same query before the output projection (``engine.ip_adapter`` does, for IP-Adapter
+from the same query before the output projection (``engine.conditions.object_images`` does, for IP-Adapter
 image tokens).
 """
 

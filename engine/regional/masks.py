@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.images import grayscale
 from engine.wire.layout import LayoutError, Region
 
 
@@ -76,7 +77,7 @@ def _load_mask(
     from PIL import Image
 
     with Image.open(path) as image:
-        gray = _grayscale(image)
+        gray = grayscale(image)
     height, width = image_size
     if gray.shape != (height, width):
         resized = Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR)
@@ -84,15 +85,6 @@ def _load_mask(
     mask = torch.from_numpy(np.clip(gray, 0.0, 1.0))
     # Shared through the cache: callers must treat it as read-only.
     return F.adaptive_avg_pool2d(mask[None, None], latent_size)[0, 0]
-
-
-def _grayscale(image) -> np.ndarray:
-    """An image as float32 gray in 0..1, keeping 16-bit precision where the file has it."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.asarray(image, dtype=np.float32) / 65535.0
-    if image.mode == "F":
-        return np.asarray(image, dtype=np.float32)
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
 def blur(mask: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:

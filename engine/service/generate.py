@@ -2,7 +2,7 @@
 
 :func:`check_layout_files` makes sure every image a Layout names exists before any work starts;
 :func:`run_generation` runs the pipeline with per-step progress and cancellation, and writes the
-PNG with provenance.
+PNG with provenance; :func:`conditions_used` says which optional conditions acted.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.conditions import conditions_used
+from engine.conditions.depth import depth_unavailable
+from engine.conditions.object_images import images_unavailable
 from engine.errors import CancelledError, OutOfMemoryError, OutputError, is_out_of_memory
-from engine.model_defaults import resolve_for
-from engine.provenance import sampler_name, save_png
+from engine.loading.defaults import resolve_for
+from engine.pipeline import RegionalSDXLPipeline
+from engine.service.provenance import sampler_name, save_png
+from engine.steering.reference_pull import reference_source
 from engine.wire.layout import Layout, LayoutError
 
 
@@ -49,18 +52,49 @@ def check_layout_files(layout: Layout) -> None:
             )
 
 
-def planned_steps(pipe: Any, layout: Layout) -> int:
-    """Denoising steps generating ``layout`` with ``pipe`` runs: the Layout's own, plus those of
-    a pass making the reference (a first pass or GLIGEN, both with the Layout's steps)."""
-    from engine.guidance import reference_source
+def conditions_used(pipe: RegionalSDXLPipeline, layout: Layout) -> dict[str, Any]:
+    """Which optional conditions act on ``layout`` with ``pipe``, for results and provenance.
 
+    ``controlnet``: the depth ControlNet's spec and settings, or None; ``ip_adapter``: the
+    IP-Adapter's spec and how many object images it applies, or None; ``reference``: where
+    the reference pull's layout reference comes from (``source``: ``file``, ``gligen`` with the
+    GLIGEN ``model``, or ``first_pass``) and its settings, or None.
+    """
+    used: dict[str, Any] = {"controlnet": None, "ip_adapter": None, "reference": None}
+    if depth_unavailable(layout, pipe.depth_controlnet) is None:
+        used["controlnet"] = {
+            "model": pipe.depth_controlnet_location.spec,
+            "scale": layout.depth_scale,
+            "start": layout.depth_start,
+            "end": layout.depth_end,
+            "region_scales": [r.depth_scale for r in layout.regions],
+        }
+    adapter = pipe.object_image_adapter
+    images = [r for r in layout.regions if r.image is not None and r.image_scale > 0]
+    if adapter is not None and images and images_unavailable(layout, pipe) is None:
+        used["ip_adapter"] = {"model": adapter.location.spec, "images": len(images)}
+    source = reference_source(pipe, layout)
+    if source is not None:
+        used["reference"] = {
+            "source": source,
+            "scale": layout.reference_scale,
+            "fraction": layout.reference_fraction,
+        }
+        if source == "gligen":
+            used["reference"]["model"] = pipe.gligen_location.spec
+    return used
+
+
+def planned_steps(pipe: RegionalSDXLPipeline, layout: Layout) -> int:
+    """Denoising steps generating ``layout`` with ``pipe`` runs: the Layout's own, plus those of
+    a pass making the layout reference (a first pass or GLIGEN, both with the Layout's steps)."""
     layout = resolve_for(pipe, layout)
     made = reference_source(pipe, layout) in ("first_pass", "gligen")
     return layout.steps * (2 if made else 1)
 
 
 def run_generation(
-    pipe: Any,
+    pipe: RegionalSDXLPipeline,
     layout: Layout,
     out: str,
     model: str,

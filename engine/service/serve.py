@@ -1,7 +1,7 @@
 """``python -m engine serve``: the engine as a long-lived subprocess speaking JSON lines.
 
 Protocol (version ``PROTOCOL_VERSION`` in ``engine.wire.protocol``)
-------------------------------------------------------------
+-------------------------------------------------------------------
 
 The client writes requests to the engine's stdin and reads replies and events from its stdout,
 one JSON object per line, UTF-8, ``\\n``-terminated. stdout carries protocol lines only; logs
@@ -16,11 +16,11 @@ Requests:
     Answers ``{"id": 1, "event": "hello", "protocol": 1, "engine_version": "0.1.0",
     "device": "cuda", "dtype": "float16", "capabilities": ["attention", "cancel", ...],
     "default_model": "shapes", "loaded_model": null, "conditions": {...}}``. ``capabilities``
-    also lists ``controlnet``, ``ip_adapter`` and ``gligen`` when a depth ControlNet / an
-    IP-Adapter / a GLIGEN model is configured and present; ``conditions`` says for each
-    ``{"available": bool, "spec": ...,
-    "message": ...}``, the message saying why one is unavailable. With ``model`` (optional), it also
-    reports whether that model is on this machine, without loading it:
+    lists the modes (``attention``, ``latent``), ``cancel`` and ``release``, and also
+    ``controlnet``, ``ip_adapter`` and ``gligen`` when a depth ControlNet / an IP-Adapter / a
+    GLIGEN model is configured and present; ``conditions`` says for each
+    ``{"available": bool, "spec": ..., "message": ...}``, the message saying why one is
+    unavailable. With ``model`` (optional), it also reports whether that model is on this machine, without loading it:
     ``"model": {"spec": "shapes", "found": true, "path": "/...", "message": "...",
     "layout_defaults": {"reference_fraction": 0.4}}`` (the values the model chooses for Layout
     fields left null).
@@ -34,9 +34,9 @@ Requests:
     SDXL depth ControlNet (folder, cached repo id or .safetensors file) applied with the
     Layout's ``depth`` and ``depth_scale``/``depth_start``/``depth_end`` and each region's
     ``depth_scale``; ``ip_adapter`` an SDXL IP-Adapter (weights file, folder or cached repo id)
-    applying each region's ``image`` inside its mask at its ``image_scale``; ``gligen`` a
-    GLIGEN text-box model (diffusers folder or cached repo id) that makes the reference image
-    from the regions' prompts and boxes when ``reference_scale`` is above 0 and the Layout has
+    applying each region's ``image`` (its object image) inside its mask at its ``image_scale``;
+    ``gligen`` a GLIGEN text-box model (diffusers folder or cached repo id) that makes the layout
+    reference from the regions' prompts and boxes when ``reference_scale`` is above 0 and the Layout has
     no ``reference`` (otherwise a half-size first pass of the model makes it). Changing any of
     them keeps the base model loaded. The request is validated when it arrives (Layout, image
     files, model presence) and errors come back at once. Events, in order:
@@ -45,17 +45,18 @@ Requests:
     - ``{"id": "r1", "event": "loading", "model": "shapes", "path": "/..."}`` only if the model
       is not the one already loaded;
     - ``{"id": "r1", "event": "progress", "step": k, "total": n}`` after each step, k = 1..n;
-      when a first pass or GLIGEN makes the reference, its steps count too (n = both passes);
+      when a first pass or GLIGEN makes the layout reference, its steps count too (n = both
+      passes);
     - ``{"id": "r1", "event": "result", "path": "/abs/out.png", "seed": 7, "width": 1024,
       "height": 1024, "seconds": 12.3, "load_seconds": 0.0, "model": "shapes",
       "conditions": {"controlnet": null, "ip_adapter": null, "reference": null}}``: ``seconds``
       is generation time without loading, ``load_seconds`` is 0 when the model was kept loaded;
       ``conditions`` says which optional conditions acted, with their settings, and where the
-      reference guidance's image came from (``{"source": "file" | "gligen" | "first_pass",
+      reference pull's layout reference came from (``{"source": "file" | "gligen" | "first_pass",
       "scale": ..., "fraction": ..., "model": ...}``, ``model`` for GLIGEN only; also in the
       PNG's provenance).
 
-    The PNG is written atomically and carries provenance (``engine.provenance``).
+    The PNG is written atomically and carries provenance (``engine.service.provenance``).
 
 ``{"op": "cancel", "id": 5, "target": "r1"}``
     Stops generate ``target`` (default: the running one). A running generate stops at the end
@@ -100,19 +101,30 @@ import os
 import sys
 import threading
 import traceback
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from engine import __version__
+from engine.conditions.apply import check_conditions
 from engine.errors import BadRequestError, CancelledError, EngineError, is_out_of_memory
+from engine.loading.assemble import PipelineCache, resolve_conditions
+from engine.loading.defaults import describe_model
+from engine.loading.device import dtype_name, pick_device, pick_dtype
+from engine.loading.locate import (
+    LoadOptions,
+    ModelLocation,
+    default_model_spec,
+    describe_conditions,
+    resolve_model,
+)
+from engine.service.generate import check_layout_files, run_generation
 from engine.wire.layout import MODES, Layout, LayoutError
 from engine.wire.protocol import NULLABLE_OPTIONS, OPTION_TYPES, PROTOCOL_VERSION, QUEUE_LIMIT
 
-if TYPE_CHECKING:
-    from engine.loading import LoadOptions, ModelLocation
+log = logging.getLogger(__name__)
 
-log = logging.getLogger("engine.serve")
-
-CAPABILITIES = [*MODES, "cancel", "release", "progress", "queue", "single_file", "provenance"]
+CAPABILITIES = [*MODES, "cancel", "release"]
+"""What every engine offers: the modes, cancelling and releasing; ``hello`` adds the optional
+conditions that are available."""
 
 
 @dataclasses.dataclass
@@ -130,8 +142,6 @@ class Server:
     """Reads requests, answers the quick ones at once and runs generates on a worker thread."""
 
     def __init__(self, out: IO[str], options: LoadOptions | None = None, model: str | None = None):
-        from engine.loading import LoadOptions, PipelineCache, default_model_spec
-
         self._out = out
         self._write_lock = threading.Lock()
         self._options = options or LoadOptions()
@@ -267,8 +277,6 @@ class Server:
     # -- Ops ---------------------------------------------------------------------------------
 
     def _hello(self, request: dict) -> bool:
-        from engine.loading import describe_model
-
         options = self._request_options(request)
         reply = {"id": request["id"], "event": "hello", **engine_info(options)}
         reply["default_model"] = self._last_model or self._default_model
@@ -280,10 +288,6 @@ class Server:
         return True
 
     def _generate(self, request: dict) -> bool:
-        from engine.conditions import check_conditions
-        from engine.generate import check_layout_files
-        from engine.loading import pick_device, resolve_conditions, resolve_model
-
         out = request.get("out")
         if not isinstance(out, str) or not out:
             raise BadRequestError("generate needs 'out': the absolute path of the PNG", "out")
@@ -405,14 +409,12 @@ class Server:
             self.send(final)
 
     def _run_generate(self, job: _Job) -> dict[str, Any]:
-        from engine.generate import run_generation
-
         def announce(location: ModelLocation) -> None:
             self.send({"id": job.id, "event": "loading", "model": job.model, "path": location.path})
 
         if job.cancel.is_set():
             raise CancelledError("cancelled before it started")
-        pipe, _, load_seconds = self._cache.get(job.model, job.options, on_load=announce)
+        pipe, load_seconds = self._cache.get(job.model, job.options, on_load=announce)
         result = run_generation(
             pipe,
             job.layout,
@@ -443,8 +445,6 @@ def engine_info(options: LoadOptions | None = None) -> dict[str, Any]:
     ``capabilities`` lists ``controlnet`` / ``ip_adapter`` / ``gligen`` when that model is
     configured and present; ``conditions`` says, for each, whether it is available and if not, why.
     """
-    from engine.loading import LoadOptions, describe_conditions, dtype_name, pick_device, pick_dtype
-
     options = options or LoadOptions()
     device = pick_device(options.device)
     conditions = describe_conditions(options)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
-from engine.model_defaults import DEFAULTS_FILE
+from engine.loading.defaults import DEFAULTS_FILE
 from engine.regional.plan import plan_regions
 from engine.shapes import model as shapes_model
 from engine.shapes.detect import colour_labels

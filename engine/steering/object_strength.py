@@ -1,10 +1,10 @@
-"""Per-region strength (Collage Diffusion) and re-generating one object of a previous result.
+"""Per-object strength (as in Collage Diffusion) and re-generating one object of a result.
 
 Start from ``init_image`` and give every region its own noise strength, and the background the
 Layout's ``strength``. Like img2img, strength ``s`` over ``N`` steps leaves the last
 ``floor(N * s)`` steps free; before that, at every level ``k <= N - floor(N * s)``, the region's
 latents are replaced by the init image's latents noised to level ``k`` (levels as in
-:mod:`engine.step_hooks`). Strength 0 keeps the init latents through level ``N``, the clean
+:mod:`engine.steering.latents`). Strength 0 keeps the init latents through level ``N``, the clean
 result; strength 1 never re-imposes anything.
 
 The run starts from pure noise (the pipeline's own) with the init image re-imposed, rather than
@@ -17,8 +17,8 @@ Region masks are feathered (Gaussian blur in latent space) so kept and regenerat
 without seams. With ``keep_outside`` the decoded image is composited with the init image: pixels
 farther than a narrow band from every region of strength above 0 are the init image's, exactly.
 
-Re-generating one object (:func:`engine.wire.edits.regenerate_layout`) is this with the object at strength 1,
-everything else at 0, ``keep_outside`` and a new seed.
+Re-generating one object (:func:`engine.wire.edits.regenerate_layout`) is this with the object
+at strength 1, everything else at 0, ``keep_outside`` and a new seed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.regional.masks import blur, region_mask
-from engine.step_hooks import blend, encode_image, noised
+from engine.steering.latents import blend, encode_image, noised
 from engine.wire.layout import Layout
 
 FEATHER = 1.0
@@ -98,7 +98,7 @@ def free_maps(
 
 
 @dataclasses.dataclass
-class RegionStrength:
+class ObjectStrength:
     """Step-end hook re-imposing the noised init latents where regions are kept."""
 
     init: torch.Tensor
@@ -163,9 +163,9 @@ def composite_outside(image: Any, init: Any, alpha: np.ndarray):
     return Image.fromarray(out.astype(np.uint8), "RGB")
 
 
-def prepare_collage(
+def prepare_object_strength(
     pipe: Any, layout: Layout, init_image: Any, noise: torch.Tensor
-) -> tuple[RegionStrength | None, Callable[[Any], Any] | None]:
+) -> tuple[ObjectStrength | None, Callable[[Any], Any] | None]:
     """The strength hook (None when nothing is kept) and the ``keep_outside`` composite
     (None when off) for ``layout`` starting from the PIL ``init_image``."""
     init = encode_image(pipe, init_image, layout.width, layout.height).to(noise.dtype)
@@ -173,7 +173,7 @@ def prepare_collage(
     hook = None
     if any(m is not None for m in maps):
         free = [None if m is None else m[None, None].to(noise.device) for m in maps]
-        hook = RegionStrength(init=init, noise=noise, free=free)
+        hook = ObjectStrength(init=init, noise=noise, free=free)
     composite = None
     if layout.keep_outside:
         # The latent feather reaches about two latent pixels; the band covers it.

@@ -1,12 +1,12 @@
-"""Reference guidance (LSReGen): the first steps' latents are pulled toward a layout reference.
+"""The reference pull (as in LSReGen): the first steps' latents move toward a layout reference.
 
 A reference image already has the right low-frequency layout: the add-on's flat-colour render of
 the proxies from the camera, a GLIGEN image of the regions' phrases in their boxes (when the
-engine has a GLIGEN model, :mod:`engine.gligen`), or an upsampled low-resolution first pass
+engine has a GLIGEN model, :mod:`engine.conditions.gligen`), or an upsampled low-resolution first pass
 (:func:`reference_source` says which). During the first
 ``reference_fraction`` of the steps, each step's latents move down the gradient of
 ``||M * (z_t - z_ref_t)||^2``, where ``z_ref_t`` is the reference's latents noised to the same
-level with the run's own noise (see :mod:`engine.step_hooks`)::
+level with the run's own noise (see :mod:`engine.steering.latents`)::
 
     z_t <- z_t - gamma * 2 * M^2 * (z_t - z_ref_t)
 
@@ -28,9 +28,12 @@ from typing import Any
 
 import torch
 
+from engine.conditions.gligen import gligen_reference
+from engine.images import load_rgb
 from engine.regional.masks import region_mask
-from engine.step_hooks import encode_image, load_rgb, noised
-from engine.wire.layout import MIN_SIZE, SIZE_MULTIPLE, Layout
+from engine.steering.latents import encode_image, noised
+from engine.wire.edits import FIRST_PASS_FACTOR, first_pass_layout
+from engine.wire.layout import Layout
 
 AREA_REF = 0.25
 """Regions covering at least this fraction of the image are pulled with scale 1."""
@@ -38,9 +41,6 @@ AREA_POWER = 0.5
 """How fast the scale grows as a region shrinks below AREA_REF."""
 AREA_CAP = 4.0
 """Largest per-region scale (reached at AREA_REF / 16 with AREA_POWER 0.5)."""
-
-FIRST_PASS_FACTOR = 0.5
-"""Side length of the two-pass mode's first pass, relative to the Layout's."""
 
 
 def region_scale(
@@ -71,7 +71,7 @@ def pull_map(layout: Layout, latent_size: tuple[int, int], gamma: float) -> torc
     return (2.0 * gamma * weight).clamp(0.0, 1.0)
 
 
-def guided_levels(fraction: float, steps: int) -> int:
+def pulled_levels(fraction: float, steps: int) -> int:
     """How many levels, from level 0, are pulled: the nearest whole number of steps, at least
     one when ``fraction`` is above 0."""
     if fraction <= 0:
@@ -80,7 +80,7 @@ def guided_levels(fraction: float, steps: int) -> int:
 
 
 @dataclasses.dataclass
-class ReferenceGuidance:
+class ReferencePull:
     """Step-end hook pulling levels ``0 .. levels - 1`` toward the noised reference."""
 
     reference: torch.Tensor
@@ -103,24 +103,24 @@ class ReferenceGuidance:
         return self.apply(latents, scheduler, 0)
 
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        """diffusers' step-end callback: pulls the latents of the next level while guided."""
+        """diffusers' step-end callback: pulls the latents of the next level while pulled."""
         level = step + 1
         if level >= self.levels:
             return {}
         return {"latents": self.apply(tensors["latents"], pipe.scheduler, level)}
 
 
-def prepare_reference_guidance(
+def prepare_reference_pull(
     pipe: Any, layout: Layout, image: Any, noise: torch.Tensor
-) -> ReferenceGuidance:
+) -> ReferencePull:
     """Encode the reference ``image`` and weigh the regions for ``layout``'s settings.
 
-    ``noise`` is the run's starting noise (:func:`engine.step_hooks.initial_noise`).
+    ``noise`` is the run's starting noise (:func:`engine.steering.latents.initial_noise`).
     """
     reference = encode_image(pipe, image, layout.width, layout.height).to(noise.dtype)
     pull = pull_map(layout, tuple(reference.shape[-2:]), layout.reference_scale)
-    levels = guided_levels(layout.reference_fraction, layout.steps)
-    return ReferenceGuidance(
+    levels = pulled_levels(layout.reference_fraction, layout.steps)
+    return ReferencePull(
         reference=reference,
         noise=noise,
         pull=pull[None, None].to(device=noise.device),
@@ -128,32 +128,9 @@ def prepare_reference_guidance(
     )
 
 
-def first_pass_layout(layout: Layout, factor: float = FIRST_PASS_FACTOR) -> Layout:
-    """The Layout of the two-pass mode's first pass: ``factor`` times smaller (sides kept
-    multiples of 8, at least 64), in attention mode (the cheapest), with no reference
-    guidance and no init image."""
-
-    def side(value: int) -> int:
-        scaled = round(value * factor / SIZE_MULTIPLE) * SIZE_MULTIPLE
-        return min(value, max(MIN_SIZE, scaled))
-
-    return dataclasses.replace(
-        layout,
-        width=side(layout.width),
-        height=side(layout.height),
-        mode="attention",
-        reference=None,
-        reference_scale=0.0,
-        init_image=None,
-        strength=1.0,
-        keep_outside=False,
-        regions=[dataclasses.replace(region, strength=None) for region in layout.regions],
-    )
-
-
 def first_pass_reference(
     pipe: Any, layout: Layout, factor: float = FIRST_PASS_FACTOR, **call_kwargs: Any
-):
+) -> Any:
     """Two-pass mode: generate ``layout`` small with regional attention and upsample it to
     the Layout's size, as the reference for the full-size pass (a PIL image).
 
@@ -170,24 +147,23 @@ def first_pass_reference(
 
 
 def reference_source(pipe: Any, layout: Layout) -> str | None:
-    """Where ``layout``'s reference comes from with ``pipe``; None when guidance is off.
+    """Where ``layout``'s layout reference comes from with ``pipe``; None when the pull is off.
 
     ``file``: the Layout's ``reference``; ``gligen``: the GLIGEN model attached to ``pipe``
     (``pipe.gligen_pipeline``), for a Layout with a region of weight above 0;
     ``first_pass``: a low-resolution first pass of ``pipe`` itself.
     """
-    if layout.reference_scale <= 0 or guided_levels(layout.reference_fraction, layout.steps) == 0:
+    if layout.reference_scale <= 0 or pulled_levels(layout.reference_fraction, layout.steps) == 0:
         return None
     if layout.reference is not None:
         return "file"
-    gligen = getattr(pipe, "gligen_pipeline", None)
-    if gligen is not None and any(region.weight > 0 for region in layout.regions):
+    if pipe.gligen_pipeline is not None and any(region.weight > 0 for region in layout.regions):
         return "gligen"
     return "first_pass"
 
 
-def reference_image(pipe: Any, layout: Layout, **first_pass_kwargs: Any):
-    """The reference to guide ``layout`` toward, or None when reference guidance is off.
+def layout_reference(pipe: Any, layout: Layout, **first_pass_kwargs: Any) -> Any:
+    """The layout reference to pull ``layout`` toward (PIL), or None when the pull is off.
 
     Made as :func:`reference_source` says. ``first_pass_kwargs`` go to the first pass's call;
     their ``callback_on_step_end`` (progress, cancel) also sees each step of a GLIGEN pass.
@@ -198,8 +174,6 @@ def reference_image(pipe: Any, layout: Layout, **first_pass_kwargs: Any):
     if source == "file":
         return load_rgb(layout.reference, "reference")
     if source == "gligen":
-        from engine.gligen import gligen_reference
-
         callback = first_pass_kwargs.get("callback_on_step_end")
         return gligen_reference(pipe.gligen_pipeline, layout, callback=callback)
     return first_pass_reference(pipe, layout, **first_pass_kwargs)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from .layout import Layout, LayoutError
+from .layout import MIN_SIZE, SIZE_MULTIPLE, Layout, LayoutError
+
+FIRST_PASS_FACTOR = 0.5
+"""Side length of the two-pass mode's first pass, relative to the Layout's."""
 
 
 def regenerate_layout(layout: Layout, region: int | str, previous_image: str, seed: int) -> Layout:
@@ -42,3 +45,26 @@ def regenerate_layout(layout: Layout, region: int | str, previous_image: str, se
         seed=seed,
     )
     return Layout.from_dict(changed.to_dict())
+
+
+def first_pass_layout(layout: Layout, factor: float = FIRST_PASS_FACTOR) -> Layout:
+    """The Layout of the two-pass mode's first pass: ``factor`` times smaller (sides kept
+    multiples of 8, at least 64), in attention mode (the cheapest), with no reference pull
+    and no init image."""
+
+    def side(value: int) -> int:
+        scaled = round(value * factor / SIZE_MULTIPLE) * SIZE_MULTIPLE
+        return min(value, max(MIN_SIZE, scaled))
+
+    return dataclasses.replace(
+        layout,
+        width=side(layout.width),
+        height=side(layout.height),
+        mode="attention",
+        reference=None,
+        reference_scale=0.0,
+        init_image=None,
+        strength=1.0,
+        keep_outside=False,
+        regions=[dataclasses.replace(region, strength=None) for region in layout.regions],
+    )

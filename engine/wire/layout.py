@@ -117,7 +117,7 @@ class Layout:
     reference_fraction: float | None = None
     """Fraction of the steps, from the first, during which the reference pulls. ``None``: the
     model's recommended fraction (0.1, LSReGen's for SDXL, unless the model folder says
-    otherwise; see ``engine.model_defaults``)."""
+    otherwise; see ``engine.loading.defaults``)."""
     init_image: str | None = None
     """Image to start from (a previous result, a painted plate), resolved like region masks.
     Each region keeps it according to its ``strength``; the background according to the

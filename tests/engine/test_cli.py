@@ -11,8 +11,8 @@ from PIL import Image
 from serve_client import ROOT, engine_env
 
 from engine.__main__ import main
-from engine.model_defaults import SDXL_DEFAULTS, with_model_defaults
-from engine.provenance import PARAMETERS_KEY, PROVENANCE_KEY, read_provenance
+from engine.loading.defaults import SDXL_DEFAULTS, with_model_defaults
+from engine.service.provenance import PARAMETERS_KEY, PROVENANCE_KEY, read_provenance
 from engine.wire.layout import Layout
 
 

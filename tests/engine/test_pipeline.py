@@ -264,7 +264,7 @@ def _flat_png(path, colour, size=(96, 64)) -> str:
 
 
 def test_reference_guidance_runs_once_inside_the_call_before_the_callback(pipe, tmp_path):
-    from engine.step_hooks import prepare_step_hooks
+    from engine.steering.hooks import prepare_step_hooks
 
     reference = _flat_png(tmp_path / "reference.png", (230, 20, 20))
     guided = dataclasses.replace(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model_defaults import pipeline_defaults, read_model_defaults
+from engine.loading.defaults import pipeline_defaults, read_model_defaults
 from engine.shapes import model as shapes_model
 from engine.shapes.detect import colour_labels
 from engine.shapes.world import COLOURS, VOCABULARY
@@ -112,7 +112,8 @@ def test_training_state_round_trip_resumes_identically_and_exports_a_loadable_pi
     a, b = first.parts["unet"].state_dict(), second.parts["unet"].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
-    from engine.loading import LoadOptions, load_pipeline, resolve_model
+    from engine.loading.assemble import load_pipeline
+    from engine.loading.locate import LoadOptions, resolve_model
 
     options = LoadOptions(device="cpu")
     pipe = load_pipeline(resolve_model(str(tmp_path / "model"), options), options)
@@ -271,7 +272,8 @@ def test_biased_cross_attention_keeps_pixels_deaf_to_forbidden_blocks():
 
 @pytest.fixture(scope="module")
 def shipped():
-    from engine.loading import LoadOptions, load_pipeline, resolve_model
+    from engine.loading.assemble import load_pipeline
+    from engine.loading.locate import LoadOptions, resolve_model
 
     options = LoadOptions(device="cpu")
     location = resolve_model("shapes", options)

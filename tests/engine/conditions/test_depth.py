@@ -10,17 +10,17 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 
-from engine.conditions import layout_conditions
-from engine.controlnet import (
+from engine.conditions.apply import layout_conditions
+from engine.conditions.depth import (
     active_at,
-    attach_controlnet,
     depth_control,
     depth_scale_map,
     load_depth,
     residual_multipliers,
 )
 from engine.errors import ModelNotFoundError, UnsupportedModelError
-from engine.loading import LoadOptions, PipelineCache, resolve_controlnet
+from engine.loading.assemble import PipelineCache, attach_controlnet
+from engine.loading.locate import LoadOptions, resolve_controlnet
 from engine.regional.attention import RegionalAttnProcessor
 from engine.wire.layout import Layout
 
@@ -111,11 +111,11 @@ def test_depth_changes_the_image_and_zero_scale_reproduces_no_controlnet(
     cache, tiny_model_dir, tiny_controlnet_dir, condition_images
 ):
     layout = make_layout(condition_images["depth"])
-    pipe, _, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu"))
+    pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu"))
     assert getattr(pipe, "depth_controlnet", None) is None
     plain = generate(pipe, layout)
 
-    same, _, load_seconds = cache.get(
+    same, load_seconds = cache.get(
         tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir)
     )
     assert same is pipe and load_seconds > 0, "attaching a ControlNet keeps the base model"
@@ -148,9 +148,7 @@ def residuals_seen_by_unet(pipe, layout: Layout, monkeypatch) -> list[list | Non
 def test_region_with_scale_zero_gets_zero_residuals_at_every_resolution(
     cache, tiny_model_dir, tiny_controlnet_dir, condition_images, monkeypatch
 ):
-    pipe, _, _ = cache.get(
-        tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir)
-    )
+    pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir))
     layout = with_region_scales(make_layout(condition_images["depth"]), 0.0, None)
     seen = residuals_seen_by_unet(pipe, layout, monkeypatch)
     assert len(seen) == 2 and all(s is not None for s in seen)
@@ -169,18 +167,14 @@ def test_region_with_scale_zero_gets_zero_residuals_at_every_resolution(
 def test_depth_acts_only_between_start_and_end(
     cache, tiny_model_dir, tiny_controlnet_dir, condition_images, monkeypatch
 ):
-    pipe, _, _ = cache.get(
-        tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir)
-    )
+    pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir))
     layout = make_layout(condition_images["depth"], steps=4, depth_start=0.5)
     seen = residuals_seen_by_unet(pipe, layout, monkeypatch)
     assert [s is not None for s in seen] == [False, False, True, True]
 
 
 def test_without_depth_map_the_controlnet_does_not_run(cache, tiny_model_dir, tiny_controlnet_dir):
-    pipe, _, _ = cache.get(
-        tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir)
-    )
+    pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir))
     with depth_control(pipe, make_layout()) as hook:
         assert hook is None
 
@@ -209,7 +203,7 @@ def test_controlnet_of_another_base_model_is_refused(cache, tiny_model_dir, tmp_
         UNet2DConditionModel.from_config(config), conditioning_embedding_out_channels=(16, 32)
     )
     other.save_pretrained(tmp_path / "sd15-like")
-    pipe, _, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu"))
+    pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu"))
     with pytest.raises(UnsupportedModelError, match="cross_attention_dim is 32") as info:
         attach_controlnet(pipe, resolve_controlnet(str(tmp_path / "sd15-like")))
     assert info.value.field == "controlnet"
@@ -220,9 +214,7 @@ def test_unet_calls_on_other_latent_sizes_pass_through(
     cache, tiny_model_dir, tiny_controlnet_dir, condition_images
 ):
     """A low-resolution first pass inside a Layout call gets no full-size depth residuals."""
-    pipe, _, _ = cache.get(
-        tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir)
-    )
+    pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir))
     with depth_control(pipe, make_layout(condition_images["depth"])) as hook:
         assert hook is not None and hook.latent_size == (32, 32)
         small = torch.zeros(2, 4, 16, 16)
@@ -239,7 +231,7 @@ def test_single_file_controlnet_loads_with_the_config_beside_it(
     shutil.copy(os.path.join(tiny_controlnet_dir, "diffusion_pytorch_model.safetensors"), weights)
     alone = resolve_controlnet(str(weights))
     assert (alone.kind, alone.path) == ("single_file", str(weights))
-    pipe, _, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu"))
+    pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu"))
     with pytest.raises(ModelNotFoundError, match="config.json next to the file"):
         attach_controlnet(pipe, alone)
 
@@ -254,9 +246,7 @@ def test_single_file_controlnet_loads_with_the_config_beside_it(
 def test_a_call_wrapped_in_layout_conditions_again_gets_depth_once(
     cache, tiny_model_dir, tiny_controlnet_dir, condition_images
 ):
-    pipe, _, _ = cache.get(
-        tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir)
-    )
+    pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir))
     layout = make_layout(condition_images["depth"])
     direct = generate(pipe, layout)
     runs = []

@@ -13,19 +13,19 @@ import pytest
 from serve_client import EngineClient
 
 from engine.__main__ import main
-from engine.conditions import conditions_used
-from engine.errors import CancelledError, ModelNotFoundError, UnsupportedModelError
-from engine.gligen import (
+from engine.conditions.gligen import (
     MAX_BOXES,
     gligen_reference,
     gligen_size,
     grounded_beta,
     grounding,
-    resolve_gligen,
 )
-from engine.guidance import reference_source
-from engine.loading import LoadOptions, PipelineCache
-from engine.provenance import read_provenance
+from engine.errors import CancelledError, ModelNotFoundError, UnsupportedModelError
+from engine.loading.assemble import PipelineCache
+from engine.loading.locate import LoadOptions, resolve_gligen
+from engine.service.generate import conditions_used
+from engine.service.provenance import read_provenance
+from engine.steering.reference_pull import reference_source
 from engine.wire.layout import Layout, Region
 
 CAR, TREE = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 0.5)
@@ -67,9 +67,7 @@ class Recorder:
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir, tiny_gligen_dir):
     """The tiny SDXL pipeline with the tiny GLIGEN attached, through the engine's loader."""
-    pipe, _, _ = PipelineCache().get(
-        tiny_model_dir, LoadOptions(device="cpu", gligen=tiny_gligen_dir)
-    )
+    pipe, _ = PipelineCache().get(tiny_model_dir, LoadOptions(device="cpu", gligen=tiny_gligen_dir))
     return pipe
 
 
@@ -120,7 +118,7 @@ def test_beyond_30_regions_the_largest_boxes_are_kept(caplog):
     regions = [Region(f"object {i}", (0.0, 0.0, 0.1 + 0.02 * i, 0.5)) for i in range(MAX_BOXES)]
     tiny = [Region("speck", (0.5, 0.5, 0.52, 0.52)), Region("dot", (0.6, 0.6, 0.61, 0.61))]
     lay = layout(regions=[tiny[0], *regions[:10], tiny[1], *regions[10:]])
-    with caplog.at_level(logging.WARNING, logger="engine.gligen"):
+    with caplog.at_level(logging.WARNING, logger="engine.conditions.gligen"):
         phrases, boxes = grounding(lay)
     assert phrases == [r.prompt for r in regions], "the two smallest go, the order stays"
     assert boxes == [list(r.box) for r in regions]

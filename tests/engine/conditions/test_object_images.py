@@ -12,10 +12,11 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from tiny import IP_ADAPTER_WEIGHTS
 
-from engine.conditions import check_conditions
+from engine.conditions.apply import check_conditions
+from engine.conditions.object_images import ObjectImageState, RegionalIPAdapterAttnProcessor
 from engine.errors import ModelNotFoundError
-from engine.ip_adapter import ReferenceState, RegionalIPAdapterAttnProcessor
-from engine.loading import LoadOptions, PipelineCache, resolve_ip_adapter
+from engine.loading.assemble import PipelineCache
+from engine.loading.locate import LoadOptions, resolve_ip_adapter
 from engine.regional.attention import RegionalAttnProcessor
 from engine.regional.masks import box_coverage
 from engine.regional.plan import RegionalState, downsample_mask, plan_regions
@@ -27,7 +28,7 @@ LEFT = [0.0, 0.0, 0.5, 1.0]
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir, tiny_ip_adapter_dir):
-    pipe, _, _ = PipelineCache().get(
+    pipe, _ = PipelineCache().get(
         tiny_model_dir, LoadOptions(device="cpu", ip_adapter=tiny_ip_adapter_dir)
     )
     return pipe
@@ -107,7 +108,7 @@ def test_masked_images_match_diffusers_given_the_same_masks(pipe):
     scales = [0.7, 0.4]
     reference = diffusers_processor(ours, [scales])
     hidden, text, images = inputs(3, count=2)
-    with ours.references.active(ReferenceState(masks, scales, (32, 32))):
+    with ours.object_images.active(ObjectImageState(masks, scales, (32, 32))):
         got = ours(attn, hidden, (text, [images]))
     expected = reference(attn, hidden, (text, [images]), ip_adapter_masks=[grid])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
@@ -124,7 +125,7 @@ def test_reference_changes_attention_only_inside_its_region(pipe):
     hidden, text, images = inputs(1)
     outputs = []
     for scale in (0.0, 0.8):
-        with ours.references.active(ReferenceState([mask], [scale], (32, 32))):
+        with ours.object_images.active(ObjectImageState([mask], [scale], (32, 32))):
             outputs.append(ours(attn, hidden, (text, [images])))
     change = (outputs[1] - outputs[0]).reshape(2, 16, 16, -1).abs()
     assert change[:, :, 8:].max() == 0, "no change right of the region"
@@ -154,8 +155,8 @@ def test_reference_and_regional_prompts_combine_at_one_layer(pipe):
     mask = box_coverage(tuple(LEFT), 32, 32)
     with ours.context.active(state):
         regional = text_only(attn, hidden, text)
-        references = ReferenceState([mask], [1.0], (32, 32))
-        with ours.references.active(references), counting_calls(attn.to_q) as calls:
+        references = ObjectImageState([mask], [1.0], (32, 32))
+        with ours.object_images.active(references), counting_calls(attn.to_q) as calls:
             combined = ours(attn, hidden, (text, [images]))
     assert calls == [1], "the image attention reuses the regional attention's query"
     change = (combined - regional).reshape(2, 16, 16, -1).abs()
@@ -200,9 +201,9 @@ def test_switching_the_ip_adapter_off_restores_plain_attention(
 ):
     cache = PipelineCache()
     options = LoadOptions(device="cpu", ip_adapter=tiny_ip_adapter_dir)
-    pipe, _, _ = cache.get(tiny_model_dir, options)
-    same, _, _ = cache.get(tiny_model_dir, dataclasses.replace(options, ip_adapter=None))
-    assert same is pipe and pipe.reference_adapter is None
+    pipe, _ = cache.get(tiny_model_dir, options)
+    same, _ = cache.get(tiny_model_dir, dataclasses.replace(options, ip_adapter=None))
+    assert same is pipe and pipe.object_image_adapter is None
     assert pipe.unet.encoder_hid_proj is None and pipe.image_encoder is None
     cross = [p for n, p in pipe.unet.attn_processors.items() if n.endswith("attn2.processor")]
     assert not any(isinstance(p, RegionalIPAdapterAttnProcessor) for p in cross)
@@ -242,7 +243,7 @@ def test_depth_and_images_act_in_a_first_pass_and_in_both_modes(
     options = LoadOptions(
         device="cpu", controlnet=tiny_controlnet_dir, ip_adapter=tiny_ip_adapter_dir
     )
-    pipe, _, _ = PipelineCache().get(tiny_model_dir, options)
+    pipe, _ = PipelineCache().get(tiny_model_dir, options)
     layout = dataclasses.replace(
         make_layout(condition_images["reference"]),
         mode=mode,
@@ -259,6 +260,6 @@ def test_depth_and_images_act_in_a_first_pass_and_in_both_modes(
         hook.remove()
     assert len(set(sizes)) == 2, "a first pass at its own size, then the full-size pass"
     assert not pipe.unet._forward_pre_hooks, "the depth hooks are removed after the call"
-    assert pipe.reference_adapter.references.state is None
+    assert pipe.object_image_adapter.images.state is None
     plain = pipe(layout=dataclasses.replace(layout, depth=None), output_type="np").images[0]
     assert np.abs(with_all - plain).max() > 1e-3

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import UnsupportedModelError
-from engine.generate import run_generation
-from engine.model_defaults import (
+from engine.loading.defaults import (
     DEFAULTS_FILE,
     SDXL_DEFAULTS,
     ModelDefaultsError,
@@ -21,7 +20,8 @@ from engine.model_defaults import (
     with_model_defaults,
 )
 from engine.pipeline import RegionalSDXLPipeline
-from engine.provenance import layout_from_png
+from engine.service.generate import run_generation
+from engine.service.provenance import layout_from_png
 from engine.wire.layout import Layout, Region
 
 SIDE = 64

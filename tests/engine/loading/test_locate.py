@@ -8,21 +8,17 @@ import shutil
 import pytest
 import torch
 
-from engine import loading
 from engine.errors import (
     DeviceError,
     ModelNotFoundError,
     UnsafeCheckpointError,
     UnsupportedModelError,
 )
-from engine.loading import (
-    LoadOptions,
-    PipelineCache,
-    describe_model,
-    pick_device,
-    pick_dtype,
-    resolve_model,
-)
+from engine.loading import locate
+from engine.loading.assemble import PipelineCache
+from engine.loading.defaults import describe_model
+from engine.loading.device import pick_device, pick_dtype
+from engine.loading.locate import LoadOptions, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -47,18 +43,18 @@ def test_folder_resolves_and_loads_once(tiny_model_dir):
 
     cache = PipelineCache()
     seen = []
-    pipe, _, seconds = cache.get(tiny_model_dir, LoadOptions(device="cpu"), on_load=seen.append)
+    pipe, seconds = cache.get(tiny_model_dir, LoadOptions(device="cpu"), on_load=seen.append)
     from engine.pipeline import RegionalSDXLPipeline
 
     assert isinstance(pipe, RegionalSDXLPipeline)
     assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
     assert seconds > 0 and [s.path for s in seen] == [location.path]
 
-    again, _, seconds = cache.get(tiny_model_dir, LoadOptions(device="cpu"), on_load=seen.append)
+    again, seconds = cache.get(tiny_model_dir, LoadOptions(device="cpu"), on_load=seen.append)
     assert again is pipe and seconds == 0.0 and len(seen) == 1
 
     # Other options are another pipeline: the first is dropped, not kept alongside.
-    tiled, _, seconds = cache.get(tiny_model_dir, LoadOptions(device="cpu", vae_tiling=True))
+    tiled, seconds = cache.get(tiny_model_dir, LoadOptions(device="cpu", vae_tiling=True))
     assert tiled is not pipe and seconds > 0 and tiled.vae.use_tiling
     assert cache.release() is True and cache.pipe is None and cache.release() is False
 
@@ -66,15 +62,15 @@ def test_folder_resolves_and_loads_once(tiny_model_dir):
 def test_alias_and_default_model(monkeypatch, tiny_model_dir, tmp_path):
     from pathlib import Path
 
-    monkeypatch.setitem(loading.ALIASES, "shapes", Path(tiny_model_dir))
-    monkeypatch.delenv(loading.MODEL_ENV, raising=False)
+    monkeypatch.setitem(locate.ALIASES, "shapes", Path(tiny_model_dir))
+    monkeypatch.delenv(locate.MODEL_ENV, raising=False)
     assert resolve_model(None).path == str(Path(tiny_model_dir))
     assert resolve_model("shapes").spec == "shapes"
 
-    monkeypatch.setenv(loading.MODEL_ENV, "/elsewhere/model")
-    assert loading.default_model_spec() == "/elsewhere/model"
+    monkeypatch.setenv(locate.MODEL_ENV, "/elsewhere/model")
+    assert locate.default_model_spec() == "/elsewhere/model"
 
-    monkeypatch.setitem(loading.ALIASES, "shapes", tmp_path / "models" / "shapes")
+    monkeypatch.setitem(locate.ALIASES, "shapes", tmp_path / "models" / "shapes")
     with pytest.raises(ModelNotFoundError) as error:
         resolve_model("shapes")
     assert "bundled model 'shapes' is missing" in str(error.value)
@@ -106,7 +102,7 @@ def test_repo_id_resolves_from_the_local_cache_only(fake_hub, tiny_model_dir):
     assert location.kind == "folder"
     assert location.path == str(fake_hub / "models--acme--tiny-sdxl" / "snapshots" / COMMIT)
     assert describe_model("acme/tiny-sdxl")["found"] is True
-    pipe, _, _ = PipelineCache().get("acme/tiny-sdxl", LoadOptions(device="cpu"))
+    pipe, _ = PipelineCache().get("acme/tiny-sdxl", LoadOptions(device="cpu"))
     assert pipe.unet.config.cross_attention_dim == 64
 
 
@@ -242,7 +238,9 @@ def test_single_file_checkpoint_loads_offline_with_local_configs(tmp_path):
     assert "conditioner.embedders.1.model.positional_embedding" in keys
 
     options = LoadOptions(device="cpu", config=str(tmp_path / "configs"))
-    pipe, location, _ = PipelineCache().get(checkpoint, options)
+    cache = PipelineCache()
+    pipe, _ = cache.get(checkpoint, options)
+    location = cache.location
     assert (location.kind, location.path) == ("single_file", checkpoint)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         expected = getattr(reference, name).state_dict()
@@ -257,7 +255,7 @@ def test_fp16_variant_only_download_loads_and_config_only_is_reported(tmp_path, 
     shutil.copytree(tiny_model_dir, variant)
     for weights in variant.glob("*/*.safetensors"):
         weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
-    pipe, _, _ = PipelineCache().get(str(variant), LoadOptions(device="cpu"))
+    pipe, _ = PipelineCache().get(str(variant), LoadOptions(device="cpu"))
     assert pipe.unet.config.cross_attention_dim == 64
 
     configs = tmp_path / "configs-only"

@@ -333,7 +333,7 @@ def test_latent_layout_generates_through_serve(tiny_model_dir, tmp_path):
             timeout=300,
         )
         assert reply["event"] == "result", reply
-        from engine.provenance import layout_from_png
+        from engine.service.provenance import layout_from_png
 
         assert layout_from_png(out).mode == "latent"
     finally:
@@ -347,11 +347,12 @@ def test_latent_layout_generates_through_serve(tiny_model_dir, tmp_path):
 def test_controlnet_residuals_reach_each_block_cut_to_its_crop(
     tiny_model_dir, tiny_controlnet_dir, condition_images
 ):
-    from engine.conditions import layout_conditions
-    from engine.loading import LoadOptions, PipelineCache
+    from engine.conditions.apply import layout_conditions
+    from engine.loading.assemble import PipelineCache
+    from engine.loading.locate import LoadOptions
 
     options = LoadOptions(device="cpu", controlnet=tiny_controlnet_dir)
-    pipe, _, _ = PipelineCache().get(tiny_model_dir, options)
+    pipe, _ = PipelineCache().get(tiny_model_dir, options)
     layout = dataclasses.replace(two_regions(), depth=condition_images["depth"], steps=1)
     outer, inner = [], []
 
@@ -391,11 +392,12 @@ def test_controlnet_residuals_reach_each_block_cut_to_its_crop(
 def test_region_images_run_uncropped_in_latent_mode(
     tiny_model_dir, tiny_ip_adapter_dir, condition_images
 ):
-    from engine.conditions import layout_conditions
-    from engine.loading import LoadOptions, PipelineCache
+    from engine.conditions.apply import layout_conditions
+    from engine.loading.assemble import PipelineCache
+    from engine.loading.locate import LoadOptions
 
     options = LoadOptions(device="cpu", ip_adapter=tiny_ip_adapter_dir)
-    pipe, _, _ = PipelineCache().get(tiny_model_dir, options)
+    pipe, _ = PipelineCache().get(tiny_model_dir, options)
     layout = two_regions(steps=1)
     car = dataclasses.replace(layout.regions[0], image=condition_images["reference"])
     layout = dataclasses.replace(layout, regions=[car, layout.regions[1]])

@@ -8,7 +8,7 @@ import pytest
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
 
-from engine.provenance import (
+from engine.service.provenance import (
     a1111_parameters,
     layout_from_png,
     read_provenance,

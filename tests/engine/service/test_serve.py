@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from serve_client import EngineClient
 
-from engine.provenance import layout_from_png, read_provenance
+from engine.service.provenance import layout_from_png, read_provenance
 from engine.wire.protocol import PROTOCOL_VERSION
 
 
@@ -310,11 +310,13 @@ def test_out_of_memory_becomes_advice_not_a_crash(tmp_path):
     import torch
 
     from engine.errors import OutOfMemoryError, is_out_of_memory
-    from engine.generate import run_generation
+    from engine.service.generate import run_generation
     from engine.wire.layout import Layout
 
     class Exhausted:
-        scheduler = None
+        # What run_generation reads of a RegionalSDXLPipeline before calling it.
+        scheduler = name_or_path = model_defaults = None
+        depth_controlnet = object_image_adapter = gligen_pipeline = None
 
         def __call__(self, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -337,7 +339,7 @@ def test_stray_prints_go_to_stderr_not_the_protocol():
 
     script = (
         "import os\n"
-        "from engine.serve import protocol_streams\n"
+        "from engine.service.serve import protocol_streams\n"
         "lines_in, out = protocol_streams()\n"
         "print('python print')\n"
         "os.write(1, b'C-level write\\n')\n"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.step_hooks import StepHooks, blend, chain_step_hooks, start_latents
+from engine.steering.hooks import StepHooks, chain_step_hooks, start_latents
+from engine.steering.latents import blend
 
 
 def test_chained_hooks_see_each_others_latents_and_skip_none():

@@ -10,17 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.collage import (
-    composite_outside,
-    free_maps,
-    keep_alpha,
-    kept_levels,
-)
-from engine.guidance import first_pass_layout
 from engine.pipeline import RegionalSDXLPipeline
 from engine.regional.masks import blur
-from engine.step_hooks import encode_image, prepare_step_hooks
-from engine.wire.edits import regenerate_layout
+from engine.steering.hooks import prepare_step_hooks
+from engine.steering.latents import encode_image
+from engine.steering.object_strength import composite_outside, free_maps, keep_alpha, kept_levels
+from engine.wire.edits import first_pass_layout, regenerate_layout
 from engine.wire.layout import Layout, LayoutError, Region
 
 SIDE = 64

@@ -11,22 +11,17 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from PIL import Image
 
-from engine.guidance import (
-    ReferenceGuidance,
-    first_pass_layout,
-    guided_levels,
-    prepare_reference_guidance,
+from engine.pipeline import RegionalSDXLPipeline
+from engine.steering.hooks import prepare_step_hooks, start_latents
+from engine.steering.latents import encode_image, initial_noise, set_schedule
+from engine.steering.reference_pull import (
+    ReferencePull,
+    prepare_reference_pull,
     pull_map,
+    pulled_levels,
     region_scale,
 )
-from engine.pipeline import RegionalSDXLPipeline
-from engine.step_hooks import (
-    encode_image,
-    initial_noise,
-    prepare_step_hooks,
-    set_schedule,
-    start_latents,
-)
+from engine.wire.edits import first_pass_layout
 from engine.wire.layout import Layout, LayoutError, Region
 
 SIDE = 64
@@ -111,7 +106,7 @@ def test_pull_is_zero_outside_the_regions_and_capped_at_one():
     "fraction, steps, levels", [(0.1, 30, 3), (0.4, 30, 12), (0.0, 30, 0), (0.01, 30, 1), (1, 4, 4)]
 )
 def test_guided_levels_round_to_whole_steps(fraction, steps, levels):
-    assert guided_levels(fraction, steps) == levels
+    assert pulled_levels(fraction, steps) == levels
 
 
 class _Pipe:
@@ -131,9 +126,9 @@ def _after_first_step(scheduler):
     return scheduler
 
 
-def _hook(pull: torch.Tensor, levels: int = 3) -> ReferenceGuidance:
+def _hook(pull: torch.Tensor, levels: int = 3) -> ReferencePull:
     generator = torch.Generator().manual_seed(0)
-    return ReferenceGuidance(
+    return ReferencePull(
         reference=torch.randn(1, 4, 2, 2, generator=generator),
         noise=torch.randn(1, 4, 2, 2, generator=generator),
         pull=pull,
@@ -218,7 +213,7 @@ def test_zero_pull_on_every_step_is_bit_identical_to_unguided(pipe, reference_pn
     set_schedule(pipe, lay.steps)
     noise = initial_noise(pipe, lay, generator)
     guided = dataclasses.replace(lay, reference_scale=1.0, reference_fraction=1.0)
-    hook = prepare_reference_guidance(pipe, guided, Image.open(reference_png), noise)
+    hook = prepare_reference_pull(pipe, guided, Image.open(reference_png), noise)
     assert hook.levels == lay.steps
     hook.pull = torch.zeros_like(hook.pull)  # gamma 0, but every level still goes through the math
     calls = []
@@ -243,7 +238,8 @@ def test_scale_zero_makes_no_hooks_and_draws_nothing(pipe, reference_png):
     generator = torch.Generator("cpu").manual_seed(5)
     state = generator.get_state()
     hooks = prepare_step_hooks(pipe, lay, generator)
-    assert not hooks.active and hooks.latents is None and hooks.callback() is None
+    assert not hooks.hooks and hooks.composite is None
+    assert hooks.latents is None and hooks.callback() is None
     assert torch.equal(generator.get_state(), state)
 
 
@@ -317,7 +313,7 @@ def test_the_pipeline_applies_the_layouts_reference_guidance_itself(pipe, refere
 
 
 def test_progress_counts_once_across_the_first_pass(pipe, tmp_path, reference_png):
-    from engine.generate import planned_steps, run_generation
+    from engine.service.generate import planned_steps, run_generation
 
     steps: list[tuple[int, int]] = []
     two_pass = layout(reference_scale=0.25, steps=3)

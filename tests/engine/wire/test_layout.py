@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from engine.model_defaults import SDXL_DEFAULTS, with_model_defaults
+from engine.loading.defaults import SDXL_DEFAULTS, with_model_defaults
 from engine.wire.layout import Layout, LayoutError
 from engine.wire.phrases import strip_phrases
 
