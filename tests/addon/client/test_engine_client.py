@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from blender_scenario import ROOT
 
 from blender_addon.client.engine_client import (
     ENGINE_GONE,
@@ -15,8 +16,6 @@ from blender_addon.client.engine_client import (
     EngineClient,
     EngineError,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def layout(steps: int = 2, size: int = 64) -> dict:

@@ -7,36 +7,23 @@ found; the tests below check that report. bpy and torch never share the pytest p
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
+import blender_scenario
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
-MARK = "SCENARIO-RESULT "
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_model_dir) -> dict:
     folder = tmp_path_factory.mktemp("render_engine")
-    env = dict(os.environ)
-    env["BLENDER_USER_RESOURCES"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ld-user")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), str(folder), str(tiny_model_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
+    user_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ld-user")
+    return blender_scenario.run_scenario(
+        __file__, "render", user_dir, str(folder), str(tiny_model_dir)
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len(MARK) :])
 
 
 def test_f12_puts_the_generated_image_in_combined(report):
@@ -139,7 +126,7 @@ def pixel_helpers() -> dict:
 # -- The child process --------------------------------------------------------------------------
 
 
-def scenario(folder: str, model: str) -> dict:
+def scenario_render(folder: str, model: str) -> dict:
     import bpy
 
     sys.path.insert(0, HERE)
@@ -294,4 +281,4 @@ def _exr_channels(path: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    print(MARK + json.dumps(scenario(*sys.argv[1:])))
+    blender_scenario.report(globals()[f"scenario_{sys.argv[1]}"](*sys.argv[2:]))

@@ -12,34 +12,15 @@ import os
 import subprocess
 import sys
 
+import blender_scenario
 import pytest
+from blender_scenario import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MARK = "SCENARIO-RESULT "
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Blender must not read or write the real user's configuration.
-    env["BLENDER_USER_RESOURCES"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ld-user")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+USER_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ld-user")
 
 
 def run_scenario(name: str, *args: str, timeout: float = 600) -> dict:
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), name, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(),
-        cwd=ROOT,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    assert proc.returncode == 0 and lines, (
-        f"scenario {name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return json.loads(lines[-1][len(MARK) :])
+    return blender_scenario.run_scenario(__file__, name, USER_DIR, *args, timeout=timeout)
 
 
 def run_batch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -48,7 +29,7 @@ def run_batch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=child_env(),
+        env=blender_scenario.child_env(USER_DIR),
         cwd=ROOT,
     )
 
@@ -251,5 +232,4 @@ def scenario_batch(blend: str, out: str, spec: str, *options: str) -> dict:
 
 
 if __name__ == "__main__":
-    result = globals()[f"scenario_{sys.argv[1]}"](*sys.argv[2:])
-    print(MARK + json.dumps(result))
+    blender_scenario.report(globals()[f"scenario_{sys.argv[1]}"](*sys.argv[2:]))

@@ -1,0 +1,18 @@
+"""Where a scene's files go, and model settings as the engine reads them."""
+
+from __future__ import annotations
+
+import addon_ui_scenarios
+
+# Fixtures: one scenario run checked by several test files.
+registration = addon_ui_scenarios.registration
+
+
+def test_blend_relative_model_paths_become_absolute(registration):
+    spec, expected = registration["model_spec"]
+    assert spec == expected
+
+
+def test_outputs_go_next_to_the_blend_file_or_to_temp(registration):
+    unsaved, saved, expected_unsaved, expected_saved = registration["output_dirs"]
+    assert (unsaved, saved) == (expected_unsaved, expected_saved)
