@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import addon_guidance_scenarios
 import addon_ui_scenarios
-from engine.model_defaults import SDXL_DEFAULTS
+
+from engine.loading.defaults import SDXL_DEFAULTS
 
 # Fixtures: one scenario run checked by several test files.
 guidance = addon_guidance_scenarios.guidance
