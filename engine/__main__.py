@@ -57,13 +57,13 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ip-adapter",
         help="SDXL IP-Adapter (weights file, folder or cached repo id such as h94/IP-Adapter) "
-        "applying each region's reference image inside its mask",
+        "applying each region's object image inside its mask",
     )
     group.add_argument(
         "--gligen",
         help="GLIGEN text-box model (diffusers folder or cached repo id such as "
-        "masterful/gligen-1-4-generation-text-box) making the reference image from the "
-        "regions' prompts and boxes when reference guidance has no reference file",
+        "masterful/gligen-1-4-generation-text-box) making the layout reference from the "
+        "regions' prompts and boxes when the reference pull has no reference file",
     )
     group.add_argument(
         "--allow-pickle",

@@ -129,7 +129,7 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
         if kwargs.get("generator") is None:
             kwargs["generator"] = torch.Generator("cpu").manual_seed(layout.seed)
         hooks = self._step_hooks(layout, kwargs)
-        # Depth ControlNet and region images, when attached (a no-op inside a caller's own
+        # Depth ControlNet and object images, when attached (a no-op inside a caller's own
         # layout_conditions for the same Layout).
         with layout_conditions(self, layout) as extra:
             output = self._generate(layout, {**kwargs, **extra})

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def check_conditions(layout: Layout, ip_adapter: str | None) -> None:
-    """Raise LayoutError if the Layout's region images need an IP-Adapter and none is set.
+    """Raise LayoutError if the Layout's object images need an IP-Adapter and none is set.
 
     A depth map without a ControlNet is no error (the add-on always sends one): it is just not
     used, and the result's ``conditions`` say so.

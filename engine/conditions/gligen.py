@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from engine.steering.latents import StepEnd
 from engine.wire.layout import SIZE_MULTIPLE, Layout
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionGLIGENPipeline
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,9 @@ def grounding(layout: Layout, limit: int = MAX_BOXES) -> tuple[list[str], list[l
     return [r.prompt for r in regions], [[float(v) for v in r.box] for r in regions]
 
 
-def gligen_size(gligen_pipe: Any, width: int, height: int) -> tuple[int, int]:
+def gligen_size(
+    gligen_pipe: StableDiffusionGLIGENPipeline, width: int, height: int
+) -> tuple[int, int]:
     """The ``(width, height)`` GLIGEN runs at for an image of ``width`` x ``height``: its native
     size (``unet.config.sample_size * vae_scale_factor``) on the long side, the aspect ratio
     kept, sides multiples of 8."""
@@ -86,7 +91,9 @@ def grounded_beta(steps: int, beta: float = SCHEDULED_SAMPLING_BETA) -> float:
     return min(1.0, max(beta, 1.5 / max(steps, 1)))
 
 
-def legacy_callback(gligen_pipe: Any, callback: StepEnd | None) -> Callable | None:
+def legacy_callback(
+    gligen_pipe: StableDiffusionGLIGENPipeline, callback: StepEnd | None
+) -> Callable | None:
     """diffusers' old ``callback(step, timestep, latents)``, calling a step-end ``callback``.
 
     ``callback(gligen_pipe, step, timestep, {"latents": latents})`` is called once per step,
@@ -107,7 +114,7 @@ def legacy_callback(gligen_pipe: Any, callback: StepEnd | None) -> Callable | No
 
 
 def gligen_reference(
-    gligen_pipe: Any,
+    gligen_pipe: StableDiffusionGLIGENPipeline,
     layout: Layout,
     callback: StepEnd | None = None,
     generator: Any = None,

@@ -203,7 +203,7 @@ class ObjectImageAdapter:
 
 
 def images_unavailable(layout: Layout, pipe: RegionalSDXLPipeline) -> str | None:
-    """Why region images will not act for this Layout (None: they will, or there are none)."""
+    """Why object images will not act for this Layout (None: they will, or there are none)."""
     used = [i for i, r in enumerate(layout.regions) if r.image is not None and r.image_scale > 0]
     if used and pipe.object_image_adapter is None:
         return (
@@ -218,7 +218,7 @@ def images_unavailable(layout: Layout, pipe: RegionalSDXLPipeline) -> str | None
 def prepare_object_images(
     pipe: RegionalSDXLPipeline, layout: Layout, guided: bool
 ) -> tuple[dict[str, Any], ObjectImageState | None]:
-    """The pipeline arguments and object-image state for a Layout's region images.
+    """The pipeline arguments and object-image state for a Layout's object images.
 
     Returns ``({"ip_adapter_image_embeds": [...]}, state)``; with no IP-Adapter attached,
     ``({}, None)``. With one attached, every call needs image embeddings: a Layout without
@@ -267,7 +267,7 @@ def prepare_object_images(
 def apply_object_images(
     pipe: RegionalSDXLPipeline, layout: Layout, guided: bool
 ) -> Iterator[dict[str, Any]]:
-    """During a ``with`` block, the Layout's region images act through the IP-Adapter.
+    """During a ``with`` block, the Layout's object images act through the IP-Adapter.
 
     Yields the extra pipeline arguments (empty without an IP-Adapter).
     """

@@ -14,11 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError
 from engine.loading.locate import LoadOptions, default_model_spec, resolve_model
 from engine.wire.layout import Layout
+
+if TYPE_CHECKING:
+    from engine.pipeline import RegionalSDXLPipeline
 
 DEFAULTS_FILE = "layout_defaults.json"
 """File in a model's folder holding its recommended values."""
@@ -70,14 +73,14 @@ def read_model_defaults(folder: str | None) -> dict[str, float]:
     return values
 
 
-def pipeline_defaults(pipe: Any) -> dict[str, float]:
+def pipeline_defaults(pipe: RegionalSDXLPipeline) -> dict[str, float]:
     """The recommended values for the model ``pipe`` was loaded from (read once per pipeline)."""
     if pipe.model_defaults is None:
         pipe.model_defaults = read_model_defaults(pipe.name_or_path)
     return pipe.model_defaults
 
 
-def resolve_for(pipe: Any, layout: Layout) -> Layout:
+def resolve_for(pipe: RegionalSDXLPipeline, layout: Layout) -> Layout:
     """``layout`` with the fields it leaves to the model filled in for ``pipe``'s model."""
     return with_model_defaults(layout, pipeline_defaults(pipe))
 

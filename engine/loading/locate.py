@@ -76,7 +76,7 @@ class LoadOptions:
     ip_adapter: str | None = None
     """SDXL IP-Adapter: weights file, folder holding one, or cached repo id (h94/IP-Adapter)."""
     gligen: str | None = None
-    """GLIGEN text-box model making reference images: diffusers folder or cached repo id."""
+    """GLIGEN text-box model making layout references: diffusers folder or cached repo id."""
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def run_generation(
 
     def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
         nonlocal done
-        # Counted across passes: a first pass making the reference calls this too.
+        # Counted across passes: a first pass making the layout reference calls this too.
         done += 1
         if should_stop is not None and should_stop():
             raise CancelledError(f"cancelled after step {done}")

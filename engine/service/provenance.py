@@ -68,7 +68,7 @@ def provenance_record(
     """The JSON stored under ``layout-diffusion``.
 
     ``conditions`` records the optional models that acted (depth ControlNet, IP-Adapter) and
-    the reference guidance's source, with their settings; the Layout's own conditioning fields
+    the reference pull's source, with their settings; the Layout's own conditioning fields
     are in ``layout``.
     """
     return {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from engine.steering.latents import LatentHook, StepEnd, initial_noise, set_sche
 from engine.steering.object_strength import keeps_init, prepare_object_strength
 from engine.steering.reference_pull import layout_reference, prepare_reference_pull
 from engine.wire.layout import Layout
+
+if TYPE_CHECKING:
+    from engine.pipeline import RegionalSDXLPipeline
 
 # -- Composition --------------------------------------------------------------------------------
 
@@ -100,7 +103,7 @@ def start_latents(noise: torch.Tensor, scheduler: Any, hooks: Sequence[LatentHoo
 
 
 def prepare_step_hooks(
-    pipe: Any,
+    pipe: RegionalSDXLPipeline,
     layout: Layout,
     generator: Any,
     batch_size: int = 1,

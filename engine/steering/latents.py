@@ -16,12 +16,15 @@ the difference between the latents and a noised image measure content, not two n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from engine.wire.layout import Layout
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
 
 StepEnd = Callable[[Any, int, Any, dict], dict]
 """diffusers' ``callback_on_step_end(pipe, step, timestep, tensors) -> tensors to replace``."""
@@ -40,7 +43,7 @@ class LatentHook(Protocol):
 # -- Scheduler levels ---------------------------------------------------------------------------
 
 
-def set_schedule(pipe: Any, steps: int) -> None:
+def set_schedule(pipe: StableDiffusionXLPipeline, steps: int) -> None:
     """Give the scheduler the timesteps the pipeline call will set, so levels can be computed.
 
     Raises ValueError for schedulers that call back between the two halves of a step (Heun,
@@ -68,7 +71,9 @@ def noised(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, level: int)
     return scheduler.add_noise(clean, noise, timesteps[level : level + 1])
 
 
-def initial_noise(pipe: Any, layout: Layout, generator: Any, batch_size: int = 1) -> torch.Tensor:
+def initial_noise(
+    pipe: StableDiffusionXLPipeline, layout: Layout, generator: Any, batch_size: int = 1
+) -> torch.Tensor:
     """The noise the pipeline would draw for this call, drawn the same way from ``generator``.
 
     Passing it back as ``latents=`` gives the pipeline exactly the starting point it would have
@@ -91,7 +96,9 @@ def initial_noise(pipe: Any, layout: Layout, generator: Any, batch_size: int = 1
 
 
 @torch.no_grad()
-def encode_image(pipe: Any, image: Any, width: int, height: int) -> torch.Tensor:
+def encode_image(
+    pipe: StableDiffusionXLPipeline, image: Any, width: int, height: int
+) -> torch.Tensor:
     """Scaled VAE latents ``(1, C, height / f, width / f)`` of an image, resized to the size.
 
     The posterior's mode is used, not a sample, so the same image always gives the same

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from engine.regional.masks import blur, region_mask
 from engine.steering.latents import blend, encode_image, noised
 from engine.wire.layout import Layout
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
 
 FEATHER = 1.0
 """Standard deviation, in latent pixels, of the blur that feathers region masks."""
@@ -164,7 +167,7 @@ def composite_outside(image: Any, init: Any, alpha: np.ndarray):
 
 
 def prepare_object_strength(
-    pipe: Any, layout: Layout, init_image: Any, noise: torch.Tensor
+    pipe: StableDiffusionXLPipeline, layout: Layout, init_image: Any, noise: torch.Tensor
 ) -> tuple[ObjectStrength | None, Callable[[Any], Any] | None]:
     """The strength hook (None when nothing is kept) and the ``keep_outside`` composite
     (None when off) for ``layout`` starting from the PIL ``init_image``."""

@@ -1,6 +1,6 @@
 """The reference pull (as in LSReGen): the first steps' latents move toward a layout reference.
 
-A reference image already has the right low-frequency layout: the add-on's flat-colour render of
+A layout reference already has the right low-frequency layout: the add-on's flat-colour render of
 the proxies from the camera, a GLIGEN image of the regions' phrases in their boxes (when the
 engine has a GLIGEN model, :mod:`engine.conditions.gligen`), or an upsampled low-resolution first pass
 (:func:`reference_source` says which). During the first
@@ -24,7 +24,7 @@ larger step would overshoot the reference.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from engine.regional.masks import region_mask
 from engine.steering.latents import encode_image, noised
 from engine.wire.edits import FIRST_PASS_FACTOR, first_pass_layout
 from engine.wire.layout import Layout
+
+if TYPE_CHECKING:
+    from engine.pipeline import RegionalSDXLPipeline
 
 AREA_REF = 0.25
 """Regions covering at least this fraction of the image are pulled with scale 1."""
@@ -111,7 +114,7 @@ class ReferencePull:
 
 
 def prepare_reference_pull(
-    pipe: Any, layout: Layout, image: Any, noise: torch.Tensor
+    pipe: RegionalSDXLPipeline, layout: Layout, image: Any, noise: torch.Tensor
 ) -> ReferencePull:
     """Encode the reference ``image`` and weigh the regions for ``layout``'s settings.
 
@@ -129,7 +132,10 @@ def prepare_reference_pull(
 
 
 def first_pass_reference(
-    pipe: Any, layout: Layout, factor: float = FIRST_PASS_FACTOR, **call_kwargs: Any
+    pipe: RegionalSDXLPipeline,
+    layout: Layout,
+    factor: float = FIRST_PASS_FACTOR,
+    **call_kwargs: Any,
 ) -> Any:
     """Two-pass mode: generate ``layout`` small with regional attention and upsample it to
     the Layout's size, as the reference for the full-size pass (a PIL image).
@@ -146,7 +152,7 @@ def first_pass_reference(
     return image.resize((layout.width, layout.height), Image.Resampling.BICUBIC)
 
 
-def reference_source(pipe: Any, layout: Layout) -> str | None:
+def reference_source(pipe: RegionalSDXLPipeline, layout: Layout) -> str | None:
     """Where ``layout``'s layout reference comes from with ``pipe``; None when the pull is off.
 
     ``file``: the Layout's ``reference``; ``gligen``: the GLIGEN model attached to ``pipe``
@@ -162,7 +168,7 @@ def reference_source(pipe: Any, layout: Layout) -> str | None:
     return "first_pass"
 
 
-def layout_reference(pipe: Any, layout: Layout, **first_pass_kwargs: Any) -> Any:
+def layout_reference(pipe: RegionalSDXLPipeline, layout: Layout, **first_pass_kwargs: Any) -> Any:
     """The layout reference to pull ``layout`` toward (PIL), or None when the pull is off.
 
     Made as :func:`reference_source` says. ``first_pass_kwargs`` go to the first pass's call;

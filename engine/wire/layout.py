@@ -39,7 +39,7 @@ REGION_IMAGE_FIELDS = ("mask", "image")
 """Region fields holding image paths."""
 
 MODES = ("attention", "latent")
-"""Regional guidance modes this schema knows. ``attention`` masks cross-attention per region
+"""Regional prompting modes this schema knows. ``attention`` masks cross-attention per region
 (about the cost of a plain image); ``latent`` denoises each distinct prompt with its own UNet
 call and blends the predictions by feathered masks: about ``(R + 3) / 2`` times the cost for
 ``R`` distinct region prompts (``(R + 2) / 2`` with ``base_ratio`` 0), less where small
@@ -111,7 +111,7 @@ class Layout:
     ``reference_scale`` above 0: the engine makes one first, with GLIGEN when it has a GLIGEN
     model, else with a low-resolution regional pass."""
     reference_scale: float = 0.0
-    """Strength of the pull toward ``reference`` (gamma); 0 turns reference guidance off. Each
+    """Strength of the pull toward ``reference`` (gamma); 0 turns the reference pull off. Each
     guided step moves a region's latents ``2 * gamma`` of the way to the reference's (more for
     small regions, never past it): 0.25 goes halfway, 0.5 all the way."""
     reference_fraction: float | None = None
@@ -168,10 +168,6 @@ class Layout:
         for region in data["regions"]:
             region["box"] = list(region["box"])
         return data
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """The Layout as JSON text."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the Layout as JSON, mask paths made relative to the file's folder where possible.

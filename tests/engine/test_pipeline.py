@@ -255,7 +255,7 @@ def test_several_images_per_layout(pipe):
     assert np.abs(out.images[0] - out.images[1]).max() > 1e-3
 
 
-# -- Step hooks (reference guidance, per-region strength) run inside the Layout call ------------
+# -- Step hooks (reference pull, per-object strength) run inside the Layout call ---------------
 
 
 def _flat_png(path, colour, size=(96, 64)) -> str:

@@ -238,7 +238,7 @@ def test_missing_ip_adapter_says_how_to_get_one(tmp_path):
 def test_depth_and_images_act_in_a_first_pass_and_in_both_modes(
     mode, tiny_model_dir, tiny_controlnet_dir, tiny_ip_adapter_dir, condition_images
 ):
-    """A Layout asking for reference guidance runs a low-resolution first pass inside its call;
+    """A Layout asking for a reference pull runs a low-resolution first pass inside its call;
     that pass gets its own depth and reference images, and nothing is left behind."""
     options = LoadOptions(
         device="cpu", controlnet=tiny_controlnet_dir, ip_adapter=tiny_ip_adapter_dir

@@ -210,17 +210,17 @@ def test_a_kept_region_holds_the_noised_init_at_every_level(pipe, previous):
         return {}
 
     hooks, final = run(pipe, lay, record=record)
-    (collage,) = hooks.hooks
-    kept = (collage.free[0] == 0).expand(1, 4, LATENT, LATENT)
+    (strength,) = hooks.hooks
+    kept = (strength.free[0] == 0).expand(1, 4, LATENT, LATENT)
     # Feathering leaves the quarter's inner part (1 latent pixel blur, 2 pixel reach) exact.
     assert kept[0, 0, :14, :14].all() and not kept[0, 0, 18:, :].any()
     sigmas = pipe.scheduler.sigmas
     for level in (1, 2):
-        expected = collage.init + sigmas[level] * collage.noise  # Euler: x0 + sigma * noise
+        expected = strength.init + sigmas[level] * strength.noise  # Euler: x0 + sigma * noise
         torch.testing.assert_close(seen[level][kept], expected[kept])
-    expected = collage.init + sigmas[3] * collage.noise
+    expected = strength.init + sigmas[3] * strength.noise
     assert not torch.allclose(seen[3][kept], expected[kept], atol=1e-3)
-    assert not torch.allclose(final[kept], collage.init.expand_as(final)[kept], atol=1e-3)
+    assert not torch.allclose(final[kept], strength.init.expand_as(final)[kept], atol=1e-3)
 
 
 def test_regenerating_one_object_keeps_every_other_pixel_exactly(pipe, previous):
@@ -269,11 +269,11 @@ def test_kept_background_is_exact_with_other_schedulers(pipe, previous, schedule
         regions=[Region("a red car", (0.0, 0.0, 0.5, 0.5), strength=1.0)],
     )
     hooks, latents = run(other, lay)
-    (collage,) = hooks.hooks
-    kept = (collage.free[-1] == 0).expand_as(latents)
+    (strength,) = hooks.hooks
+    kept = (strength.free[-1] == 0).expand_as(latents)
     assert kept.float().mean() > 0.6
-    assert torch.equal(latents[kept], collage.init.expand_as(latents)[kept])
-    assert not torch.allclose(latents[~kept], collage.init.expand_as(latents)[~kept], atol=1e-2)
+    assert torch.equal(latents[kept], strength.init.expand_as(latents)[kept])
+    assert not torch.allclose(latents[~kept], strength.init.expand_as(latents)[~kept], atol=1e-2)
 
 
 def test_the_pipeline_applies_the_layouts_strengths_itself(pipe, previous):
