@@ -7,7 +7,8 @@ scoring) can be exercised and measured on a CPU with a model that ships inside t
 
 - ``world``: seeded scenes, captions and boxes;
 - ``model``: the word-level tokenizer and the configs of the pipeline's parts;
-- ``train``: ``python -m engine.shapes.train --minutes 60 [--resume]`` trains and exports it;
 - ``detect``: colour-segmentation scoring of an image against its layout
   (used by ``benchmarks/layout_fidelity.py``).
+
+The model is trained by ``python -m training.train_shapes`` (outside the installed package).
 """

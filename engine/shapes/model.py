@@ -31,7 +31,7 @@ LAYOUT_DEFAULTS = {
         "places more objects than over 0.1 (see README, Measured)"
     ),
 }
-"""The shapes model's ``layout_defaults.json`` (see ``engine.model_defaults``), written with
+"""The shapes model's ``layout_defaults.json`` (see ``engine.loading.defaults``), written with
 every export."""
 
 

@@ -65,7 +65,7 @@ def test_components_have_the_sdxl_layout_with_cross_attention_at_every_level():
 
 
 def _tiny_trainer(tmp_path, name, *extra):
-    from engine.shapes.train import Trainer, parse_args
+    from training.train_shapes import Trainer, parse_args
 
     args = parse_args(
         [
@@ -134,7 +134,7 @@ def test_training_state_round_trip_resumes_identically_and_exports_a_loadable_pi
 
 
 def test_a_run_stops_at_the_step_it_is_given(tmp_path):
-    from engine.shapes.train import main
+    from training.train_shapes import main
 
     common = ["--batch", "2", "--vae-batch", "2", "--vae-steps", "1", "--threads", "1"]
     folders = ["--state", str(tmp_path / "state"), "--out", str(tmp_path / "model")]
@@ -243,7 +243,7 @@ def test_training_layouts_cover_every_scene_prompt_form_and_visible_masks(tmp_pa
 
 
 def test_biased_cross_attention_keeps_pixels_deaf_to_forbidden_blocks():
-    from engine.shapes.train import BiasedCrossAttention
+    from training.train_shapes import BiasedCrossAttention
 
     torch.manual_seed(0)
     unet = shapes_model.build_unet()

@@ -1,23 +1,31 @@
 """Train the shapes model on synthetic scenes and export it as a diffusers folder.
 
-    python -m engine.shapes.train --minutes 90 [--resume] [--until-step N]
+    python -m training.train_shapes --minutes 90 [--resume] [--until-step N]
 
-``--until-step N`` stops at a step count rather than at the machine's speed, so a run is
-defined by its seed and step (the shipped model's ``training.json`` says its step). Resuming
-restores every RNG, the optimizer and the EMA, so a chain of resumed runs sees the same data
-and noise as one uninterrupted run.
+Training lives outside the engine package: it is never installed, and its resumable state
+(``training/shapes-state``) never ships. ``--until-step N`` stops at a step count rather than at
+the machine's speed, so a run is defined by its seed and step (the shipped model's
+``training.json`` says its step). Resuming restores every RNG and the EMA; with
+``--full-state`` also fp32 weights and the optimizer, so a chain of resumed runs sees the same
+data and noise as one uninterrupted run. The default, compact state keeps fp16 weights and no
+Adam moments (about a quarter of the size): a resumed run re-estimates them during a fresh
+learning-rate warm-up.
 
 Two phases: the VAE alone (short), then the VAE frozen and the UNet trained jointly with both
 text encoders (v-prediction, min-SNR weighting, EMA, caption dropout to zero embeddings, which
-is what the SDXL pipeline feeds for an empty negative prompt). A share of the UNet batches
-(``--regional-fraction``) is trained the way regional guidance runs at inference: every
-object's phrase, the background prompt and the full caption are separate token blocks, and
-each pixel's cross-attention is biased toward its blocks by the engine's own region plan
-(``engine.regions.plan_regions``), so the model learns to draw a phrase where it is allowed
-to be heard and nothing where only the background prompt is. Every ``--checkpoint-minutes`` the
-run writes a resumable state (fp32 weights, EMA, optimizer, step and RNG states as safetensors
-plus a JSON file; no pickle) and exports the EMA weights as an fp16 pipeline folder, written
-aside and swapped in so a reader never sees half a model.
+is what the SDXL pipeline feeds for an empty negative prompt). Scenes hold up to four objects,
+some overlapping in a depth order, and a share of the batches (``--crowd-fraction``) are
+crowded scenes of 5 to 16 small objects on a larger canvas. A share of the UNet batches
+(``--regional-fraction``) is trained the way regional guidance runs at inference: each scene
+becomes a Layout written the way users write one (a scene prompt naming all, some or none of
+the objects, "a plain background" or nothing; boxes or occlusion-aware visible masks; base
+ratio 0 or 0.1-0.3), the engine's own region plan (``engine.regional.plan.plan_regions``)
+biases each pixel's cross-attention toward its blocks, and the pooled embedding is the scene
+prompt's, as at inference. So the model learns to draw a phrase where it is allowed to be heard
+and nothing where only the background prompt is, whatever the scene prompt says. Every
+``--checkpoint-minutes`` the run writes the state (safetensors plus a JSON file; no pickle) and
+exports the EMA weights as an fp16 pipeline folder, written aside and swapped in so a reader
+never sees half a model.
 """
 
 from __future__ import annotations
@@ -48,9 +56,9 @@ from engine.shapes.world import (
 )
 from engine.wire.layout import Layout, Region
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "engine", "models", "shapes")
-DEFAULT_STATE = os.path.join(REPO, "engine", "models", "shapes-train")
+DEFAULT_STATE = os.path.join(REPO, "training", "shapes-state")
 TRAINED = ("unet", "text_encoder", "text_encoder_2")
 
 
