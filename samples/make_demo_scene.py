@@ -1,63 +1,55 @@
-"""Build ``samples/demo.blend``: three labeled proxies for the bundled shapes model.
+"""Build ``samples/demo.blend``: eight labeled proxies for the bundled shapes model.
 
-    .venv/bin/python samples/make_demo_scene.py [--out samples/demo.blend] [--size 128]
+    .venv/bin/python samples/make_demo_scene.py [--out samples/demo.blend] [--size 256]
 
-A front orthographic camera sees a sphere ("a red circle"), a cube ("a blue square") and a cone
-("a yellow triangle"); the sphere slides right over frames 1-12 so the scene doubles as an
-animation example. Everything is set from code, so the file is the same on every run. Render it
-with the batch command (``python -m blender_addon.render samples/demo.blend --out DIR``) or open
-it in Blender with the add-on enabled and press F12.
+A front orthographic camera sees spheres ("a red circle"), cubes ("a blue square") and cones
+("a yellow triangle") in three rows; in the middle row a green sphere stands in front of a
+purple cube and hides part of it, so the occlusion-aware masks matter. The scene prompt names
+no object, as an artist's would not ("a plain background"). The red sphere slides right over
+frames 1-12 so the scene doubles as an animation example. Everything is set from code, so the
+file is the same on every run. Render it with the batch command
+(``python -m blender_addon.render samples/demo.blend --out DIR``) or open it in Blender with the
+add-on enabled and press F12.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES_MODEL = os.path.join(ROOT, "engine", "models", "shapes")
-DEFAULT_SIZE = 64
-"""The shapes model's training size (``engine.shapes.model.IMAGE_SIZE``), used until it is exported."""
+SIZE = 256
+"""Render size: four times the shapes model's training size, a canvas of eight objects."""
 
-PROMPT = "a red circle, a blue square and a yellow triangle"
+PROMPT = "a plain background"
+RED, BLUE, YELLOW = (0.86, 0.16, 0.16, 1.0), (0.16, 0.31, 0.86, 1.0), (0.92, 0.82, 0.16, 1.0)
+GREEN, PURPLE = (0.16, 0.67, 0.24, 1.0), (0.55, 0.24, 0.71, 1.0)
 PROXIES = (
-    # name, primitive, prompt, location (x, z), size, viewport colour
-    ("Circle", "sphere", "a red circle", (-1.7, 0.8), 0.9, (0.86, 0.16, 0.16, 1.0)),
-    ("Square", "cube", "a blue square", (1.5, 0.9), 1.6, (0.16, 0.31, 0.86, 1.0)),
-    ("Triangle", "cone", "a yellow triangle", (0.0, -1.2), 0.95, (0.92, 0.82, 0.16, 1.0)),
+    # name, primitive, prompt, location (x, y, z), size, viewport colour; smaller y is nearer
+    ("Circle", "sphere", "a red circle", (-2.0, 0.0, 1.7), 0.45, RED),
+    ("Square", "cube", "a blue square", (0.0, 0.0, 1.7), 0.85, BLUE),
+    ("Triangle", "cone", "a yellow triangle", (2.0, 0.0, 1.7), 0.45, YELLOW),
+    ("Purple Triangle", "cone", "a purple triangle", (-2.0, 0.0, 0.0), 0.45, PURPLE),
+    ("Back Square", "cube", "a purple square", (0.25, 1.0, 0.1), 0.95, PURPLE),
+    ("Front Circle", "sphere", "a green circle", (-0.3, -1.0, -0.25), 0.45, GREEN),
+    ("Blue Triangle", "cone", "a blue triangle", (-1.2, 0.0, -1.8), 0.45, BLUE),
+    ("Red Square", "cube", "a red square", (1.6, 0.0, -1.7), 0.85, RED),
 )
-CIRCLE_PATH = ((1, -1.7), (12, -0.9))
+CIRCLE_PATH = ((1, -2.0), (12, -1.3))
 """The sphere's x position keyed at the first and last frame (linear)."""
 
 
-def trained_size(model_dir: str = SHAPES_MODEL) -> int:
-    """The image side the shapes model was trained at (UNet sample size x VAE factor).
-
-    Falls back to ``DEFAULT_SIZE`` while the model is not exported yet.
-    """
-    try:
-        with open(os.path.join(model_dir, "unet", "config.json"), encoding="utf-8") as handle:
-            sample_size = int(json.load(handle)["sample_size"])
-        with open(os.path.join(model_dir, "vae", "config.json"), encoding="utf-8") as handle:
-            factor = 2 ** (len(json.load(handle)["block_out_channels"]) - 1)
-    except (OSError, KeyError, TypeError, ValueError):
-        return DEFAULT_SIZE
-    return sample_size * factor
-
-
-def _add_proxy(bpy, name: str, primitive: str, size: float, location: tuple[float, float]):
-    x, z = location
+def _add_proxy(bpy, name: str, primitive: str, size: float, location: tuple[float, ...]):
     if primitive == "sphere":
-        bpy.ops.mesh.primitive_uv_sphere_add(radius=size, location=(x, 0.0, z), segments=48)
+        bpy.ops.mesh.primitive_uv_sphere_add(radius=size, location=location, segments=48)
     elif primitive == "cube":
-        bpy.ops.mesh.primitive_cube_add(size=size, location=(x, 0.0, z))
+        bpy.ops.mesh.primitive_cube_add(size=size, location=location)
     else:
         # Upright cone: seen from the front it is a triangle with its tip up.
         bpy.ops.mesh.primitive_cone_add(
-            radius1=size, depth=2 * size, location=(x, 0.0, z), vertices=48
+            radius1=size, depth=2 * size, location=location, vertices=48
         )
     obj = bpy.context.object
     obj.name = obj.data.name = name
@@ -131,18 +123,13 @@ def build(size: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "samples", "demo.blend"))
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help=f"render size (default: the shapes model's training size, else {DEFAULT_SIZE})",
-    )
+    parser.add_argument("--size", type=int, default=SIZE, help="render size in pixels")
     args = parser.parse_args(argv)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     import bpy
 
-    build(args.size or trained_size())
+    build(args.size)
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     bpy.context.preferences.filepaths.save_version = 0  # no demo.blend1 backup next to it
