@@ -35,7 +35,7 @@ import dataclasses  # noqa: E402
 from engine.conditions.object_images import (
     ObjectImageContext,
     ObjectImageState,
-    install_masked_ip_adapter,
+    masked_ip_adapter,
 )
 from engine.regional.attention import (  # noqa: E402
     CROSS_ATTENTION_SUFFIX,
@@ -172,7 +172,7 @@ def meta_ip_adapter_unet() -> tuple[UNet2DConditionModel, RegionalContext, Objec
     """:func:`meta_sdxl_unet` with an SDXL IP-Adapter loaded as the engine loads one.
 
     diffusers' IP-Adapter processors and image projection are put where ``load_ip_adapter``
-    puts them, then ``install_masked_ip_adapter`` makes them regional and masked.
+    puts them, then made regional and masked as a Layout call makes them (``masked_ip_adapter``).
     """
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
@@ -189,8 +189,10 @@ def meta_ip_adapter_unet() -> tuple[UNet2DConditionModel, RegionalContext, Objec
         projection = ImageProjection(IP_ADAPTER_EMBED, 2048, IP_ADAPTER_TOKENS)
         unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
     unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
-    unet.set_attn_processor(processors)
-    return unet, context, install_masked_ip_adapter(unet, context)
+    images = ObjectImageContext()
+    convert = masked_ip_adapter(context, images)
+    unet.set_attn_processor({name: convert(p) or p for name, p in processors.items()})
+    return unet, context, images
 
 
 def ip_adapter_rows() -> list[tuple[str, float, float]]:

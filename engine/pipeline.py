@@ -28,19 +28,56 @@ Extension points, for conditions that act on every UNet call:
   output projection); attention mode's text part then stays regional. Latent mode
   runs every block uncropped when the call carries IP-Adapter images, so masks on the latent
   grid stay valid.
+
+A drop-in for diffusers. The call's signature is ``StableDiffusionXLPipeline.__call__``'s plus
+``layout``. Regional processors sit on the UNet (and the depth ControlNet) only while a Layout
+call runs (``engine.regional.processors``); at all other times the models hold exactly the
+processors diffusers or the caller put there, so ``set_default_attn_processor``, attention
+slicing, QKV fusion, LoRA, IP-Adapter scale and unloading, ``from_pipe`` and saving behave as
+on the stock pipeline. The depth ControlNet is the registered, optional component
+``depth_controlnet``; GLIGEN follows ``to()`` and CPU offload. A saved folder names
+``StableDiffusionXLPipeline``, so ``DiffusionPipeline.from_pretrained`` loads it as stock SDXL,
+and ``AutoPipelineForText2Image`` / ``AutoPipelineForImage2Image.from_pipe`` give the stock SDXL
+pipelines sharing this one's components.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: diffusers reads the component types of
+# ``__init__`` at run time (``from_pipe``), and older versions cannot resolve string annotations.
 
+import contextlib
+import inspect
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionGLIGENPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionGLIGENPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from engine.conditions.apply import layout_conditions
-from engine.conditions.object_images import ObjectImageAdapter
+from engine.conditions.object_images import (
+    ObjectImageAdapter,
+    ObjectImageContext,
+    masked_ip_adapter,
+)
 from engine.loading.locate import ComponentLocation
-from engine.regional.attention import RegionalContext, install_regional_attention
+from engine.regional.attention import RegionalContext
 from engine.regional.latent import (
     DEFAULT_CROPS,
     CropPolicy,
@@ -48,6 +85,7 @@ from engine.regional.latent import (
     plan_latent_regions,
 )
 from engine.regional.plan import RegionalState, plan_regions
+from engine.regional.processors import regional_processors
 from engine.steering.hooks import StepHooks, prepare_step_hooks
 from engine.wire.layout import Layout, LayoutError
 
@@ -74,21 +112,26 @@ _LAYOUT_OWNED = (
 )
 
 
+# Optional components of this pipeline that stock SDXL does not have.
+_OWN_COMPONENTS = ("depth_controlnet",)
+
+
 class RegionalSDXLPipeline(StableDiffusionXLPipeline):
     """SDXL text-to-image; ``pipe(layout=...)`` generates a Layout with regional prompts.
 
-    Loading is inherited (``from_pretrained``, ``from_single_file``). The regional processors
-    are installed on the first Layout call and stay; with no Layout active they compute exactly
-    what diffusers' ``AttnProcessor2_0`` does.
+    Loading is inherited (``from_pretrained``, ``from_single_file``, ``from_pipe``). Regional
+    processors are on the UNet only while a Layout call runs; between calls the pipeline is
+    diffusers' own in every respect (see the module docstring).
     """
+
+    _optional_components = [*StableDiffusionXLPipeline._optional_components, *_OWN_COMPONENTS]
 
     latent_crops: CropPolicy | None = DEFAULT_CROPS
     """When latent mode runs small regions on crops of the latents; None: never."""
 
     # Attached by engine.loading.assemble; None while not configured.
-    depth_controlnet: ControlNetModel | None = None
-    """The depth ControlNet (``engine.conditions.depth``)."""
     depth_controlnet_location: ComponentLocation | None = None
+    """Where the depth ControlNet (the component ``depth_controlnet``) was loaded from."""
     object_image_adapter: ObjectImageAdapter | None = None
     """The IP-Adapter applying object images (``engine.conditions.object_images``)."""
     gligen_pipeline: StableDiffusionGLIGENPipeline | None = None
@@ -100,40 +143,156 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
     conditioned_layouts: tuple[Layout, ...] = ()
     """The Layouts whose conditions are applied now (``engine.conditions.apply``)."""
     _layout_context: RegionalContext | None = None
+    _object_image_context: ObjectImageContext | None = None
 
-    def __call__(self, *args: Any, layout: Layout | None = None, **kwargs: Any):
-        """Generate. Without ``layout``: the stock SDXL call, same arguments, same output.
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        feature_extractor: CLIPImageProcessor = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        depth_controlnet: ControlNetModel = None,
+    ):
+        """SDXL's components, plus an optional depth ControlNet (``engine.conditions.depth``)
+        that Layouts with a ``depth`` map use."""
+        super().__init__(
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self.register_modules(depth_controlnet=depth_controlnet)
 
-        With ``layout``: every setting in it is used and must not be passed again; ``generator``
-        (default: a CPU generator seeded with ``layout.seed``), ``latents``, ``output_type``,
-        ``callback_on_step_end`` and the other diffusers arguments still apply. The Layout's
-        reference pull and per-object strengths run as step-end hooks before
-        ``callback_on_step_end`` (which also sees the steps of a first pass making a layout
-        reference); ``keep_outside`` needs ``output_type='pil'``. Fields the Layout leaves to
-        the model (null) take the model's recommended values (``engine.loading.defaults``).
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        # diffusers' own default; never mutated here.
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
+        *,
+        layout: Layout | None = None,
+        **kwargs: Any,
+    ):
+        """Generate: diffusers' SDXL text-to-image call, or an image from a Layout.
+
+        Args:
+            layout (`Layout`, *optional*):
+                Without it the call is ``StableDiffusionXLPipeline.__call__``: the same
+                arguments (positional ones too) and the same output, bit for bit. With it, the
+                Layout gives the prompts, negative prompt, size, steps, guidance scale and seed,
+                and steers each region's prompt into its mask (``layout.mode``). The arguments
+                it owns (``prompt``, ``prompt_2``, ``negative_prompt``, ``negative_prompt_2``,
+                the four ``*prompt_embeds``, ``height``, ``width``, ``num_inference_steps``,
+                ``guidance_scale``) must then stay at their defaults. ``generator`` (default: a
+                CPU generator seeded with ``layout.seed``), ``latents``, ``output_type``,
+                ``callback_on_step_end`` and the other arguments still apply. The Layout's
+                reference pull and per-object strengths run as step-end hooks before
+                ``callback_on_step_end`` (which also sees the steps of a first pass making a
+                layout reference); ``keep_outside`` needs ``output_type='pil'``. Fields the
+                Layout leaves to the model (null) take the model's recommended values
+                (``engine.loading.defaults``). An IP-Adapter applies the regions' ``image``
+                inside their masks; ``ip_adapter_image`` works with a Layout without object
+                images, ``cross_attention_kwargs["ip_adapter_masks"]`` does not combine with a
+                Layout (the regions' ``image`` replaces it).
+
+        Every other argument is ``StableDiffusionXLPipeline.__call__``'s, documented below.
         """
+        arguments = {name: value for name, value in locals().items() if name in _CALL_DEFAULTS}
         if layout is None:
-            return super().__call__(*args, **kwargs)
-        if args:
-            raise TypeError("with layout=, pass the other pipeline arguments by keyword")
-        clashing = sorted(set(kwargs) & set(_LAYOUT_OWNED))
+            return super().__call__(**arguments, **kwargs)
+        return self._call_layout(layout, arguments, kwargs)
+
+    if StableDiffusionXLPipeline.__call__.__doc__:
+        __call__.__doc__ += StableDiffusionXLPipeline.__call__.__doc__
+
+    def _call_layout(self, layout: Layout, arguments: dict[str, Any], extra: dict[str, Any]):
+        """``pipe(layout=...)``: ``arguments`` are the named call arguments, ``extra`` the rest."""
+        clashing = [name for name in _LAYOUT_OWNED if _given(name, arguments[name])]
         if clashing:
             raise TypeError(
-                f"{clashing} come from the Layout when layout= is given; set them in the Layout"
+                f"{clashing} come from the Layout when layout= is given; set them in the Layout "
+                "(or call without layout=)"
             )
         if layout.mode not in _MODES:
             raise LayoutError(
                 f"mode {layout.mode!r} is not supported by this engine; use one of {list(_MODES)}",
                 "mode",
             )
+        kwargs = {k: v for k, v in arguments.items() if k not in _LAYOUT_OWNED}
+        kwargs.update(extra)
+        if (kwargs.get("cross_attention_kwargs") or {}).get("ip_adapter_masks") is not None:
+            raise ValueError(
+                "cross_attention_kwargs['ip_adapter_masks'] does not combine with layout=: give "
+                "each region of the Layout its 'image' (applied inside that region's mask, "
+                "scaled by its 'image_scale'), or call without layout="
+            )
         if kwargs.get("generator") is None:
             kwargs["generator"] = torch.Generator("cpu").manual_seed(layout.seed)
-        hooks = self._step_hooks(layout, kwargs)
-        # Depth ControlNet and object images, when attached (a no-op inside a caller's own
-        # layout_conditions for the same Layout).
-        with layout_conditions(self, layout) as extra:
-            output = self._generate(layout, {**kwargs, **extra})
+        own_images = any(kwargs.get(k) is not None for k in _IMAGE_ARGUMENTS)
+        with self._layout_processors():
+            hooks = self._step_hooks(layout, kwargs)
+            # Depth ControlNet and object images, when attached (a no-op inside a caller's own
+            # layout_conditions for the same Layout).
+            with layout_conditions(self, layout, own_images) as conditions:
+                output = self._generate(layout, {**kwargs, **conditions})
         return hooks.finish_output(output)
+
+    @contextlib.contextmanager
+    def _layout_processors(self) -> Iterator[None]:
+        """Regional processors on the UNet for one Layout call (diffusers' IP-Adapter ones
+        stand aside for masked regional ones); the UNet's own processors come back after it."""
+        context = self.regional_context()
+        convert = masked_ip_adapter(context, self.object_image_context())
+        with regional_processors(self.unet, context, convert):
+            yield
 
     def _step_hooks(self, layout: Layout, kwargs: dict[str, Any]) -> StepHooks:
         """Prepare the Layout's reference pull and per-object strength and put their
@@ -211,11 +370,70 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
             return super().__call__(**settings, **kwargs)
 
     def regional_context(self) -> RegionalContext:
-        """The context the UNet's regional processors read, installing them if needed."""
+        """The context the regional processors of this pipeline's Layout calls read."""
         if self._layout_context is None:
             self._layout_context = RegionalContext()
-        install_regional_attention(self.unet, self._layout_context)
         return self._layout_context
+
+    def object_image_context(self) -> ObjectImageContext:
+        """The context the masked IP-Adapter processors of this pipeline's Layout calls read."""
+        if self._object_image_context is None:
+            self._object_image_context = ObjectImageContext()
+        return self._object_image_context
+
+    # -- diffusers' pipeline methods that must know the attachments -------------------------------
+
+    def unload_ip_adapter(self) -> None:
+        """diffusers' ``unload_ip_adapter``; the engine's record of the adapter goes with it."""
+        super().unload_ip_adapter()
+        self.object_image_adapter = None
+
+    def to(self, *args: Any, **kwargs: Any):
+        """diffusers' ``to``; the attached GLIGEN pipeline moves and converts with it (the
+        depth ControlNet and the image encoder are components and move anyway)."""
+        super().to(*args, **kwargs)
+        if self.gligen_pipeline is not None:
+            self.gligen_pipeline.to(*args, **kwargs)
+        return self
+
+    def enable_model_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """diffusers' model offload, for the attached GLIGEN pipeline too. The depth ControlNet
+        is offloaded like diffusers' ControlNet pipelines do theirs: on the accelerator while a
+        call runs, back on the CPU after it."""
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        if self.gligen_pipeline is not None:
+            self.gligen_pipeline.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_sequential_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """diffusers' sequential offload, for the attached GLIGEN pipeline too."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if self.gligen_pipeline is not None:
+            self.gligen_pipeline.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def remove_all_hooks(self) -> None:
+        """diffusers' ``remove_all_hooks``, for the attached GLIGEN pipeline too."""
+        super().remove_all_hooks()
+        if self.gligen_pipeline is not None:
+            self.gligen_pipeline.remove_all_hooks()
+
+    def to_json_string(self) -> str:
+        """The pipeline's ``model_index.json``, naming ``StableDiffusionXLPipeline``.
+
+        A saved folder then loads with ``DiffusionPipeline.from_pretrained`` (and the
+        AutoPipelines) as stock SDXL; ``RegionalSDXLPipeline.from_pretrained`` loads it as this
+        pipeline, the depth ControlNet included. Components of ours that are not set are left
+        out, so stock SDXL finds nothing it does not know.
+        """
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = StableDiffusionXLPipeline.__name__
+        for name in _OWN_COMPONENTS:
+            if config.get(name, [None, None]) == [None, None]:
+                config.pop(name, None)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @torch.no_grad()
     def _encode_layout_prompts(
@@ -276,3 +494,44 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
             lora_scale=(kwargs.get("cross_attention_kwargs") or {}).get("scale"),
         )
         return neg, neg_pooled
+
+
+# -- The call's arguments -------------------------------------------------------------------------
+
+_CALL_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(RegionalSDXLPipeline.__call__).parameters.items()
+    if name != "self" and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+}
+"""diffusers' named call arguments (``layout`` and the catch-all ``kwargs`` aside), with their
+defaults."""
+
+
+def _given(name: str, value: Any) -> bool:
+    """Whether the call argument ``name`` was given a value other than its default."""
+    default = _CALL_DEFAULTS[name]
+    if value is default:
+        return False
+    if value is None or default is None or torch.is_tensor(value):
+        return True
+    return value != default
+
+
+# -- AutoPipelines ------------------------------------------------------------------------------
+
+
+def _register_with_auto_pipelines() -> None:
+    """Let ``AutoPipelineFor*.from_pipe`` treat this pipeline as SDXL.
+
+    The AutoPipelines find a pipeline's family by its class name in their task tables; a table
+    of its own, appended once, maps this class to ``stable-diffusion-xl`` and leaves every
+    existing lookup as it was.
+    """
+    from diffusers.pipelines import auto_pipeline
+
+    tables = auto_pipeline.SUPPORTED_TASKS_MAPPINGS
+    if not any(RegionalSDXLPipeline in table.values() for table in tables):
+        tables.append(OrderedDict([("stable-diffusion-xl", RegionalSDXLPipeline)]))
+
+
+_register_with_auto_pipelines()

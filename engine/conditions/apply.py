@@ -14,7 +14,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine.conditions.depth import depth_control
-from engine.conditions.object_images import apply_object_images, images_unavailable
+from engine.conditions.object_images import (
+    apply_object_images,
+    images_unavailable,
+    ip_adapter_loaded,
+)
 from engine.wire.layout import Layout, LayoutError
 
 if TYPE_CHECKING:
@@ -38,17 +42,20 @@ def check_conditions(layout: Layout, ip_adapter: str | None) -> None:
 
 
 @contextlib.contextmanager
-def layout_conditions(pipe: RegionalSDXLPipeline, layout: Layout) -> Iterator[dict[str, Any]]:
+def layout_conditions(
+    pipe: RegionalSDXLPipeline, layout: Layout, own_images: bool = False
+) -> Iterator[dict[str, Any]]:
     """Depth ControlNet and per-object images for one ``pipe(layout=...)`` call.
 
-    Yields the extra keyword arguments the call needs (image embeddings for the IP-Adapter).
+    Yields the extra keyword arguments the call needs (image embeddings for the IP-Adapter;
+    none when the call brings its own, ``own_images``).
     Without a ControlNet or an IP-Adapter on ``pipe`` this does nothing at all.
     ``RegionalSDXLPipeline`` runs every Layout call inside this; wrapping a call in it again
     for the same Layout changes nothing (the inner one yields no arguments and adds no hook),
     so residuals are never added twice.
     """
     active = pipe.conditioned_layouts
-    attached = pipe.depth_controlnet is not None or pipe.object_image_adapter is not None
+    attached = pipe.depth_controlnet is not None or ip_adapter_loaded(pipe)
     if not attached or any(a is layout for a in active):
         reason = images_unavailable(layout, pipe)
         if reason:
@@ -60,7 +67,10 @@ def layout_conditions(pipe: RegionalSDXLPipeline, layout: Layout) -> Iterator[di
     guided = layout.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
     pipe.conditioned_layouts = (*active, layout)
     try:
-        with depth_control(pipe, layout), apply_object_images(pipe, layout, guided) as extra:
+        with (
+            depth_control(pipe, layout),
+            apply_object_images(pipe, layout, guided, own_images) as extra,
+        ):
             yield extra
     finally:
         pipe.conditioned_layouts = active

@@ -15,7 +15,9 @@ per layer: 1 keeps the object's shape close to its proxy, 0 leaves it free. The 
 (:func:`residual_multipliers`) and multiplies the residuals there.
 
 The ControlNet's cross-attention sees the regional prompt blocks through the same regional
-processors as the UNet, so each region's prompt conditions the ControlNet inside its mask too.
+processors as the UNet (installed for the call only), so each region's prompt conditions the
+ControlNet inside its mask too. The ControlNet is the pipeline's registered component
+``depth_controlnet``: ``pipe.to()``, CPU offload and ``save_pretrained`` include it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.images import grayscale
-from engine.regional.attention import install_regional_attention
 from engine.regional.masks import region_mask
+from engine.regional.processors import regional_processors
 from engine.wire.layout import Layout, LayoutError
 
 if TYPE_CHECKING:
@@ -228,8 +230,6 @@ def depth_control(pipe: RegionalSDXLPipeline, layout: Layout) -> Iterator[DepthC
         return
     scale = pipe.vae_scale_factor
     latent_size = (layout.height // scale, layout.width // scale)
-    # The ControlNet reads the regional prompt blocks like the UNet does.
-    install_regional_attention(controlnet, pipe.regional_context())
     hook = DepthControl(
         controlnet,
         load_depth(layout.depth, (layout.height, layout.width)),
@@ -240,8 +240,10 @@ def depth_control(pipe: RegionalSDXLPipeline, layout: Layout) -> Iterator[DepthC
         scheduler=pipe.scheduler,
         latent_size=latent_size,
     )
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield hook
-    finally:
-        handle.remove()
+    # The ControlNet reads the regional prompt blocks like the UNet does, during this call only.
+    with regional_processors(controlnet, pipe.regional_context()):
+        handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield hook
+        finally:
+            handle.remove()

@@ -15,6 +15,12 @@ the query the text part projected and adds the image part before the one output 
 as diffusers does. The result equals diffusers' processor up to float rounding, the regional
 code is reused, not copied, and an image costs only its attention over a few tokens.
 
+Lifecycle. The IP-Adapter is loaded with diffusers' own ``load_ip_adapter``, and diffusers'
+processors stay on the UNet between calls, so ``set_ip_adapter_scale``, ``ip_adapter_masks``
+and ``unload_ip_adapter`` work as on a stock pipeline. Only while a Layout call runs does each
+stand aside for a :class:`RegionalIPAdapterAttnProcessor` sharing its weights and reading its
+scale (:func:`masked_ip_adapter`, installed by ``engine.regional.processors``).
+
 Masks come from the same region masks as regional prompting, area-averaged to each attention
 grid (``engine.regional.plan``), rather than diffusers' ``IPAdapterMaskProcessor`` resampling, which
 guesses the grid from the aspect ratio and can miss odd latent sizes.
@@ -23,7 +29,7 @@ guesses the grid from the aspect ratio and can miss odd latent sizes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,24 +102,52 @@ class ObjectImageContext:
 class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
     """Regional text cross-attention plus IP-Adapter image attention, masked per image.
 
-    Without an active ObjectImageState (a plain diffusers call with ``ip_adapter_image``) the
-    image part is diffusers' unmasked one at ``scale``.
+    Stands in for one of diffusers' IP-Adapter processors during a Layout call
+    (:func:`masked_ip_adapter`): it uses that processor's ``to_k_ip`` / ``to_v_ip`` weights and
+    reads its ``scale`` at every call, so ``pipe.set_ip_adapter_scale`` (one value, a value per
+    layer, or a value per image) acts as on the stock processor. A Layout's object image is
+    weighted by its region's ``image_scale`` times that scale. Without an active
+    ObjectImageState (the call's own ``ip_adapter_image``) the image part is diffusers'
+    unmasked one.
     """
 
     def __init__(
         self,
         context: RegionalContext,
         object_images: ObjectImageContext,
-        to_k_ip: torch.nn.Linear,
-        to_v_ip: torch.nn.Linear,
-        scale: float = 1.0,
+        ip_adapter: IPAdapterAttnProcessor2_0,
     ):
         torch.nn.Module.__init__(self)
         RegionalAttnProcessor.__init__(self, context)
+        if len(ip_adapter.to_k_ip) != 1:
+            raise ValueError(
+                f"{len(ip_adapter.to_k_ip)} IP-Adapters are loaded, and a Layout call applies "
+                "one; call pipe.unload_ip_adapter() and load a single one"
+            )
         self.object_images = object_images
-        self.to_k_ip = to_k_ip
-        self.to_v_ip = to_v_ip
-        self.scale = scale
+        self.ip_adapter = ip_adapter
+
+    @property
+    def to_k_ip(self) -> torch.nn.Module:
+        """The image-token key projection of the adapter this processor stands in for."""
+        return self.ip_adapter.to_k_ip[0]
+
+    @property
+    def to_v_ip(self) -> torch.nn.Module:
+        """The image-token value projection of the adapter this processor stands in for."""
+        return self.ip_adapter.to_v_ip[0]
+
+    def layer_scales(self, count: int) -> list[float]:
+        """The adapter's scale at this layer for each of ``count`` images."""
+        scale = self.ip_adapter.scale[0]
+        if not isinstance(scale, (list, tuple)):
+            return [scale] * count
+        if len(scale) != count:
+            raise ValueError(
+                f"set_ip_adapter_scale gave {len(scale)} per-image scales but the call has "
+                f"{count} image(s); give one scale per image, or a single scale"
+            )
+        return list(scale)
 
     def split_encoder_states(self, encoder_hidden_states: Any) -> tuple[torch.Tensor | None, Any]:
         """The text states and the projected image tokens ``(batch, images, tokens, width)``;
@@ -124,15 +158,28 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
         images = image_states[0]
         state = self.object_images.state
         if state is None:
-            return text, images if self.scale != 0 else None
-        if not any(scale != 0 for scale in state.scales):
-            return text, None
+            scale = self.ip_adapter.scale[0]
+            if isinstance(scale, (list, tuple)):
+                raise ValueError(
+                    "per-image IP-Adapter scales need per-image masks, which a Layout call gives "
+                    "through its regions' 'image'; set a single scale with "
+                    "pipe.set_ip_adapter_scale(value) for the call's ip_adapter_image"
+                )
+            return text, images if scale != 0 else None
         if images.shape[1] != state.count:
             raise ValueError(
                 f"the IP-Adapter got {images.shape[1]} image(s) but the call's object images are "
                 f"{state.count}; image embeddings must not be replaced during a Layout call"
             )
+        scales = self.image_scales(state)
+        if not any(scale != 0 for scale in scales):
+            return text, None
         return text, images
+
+    def image_scales(self, state: ObjectImageState) -> list[float]:
+        """Each object image's weight at this layer: its ``image_scale`` times the adapter's."""
+        layer = self.layer_scales(state.count)
+        return [scale * factor for scale, factor in zip(state.scales, layer, strict=True)]
 
     def extra_attention(
         self,
@@ -151,10 +198,10 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
         if images is None:
             # diffusers' unmasked path: every image's tokens form one key sequence.
             flat = extra.reshape(extra.shape[0], -1, extra.shape[-1])
-            return self.scale * self._attend(attn, query, flat)
+            return self.ip_adapter.scale[0] * self._attend(attn, query, flat)
         masks = images.masks_for_query(query.shape[1], query.dtype, query.device)
         total = None
-        for i, scale in enumerate(images.scales):
+        for i, scale in enumerate(self.image_scales(images)):
             if scale == 0:
                 continue
             part = scale * (self._attend(attn, query, extra[:, i]) * masks[i])
@@ -168,32 +215,44 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
 
 # -- Installation and loading -------------------------------------------------------------------
 
+IP_ADAPTER_PROCESSORS = (
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    IPAdapterXFormersAttnProcessor,
+)
+"""The processors diffusers' ``load_ip_adapter`` puts on cross-attention layers."""
 
-def install_masked_ip_adapter(
-    unet: torch.nn.Module, context: RegionalContext
-) -> ObjectImageContext:
-    """Replace the IP-Adapter processors diffusers installed with regional, masked ones.
 
-    Each takes over its layer's ``to_k_ip`` / ``to_v_ip`` weights (one adapter only). Returns
-    the ObjectImageContext they read.
-    """
-    kinds = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
-    context_images = ObjectImageContext()
-    processors = dict(unet.attn_processors)
-    for name, processor in processors.items():
-        if isinstance(processor, kinds):
-            if len(processor.to_k_ip) != 1:
-                raise ValueError("only one IP-Adapter at a time can be applied per region")
-            processors[name] = RegionalIPAdapterAttnProcessor(
-                context, context_images, processor.to_k_ip[0], processor.to_v_ip[0]
-            )
-    unet.set_attn_processor(processors)
-    return context_images
+def masked_ip_adapter(
+    context: RegionalContext, object_images: ObjectImageContext
+) -> Callable[[Any], RegionalIPAdapterAttnProcessor | None]:
+    """A converter for :func:`engine.regional.processors.regional_processors`: each of
+    diffusers' IP-Adapter processors becomes a :class:`RegionalIPAdapterAttnProcessor` standing
+    in for it (same weights, same scale) for the duration of a Layout call."""
+
+    def convert(processor: Any) -> RegionalIPAdapterAttnProcessor | None:
+        if not isinstance(processor, IP_ADAPTER_PROCESSORS):
+            return None
+        return RegionalIPAdapterAttnProcessor(context, object_images, processor)
+
+    return convert
+
+
+def ip_adapter_loaded(pipe: RegionalSDXLPipeline) -> bool:
+    """Whether an IP-Adapter is loaded into ``pipe``'s UNet (by the engine or by diffusers'
+    ``load_ip_adapter``)."""
+    unet = pipe.unet
+    return (
+        getattr(unet, "encoder_hid_proj", None) is not None
+        # diffusers sets this as an attribute of the config, which ``get`` does not see.
+        and getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+    )
 
 
 @dataclass
 class ObjectImageAdapter:
-    """An IP-Adapter attached to a pipeline: where it came from and the context it reads."""
+    """An IP-Adapter the engine attached to a pipeline: where it came from and the context its
+    processors read during Layout calls."""
 
     location: ComponentLocation
     images: ObjectImageContext
@@ -205,31 +264,40 @@ class ObjectImageAdapter:
 def images_unavailable(layout: Layout, pipe: RegionalSDXLPipeline) -> str | None:
     """Why object images will not act for this Layout (None: they will, or there are none)."""
     used = [i for i, r in enumerate(layout.regions) if r.image is not None and r.image_scale > 0]
-    if used and pipe.object_image_adapter is None:
+    if used and not ip_adapter_loaded(pipe):
         return (
             f"'regions[{used[0]}].image' is an object image, but no IP-Adapter is loaded to "
-            "apply it; start the engine with --ip-adapter (or send options.ip_adapter), or "
-            "remove 'image'"
+            "apply it; start the engine with --ip-adapter (or send options.ip_adapter; in "
+            "Python, pipe.load_ip_adapter(...)), or remove 'image'"
         )
     return None
 
 
 @torch.no_grad()
 def prepare_object_images(
-    pipe: RegionalSDXLPipeline, layout: Layout, guided: bool
+    pipe: RegionalSDXLPipeline, layout: Layout, guided: bool, own_images: bool = False
 ) -> tuple[dict[str, Any], ObjectImageState | None]:
     """The pipeline arguments and object-image state for a Layout's object images.
 
-    Returns ``({"ip_adapter_image_embeds": [...]}, state)``; with no IP-Adapter attached,
-    ``({}, None)``. With one attached, every call needs image embeddings: a Layout without
-    images gets a single zero image at scale 0, which no processor computes with.
+    Returns ``({"ip_adapter_image_embeds": [...]}, state)``; with no IP-Adapter loaded,
+    ``({}, None)``. With one loaded, every call needs image embeddings: a Layout without
+    images gets a single zero image at scale 0, which no processor computes with, unless
+    the call brings its own (``own_images``: ``ip_adapter_image`` or ``ip_adapter_image_embeds``
+    given), which then act unmasked, as in diffusers. A Layout with object images refuses them.
     """
-    adapter = pipe.object_image_adapter
-    if adapter is None:
+    used = [i for i, r in enumerate(layout.regions) if r.image is not None and r.image_scale > 0]
+    if not ip_adapter_loaded(pipe):
         reason = images_unavailable(layout, pipe)
         if reason:
-            first = next(i for i, r in enumerate(layout.regions) if r.image and r.image_scale > 0)
-            raise LayoutError(reason, f"regions[{first}].image")
+            raise LayoutError(reason, f"regions[{used[0]}].image")
+        return {}, None
+    if own_images:
+        if used:
+            raise TypeError(
+                f"'regions[{used[0]}].image' gives the Layout its object images, so the call "
+                "cannot take ip_adapter_image or ip_adapter_image_embeds too; pass the images "
+                "as the regions' 'image', or remove them from the Layout"
+            )
         return {}, None
     scale = pipe.vae_scale_factor
     latent_size = (layout.height // scale, layout.width // scale)
@@ -265,15 +333,16 @@ def prepare_object_images(
 
 @contextlib.contextmanager
 def apply_object_images(
-    pipe: RegionalSDXLPipeline, layout: Layout, guided: bool
+    pipe: RegionalSDXLPipeline, layout: Layout, guided: bool, own_images: bool = False
 ) -> Iterator[dict[str, Any]]:
     """During a ``with`` block, the Layout's object images act through the IP-Adapter.
 
-    Yields the extra pipeline arguments (empty without an IP-Adapter).
+    Yields the extra pipeline arguments (empty without an IP-Adapter, or when the call brings
+    its own images: see :func:`prepare_object_images`).
     """
-    arguments, state = prepare_object_images(pipe, layout, guided)
+    arguments, state = prepare_object_images(pipe, layout, guided, own_images)
     if state is None:
         yield arguments
         return
-    with pipe.object_image_adapter.images.active(state):
+    with pipe.object_image_context().active(state):
         yield arguments

@@ -3,8 +3,10 @@
 :func:`load_pipeline` builds a :class:`~engine.pipeline.RegionalSDXLPipeline` from a location
 :mod:`engine.loading.locate` found, on the device and in the precision
 :mod:`engine.loading.device` chooses. :func:`attach_conditions` gives it the depth ControlNet
-(``pipe.depth_controlnet``), the IP-Adapter for object images (``pipe.object_image_adapter``)
-and the GLIGEN pipeline making layout references (``pipe.gligen_pipeline``) the options name.
+(the component ``pipe.depth_controlnet``), the IP-Adapter for object images (loaded with
+diffusers' ``load_ip_adapter``, recorded as ``pipe.object_image_adapter``) and the GLIGEN
+pipeline making layout references (``pipe.gligen_pipeline``) the options name, each placed
+like the pipeline: on its device, or CPU-offloaded with it.
 :class:`PipelineCache` keeps one pipeline for the next request.
 """
 
@@ -18,12 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.hooks import CpuOffload
 from diffusers import ControlNetModel, StableDiffusionGLIGENPipeline
-from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from engine.conditions.object_images import ObjectImageAdapter, install_masked_ip_adapter
+from engine.conditions.object_images import ObjectImageAdapter
 from engine.errors import DeviceError, ModelNotFoundError, UnsupportedModelError
 from engine.loading.device import dtype_name, pick_device, pick_dtype
 from engine.loading.locate import (
@@ -38,7 +40,6 @@ from engine.loading.locate import (
     weights_variant,
 )
 from engine.pipeline import RegionalSDXLPipeline
-from engine.regional.attention import RegionalAttnProcessor
 
 # -- The base pipeline ---------------------------------------------------------------------------
 
@@ -108,20 +109,37 @@ def attach_conditions(
     return attach_gligen(pipe, gligen, options) or changed
 
 
+def model_offloaded(pipe: RegionalSDXLPipeline) -> bool:
+    """Whether ``pipe`` runs with diffusers' model CPU offload."""
+    return isinstance(getattr(pipe.unet, "_hf_hook", None), CpuOffload)
+
+
+def place_components(pipe: RegionalSDXLPipeline, *modules: torch.nn.Module) -> None:
+    """Put components registered after loading where the pipeline's are: with model CPU
+    offload, offloading is set up again so that they get their hooks; else on its device."""
+    if model_offloaded(pipe):
+        pipe.enable_model_cpu_offload(device=pipe._offload_device)
+        return
+    for module in modules:
+        module.to(pipe._execution_device)
+
+
 # -- Depth ControlNet -----------------------------------------------------------------------
 
 
 def attach_controlnet(
     pipe: RegionalSDXLPipeline, location: ComponentLocation | None, allow_pickle: bool = False
 ) -> bool:
-    """Load the ControlNet at ``location`` as ``pipe.depth_controlnet`` (None: drop it).
+    """Load the ControlNet at ``location`` as the component ``pipe.depth_controlnet`` (None:
+    drop it).
 
     Kept if already attached; True if anything changed. Raises UnsupportedModelError for a
     ControlNet built for another base model than the pipeline's UNet.
     """
     if pipe.depth_controlnet_location == location:
         return False
-    pipe.depth_controlnet = pipe.depth_controlnet_location = None
+    pipe.register_modules(depth_controlnet=None)
+    pipe.depth_controlnet_location = None
     if location is None:
         return True
     unet = pipe.unet
@@ -136,7 +154,8 @@ def attach_controlnet(
                 "controlnet",
             )
     controlnet.requires_grad_(False).eval()
-    pipe.depth_controlnet = controlnet.to(pipe._execution_device)
+    pipe.register_modules(depth_controlnet=controlnet)
+    place_components(pipe, controlnet)
     pipe.depth_controlnet_location = location
     return True
 
@@ -181,22 +200,15 @@ def load_controlnet(
 
 def detach_ip_adapter(pipe: RegionalSDXLPipeline) -> None:
     """Remove the IP-Adapter, its image encoder and its processors from ``pipe``."""
-    # diffusers' unload rebuilds every processor by calling its class with no arguments,
-    # which regional processors (they need their context) do not support.
-    processors = {
-        name: AttnProcessor2_0() if isinstance(p, RegionalAttnProcessor) else p
-        for name, p in pipe.unet.attn_processors.items()
-    }
-    pipe.unet.set_attn_processor(processors)
     pipe.unload_ip_adapter()
-    pipe.object_image_adapter = None
 
 
 def attach_ip_adapter(pipe: RegionalSDXLPipeline, location: ComponentLocation | None) -> bool:
     """Load the IP-Adapter at ``location`` into ``pipe`` (None: remove it). True if changed.
 
-    The CLIP image encoder is loaded from ``location.encoder``, the weights through diffusers'
-    ``load_ip_adapter`` (offline), and the processors made regional and masked.
+    The CLIP image encoder is loaded from ``location.encoder`` and registered as the
+    pipeline's ``image_encoder``, the weights through diffusers' ``load_ip_adapter`` (offline).
+    diffusers' processors stay; Layout calls apply the regions' images through them, masked.
     """
     current = pipe.object_image_adapter
     if (current.location if current else None) == location:
@@ -205,13 +217,13 @@ def attach_ip_adapter(pipe: RegionalSDXLPipeline, location: ComponentLocation | 
         detach_ip_adapter(pipe)
     if location is None:
         return True
-    dtype, device = pipe.unet.dtype, pipe._execution_device
+    dtype = pipe.unet.dtype
     encoder = CLIPVisionModelWithProjection.from_pretrained(
         location.encoder, torch_dtype=dtype, local_files_only=True
     )
     size = encoder.config.image_size
     pipe.register_modules(
-        image_encoder=encoder.to(device),
+        image_encoder=encoder,
         feature_extractor=CLIPImageProcessor(size=size, crop_size=size),
     )
     state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
@@ -225,11 +237,9 @@ def attach_ip_adapter(pipe: RegionalSDXLPipeline, location: ComponentLocation | 
             "pass an SDXL IP-Adapter .safetensors file",
             "ip_adapter",
         )
-    # The regional context must exist before diffusers swaps the cross-attention processors.
-    context = pipe.regional_context()
     pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
-    images = install_masked_ip_adapter(pipe.unet, context)
-    pipe.object_image_adapter = ObjectImageAdapter(location, images)
+    place_components(pipe, encoder)
+    pipe.object_image_adapter = ObjectImageAdapter(location, pipe.object_image_context())
     return True
 
 

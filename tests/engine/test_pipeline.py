@@ -62,8 +62,15 @@ def _two_regions(car="a red car", seed=7, car_mask=None) -> Layout:
 def test_plain_call_is_stock_sdxl_bit_for_bit(pipe, stock):
     expected = _plain(stock)
     assert np.array_equal(_plain(pipe), expected)
-    pipe(layout=_two_regions(), output_type="latent")  # installs the regional processors
-    assert any(isinstance(p, RegionalAttnProcessor) for p in pipe.unet.attn_processors.values())
+    seen = []
+
+    def record(_pipe, _step, _t, _tensors):
+        seen.extend(type(p) for p in pipe.unet.attn_processors.values())
+        return {}
+
+    pipe(layout=_two_regions(), output_type="latent", callback_on_step_end=record)
+    assert RegionalAttnProcessor in seen, "regional processors run the Layout call"
+    assert not any(isinstance(p, RegionalAttnProcessor) for p in pipe.unet.attn_processors.values())
     assert np.array_equal(_plain(pipe), expected)
 
 

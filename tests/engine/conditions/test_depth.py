@@ -127,8 +127,13 @@ def test_depth_changes_the_image_and_zero_scale_reproduces_no_controlnet(
     assert np.abs(controlled - plain).max() > 1e-3
 
 
-def residuals_seen_by_unet(pipe, layout: Layout, monkeypatch) -> list[list | None]:
-    """Per UNet call, the ControlNet residuals it received (down ..., mid), or None."""
+def residuals_seen_by_unet(
+    pipe, layout: Layout, monkeypatch, processors: list | None = None
+) -> list[list | None]:
+    """Per UNet call, the ControlNet residuals it received (down ..., mid), or None.
+
+    ``processors``, if given, receives the ControlNet's cross-attention processors as they
+    were during each UNet call."""
     seen: list = []
     forward = pipe.unet.forward
 
@@ -137,6 +142,9 @@ def residuals_seen_by_unet(pipe, layout: Layout, monkeypatch) -> list[list | Non
         down = kwargs.get("down_block_additional_residuals")
         mid = kwargs.get("mid_block_additional_residual")
         seen.append(None if down is None else [*down, mid])
+        if processors is not None:
+            controlnet = pipe.depth_controlnet.attn_processors
+            processors.extend(p for n, p in controlnet.items() if "attn2" in n)
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(pipe.unet, "forward", spy)
@@ -150,7 +158,8 @@ def test_region_with_scale_zero_gets_zero_residuals_at_every_resolution(
 ):
     pipe, _ = cache.get(tiny_model_dir, LoadOptions(device="cpu", controlnet=tiny_controlnet_dir))
     layout = with_region_scales(make_layout(condition_images["depth"]), 0.0, None)
-    seen = residuals_seen_by_unet(pipe, layout, monkeypatch)
+    during: list = []
+    seen = residuals_seen_by_unet(pipe, layout, monkeypatch, during)
     assert len(seen) == 2 and all(s is not None for s in seen)
     sizes = set()
     for residual in seen[0]:
@@ -159,9 +168,11 @@ def test_region_with_scale_zero_gets_zero_residuals_at_every_resolution(
         assert residual[..., :half].abs().max() == 0, "the car region must get no depth control"
         assert residual[..., half:].abs().max() > 0
     assert sizes == {32, 16}, "latent and latent/2 residuals of the tiny UNet"
-    # The ControlNet reads each region's prompt inside its mask, like the UNet.
-    cross = [p for n, p in pipe.depth_controlnet.attn_processors.items() if "attn2" in n]
-    assert cross and all(isinstance(p, RegionalAttnProcessor) for p in cross)
+    # The ControlNet reads each region's prompt inside its mask, like the UNet, during the
+    # call; after it, its processors are diffusers' again.
+    assert during and all(isinstance(p, RegionalAttnProcessor) for p in during)
+    after = [p for n, p in pipe.depth_controlnet.attn_processors.items() if "attn2" in n]
+    assert after and not any(isinstance(p, RegionalAttnProcessor) for p in after)
 
 
 def test_depth_acts_only_between_start_and_end(

@@ -35,9 +35,14 @@ def pipe(tiny_model_dir, tiny_ip_adapter_dir):
 
 
 def layer(pipe):
+    """The test layer and the masked processor a Layout call puts in place of diffusers' one."""
     attn = pipe.unet.get_submodule(LAYER)
-    assert isinstance(attn.processor, RegionalIPAdapterAttnProcessor)
-    return attn, attn.processor
+    stock = attn.processor
+    assert type(stock) is IPAdapterAttnProcessor2_0, "diffusers' processor between calls"
+    ours = RegionalIPAdapterAttnProcessor(
+        pipe.regional_context(), pipe.object_image_context(), stock
+    )
+    return attn, ours
 
 
 def inputs(seed: int = 0, text_tokens: int = 77, count: int = 1):
@@ -80,12 +85,12 @@ def test_without_masks_the_processor_is_diffusers_ip_adapter(pipe):
     attn, ours = layer(pipe)
     reference = diffusers_processor(ours, 0.7)
     hidden, text, images = inputs()
-    ours.scale = 0.7
+    pipe.set_ip_adapter_scale(0.7)
     try:
         with counting_calls(attn.to_q, attn.to_out[0]) as calls:
             got = ours(attn, hidden, (text, [images]))
     finally:
-        ours.scale = 1.0
+        pipe.set_ip_adapter_scale(1.0)
     assert calls == [1, 1], "text and image attention share one query and one output projection"
     expected = reference(attn, hidden, (text, [images]))
     plain = AttnProcessor2_0()(attn, hidden, text)
