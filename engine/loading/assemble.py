@@ -70,6 +70,10 @@ def load_pipeline(location: ModelLocation, options: LoadOptions) -> RegionalSDXL
                 variant=weights_variant(location.path),
                 **common,
             )
+    if pipe.depth_controlnet is not None:
+        # Saved with the model (RegionalSDXLPipeline.save_pretrained): a folder of its own.
+        folder = os.path.join(location.path, "depth_controlnet")
+        pipe.depth_controlnet_location = ComponentLocation(folder, "folder", folder)
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
