@@ -11,6 +11,7 @@ image tokens).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from diffusers.models.attention_processor import (
     XFormersAttnProcessor,
 )
 
-from engine.regional.plan import RegionalState
+from engine.regional.plan import BlockPairs, RegionalState
 
 CROSS_ATTENTION_SUFFIX = "attn2.processor"
 
@@ -54,6 +55,7 @@ class RegionalContext:
             yield state
         finally:
             self.state = None
+            state.release()  # what the call kept (text keys and values) goes with it
 
 
 class RegionalAttnProcessor(AttnProcessor2_0):
@@ -156,12 +158,13 @@ class RegionalAttnProcessor(AttnProcessor2_0):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        if state is None:
+        if state is not None:
+            hidden_states = regional_attention(attn, query, encoder_hidden_states, state)
+        else:
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             if attention_mask is not None:
                 attention_mask = attn.prepare_attention_mask(
                     attention_mask, encoder_hidden_states.shape[1], batch_size
@@ -170,17 +173,6 @@ class RegionalAttnProcessor(AttnProcessor2_0):
                     batch_size, attn.heads, -1, attention_mask.shape[-1]
                 )
             hidden_states = _attend(attn, query, encoder_hidden_states, attention_mask)
-        else:
-            uncond = state.unconditional_rows(batch_size)
-            outputs = []
-            if uncond:
-                # The negative prompt is tiled once per block: its first block alone gives the
-                # same attention at a fraction of the cost.
-                negative = encoder_hidden_states[:uncond, : state.block_tokens]
-                outputs.append(_attend(attn, query[:uncond], negative, None))
-            bias = state.attention_bias(query.shape[1], query.dtype, query.device)
-            outputs.append(_attend(attn, query[uncond:], encoder_hidden_states[uncond:], bias))
-            hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         if extra is not None:
             term = self.extra_attention(attn, query, extra, state)
             if term is not None:
@@ -231,6 +223,282 @@ def multi_head_attention(
     )
     out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
     return out.to(query.dtype)
+
+
+# -- Regional attention: the positive rows listen to several prompt blocks ---------------------
+
+
+def regional_attention(
+    attn: Attention, query: torch.Tensor, text: torch.Tensor, state: RegionalState
+) -> torch.Tensor:
+    """Cross-attention of projected ``query`` ``(batch, q, inner)`` over the call's prompt
+    blocks ``text``, as ``state`` weighs them; ``(batch, q, inner)``.
+
+    The text keys and values are projected once per call and layer (``state.kept``). The
+    negative rows attend to their first block, plainly; the others by ``state.attention`` and
+    ``state.blend``.
+    """
+    uncond = state.unconditional_rows(query.shape[0])
+    tokens = state.block_tokens
+
+    def project() -> tuple[torch.Tensor, ...]:
+        states = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+        # The negative prompt is tiled once per block: its first block alone gives the same
+        # attention at a fraction of the cost.
+        negative, positive = states[:uncond, :tokens], states[uncond:]
+        return attn.to_k(negative), attn.to_v(negative), attn.to_k(positive), attn.to_v(positive)
+
+    neg_key, neg_value, key, value = state.kept(("text", attn), text, project)
+    outputs = []
+    if uncond:
+        outputs.append(
+            multi_head_attention(
+                attn, query[:uncond], neg_key, neg_value, None, attn.norm_q, attn.norm_k
+            )
+        )
+    positive = query[uncond:]
+    if state.attention == "sparse":
+        outputs.append(sparse_block_attention(attn, positive, key, value, state))
+    elif state.blend == "joint":
+        bias = state.attention_bias(positive.shape[1], positive.dtype, positive.device)
+        outputs.append(
+            multi_head_attention(attn, positive, key, value, bias, attn.norm_q, attn.norm_k)
+        )
+    else:
+        outputs.append(_dense_weighted_attention(attn, positive, key, value, state))
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _dense_weighted_attention(
+    attn: Attention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    state: RegionalState,
+) -> torch.Tensor:
+    """The weighted blend computed for every pixel and every block: the reference the sparse
+    path is tested against."""
+    weights = state.plan.weights_for_query(query.shape[1]).to(query.device, torch.float32)
+    share = (weights / weights.sum(dim=0)).flatten(1)  # (blocks, queries)
+    tokens = state.block_tokens
+    total = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    for block in range(len(share)):
+        part = slice(block * tokens, (block + 1) * tokens)
+        out = multi_head_attention(
+            attn, query, key[:, part], value[:, part], None, attn.norm_q, attn.norm_k
+        )
+        total += share[block][None, :, None] * out.float()
+    return total.to(query.dtype)
+
+
+def sparse_block_attention(
+    attn: Attention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    state: RegionalState,
+) -> torch.Tensor:
+    """Regional attention of ``query`` ``(rows, q, inner)`` over the blocks of ``key`` /
+    ``value`` ``(rows, blocks * tokens, inner)``, each block computed only for the queries it
+    weighs; ``(rows, q, inner)``.
+
+    Every block's attention comes with its log-sum-exp ``lse``. With the joint blend a query's
+    output is the blocks' outputs weighted by ``softmax(lse + log(weight))`` over its blocks,
+    which is exactly the softmax over all their tokens with ``log(weight)`` added to the
+    scores; with the weighted blend, by its normalised weights. No queries x tokens tensor is
+    built.
+    """
+    rows, queries, inner = query.shape
+    heads = attn.heads
+    head_dim = inner // heads
+    pairs = state.block_pairs(queries, query.device, rows)
+    flat_query = query.reshape(rows * queries, heads, head_dim)
+    flat_key = key.reshape(-1, heads, head_dim)
+    flat_value = value.reshape(-1, heads, head_dim)
+    if attn.norm_q is not None:
+        flat_query = attn.norm_q(flat_query)
+    if attn.norm_k is not None:
+        flat_key = attn.norm_k(flat_key)
+    packed = flat_query.index_select(0, pairs.index)
+    out, lse = segment_attention(packed, flat_key, flat_value, pairs, state.block_tokens)
+    merged = merge_blocks(out, lse, pairs, rows * queries, state.blend)
+    return merged.view(rows, queries, inner).to(query.dtype)
+
+
+def merge_blocks(
+    out: torch.Tensor, lse: torch.Tensor, pairs: BlockPairs, queries: int, blend: str
+) -> torch.Tensor:
+    """Per query, the blend of its blocks' outputs ``out`` ``(pairs, heads, dim)`` (see
+    :func:`sparse_block_attention`); ``(queries, heads, dim)``."""
+    heads = out.shape[1]
+    index = pairs.index
+    if blend == "joint":
+        logits = lse.float() + pairs.log_weight[:, None]
+        peak = torch.full((queries, heads), float("-inf"), device=out.device)
+        peak.scatter_reduce_(0, index[:, None].expand(-1, heads), logits, "amax")
+        share = (logits - peak[index]).exp_()
+        total = torch.zeros((queries, heads), device=out.device).index_add_(0, index, share)
+        share /= total[index]
+    else:
+        share = pairs.share[:, None].expand(-1, heads)
+    out = out.mul_(share[..., None].to(out.dtype))
+    return out.new_zeros((queries, *out.shape[1:])).index_add_(0, index, out)
+
+
+# Pairs per tile on the portable path, the pairs from which a segment attends alone, and the
+# key/value bytes one pass of tiles may gather.
+_TILE = 32
+_ALONE = 128
+_TILE_PASS_BYTES = 64 * 2**20
+_VARLEN: dict[str, bool] = {"ok": True}
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pairs: BlockPairs,
+    tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the packed ``query`` ``(pairs, heads, dim)``, segment by segment, over the
+    segment's ``tokens`` keys and values of ``key`` / ``value`` ``(segments * tokens, heads,
+    dim)``; the output ``(pairs, heads, dim)`` and its log-sum-exp ``(pairs, heads)`` float32.
+
+    On CUDA in half precision one variable-length flash-attention call does every segment;
+    elsewhere segments are cut into tiles of ``_TILE`` queries and attended in batches
+    (on the CPU by the fused kernel that returns the log-sum-exp, in bounded memory).
+    """
+    if query.device.type == "meta":
+        return _shape_only_attention(query, key, value, tokens)
+    if (
+        query.device.type == "cuda"
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and _VARLEN["ok"]
+    ):
+        try:
+            return _varlen_attention(query, key, value, pairs, tokens)
+        except (RuntimeError, NotImplementedError) as exc:  # no flash kernel for this GPU
+            _VARLEN["ok"] = False
+            warnings.warn(
+                f"variable-length flash attention unavailable ({exc}); using tiles", stacklevel=2
+            )
+    return _tiled_attention(query, key, value, pairs, tokens)
+
+
+def segment_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Which kernel :func:`segment_attention` uses on ``device`` for ``dtype``."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return "shape-only"
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _VARLEN["ok"]:
+        return "varlen-flash"
+    return "tiles-flash-cpu" if device.type == "cpu" else "tiles-math"
+
+
+def _shape_only_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # On the meta device (FLOP counting) values do not exist: every query attending to one
+    # segment's keys has the shapes, and so the FLOPs, of the variable-length call.
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1)[None],
+        key[:tokens].transpose(0, 1)[None],
+        value[:tokens].transpose(0, 1)[None],
+    )
+    return out[0].transpose(0, 1), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
+def _varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pairs: BlockPairs,
+    tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    segments = len(pairs.counts)
+    cu_q = pairs.cumulative()
+    nonempty = [s for s, count in enumerate(pairs.counts) if count]
+    if len(nonempty) < segments:
+        # Keys of empty segments are left out so each kept segment's keys follow the last's.
+        keep = torch.tensor(nonempty, device=key.device)
+        key = key.view(segments, tokens, *key.shape[1:])[keep].flatten(0, 1)
+        value = value.view(segments, tokens, *value.shape[1:])[keep].flatten(0, 1)
+        cu_q = torch.cat([cu_q[:1], cu_q[1:][keep]])
+        segments = len(nonempty)
+    cu_k = torch.arange(segments + 1, device=key.device, dtype=torch.int32) * tokens
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        query.contiguous(),
+        key.contiguous(),
+        value.contiguous(),
+        cu_q,
+        cu_k,
+        max(pairs.counts),
+        tokens,
+        0.0,
+        False,
+        False,
+    )
+    # The variable-length kernel returns the log-sum-exp as (heads, total queries).
+    return out, lse.transpose(0, 1)
+
+
+def _tiled_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pairs: BlockPairs,
+    tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    heads, dim = query.shape[1:]
+    out = torch.empty_like(query)
+    lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+    keys = key.view(-1, tokens, heads, dim)
+    values = value.view(-1, tokens, heads, dim)
+    # Large segments (the scene and background blocks, big regions) attend alone, with no
+    # copies of their keys; the many small ones are batched in tiles.
+    start = 0
+    for segment, count in enumerate(pairs.counts):
+        if count >= _ALONE:
+            part = slice(start, start + count)
+            part_out, part_lse = _attention_with_lse(
+                query[part].transpose(0, 1)[None],
+                keys[segment].transpose(0, 1)[None],
+                values[segment].transpose(0, 1)[None],
+            )
+            out[part] = part_out[0].transpose(0, 1)
+            lse[part] = part_lse[0].transpose(0, 1)
+        start += count
+    segment, slots, valid = pairs.tiles(_TILE, below=_ALONE)
+    if not len(segment):
+        return out, lse
+    padded = torch.cat([query, query.new_zeros(1, heads, dim)])
+    per_tile = 2 * tokens * heads * dim * key.element_size()
+    step = max(1, _TILE_PASS_BYTES // per_tile)
+    for first in range(0, len(segment), step):
+        part = slice(first, first + step)
+        q = padded[slots[part]].transpose(1, 2)  # (tiles, heads, tile, dim)
+        k = keys[segment[part]].transpose(1, 2)
+        v = values[segment[part]].transpose(1, 2)
+        part_out, part_lse = _attention_with_lse(q, k, v)
+        filled = valid.view(-1, _TILE)[part].flatten()
+        where = slots[part].flatten()[filled]
+        out[where] = part_out.transpose(1, 2).flatten(0, 1)[filled]
+        lse[where] = part_lse.transpose(1, 2).flatten(0, 1)[filled]
+    return out, lse
+
+
+def _attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention ``(batch, heads, q, dim)`` and its log-sum-exp float32."""
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)
+        return out, lse.float()
+    scale = query.shape[-1] ** -0.5
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    lse = scores.logsumexp(dim=-1)
+    out = torch.matmul((scores - lse[..., None]).exp_(), value.float())
+    return out.to(query.dtype), lse
 
 
 def install_regional_attention(unet: torch.nn.Module, context: RegionalContext) -> None:

@@ -2,14 +2,19 @@
 
 A region's mask is its mask image when it has one, else its box. Mask images are read with PIL as
 grayscale in 0..1, resized to the image size and area-averaged down to the latent grid; the
-result is cached per file path and modification time, so an unchanged mask file is read once.
+result is cached per file path and modification time, so an unchanged mask file is read once
+(up to ``MASK_CACHE_BYTES`` of decoded masks, least recently used dropped first).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +70,66 @@ def region_mask(
         ) from None
 
 
-@functools.lru_cache(maxsize=256)
+MASK_CACHE_BYTES = 256 * 2**20
+"""Decoded masks kept between calls, by their bytes: 64 KiB each at 1024x1024 (latent
+128x128), so a scene of 1000 masked objects is read once and hits on the next request, also
+at 2048x2048 (256 KiB each)."""
+
+
+class _ByteBoundedCache:
+    """A function's least recently used results, kept while their tensors fit ``max_bytes``."""
+
+    def __init__(self, function: Callable[..., torch.Tensor], max_bytes: int):
+        functools.update_wrapper(self, function)
+        self._function = function
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        with self._lock:
+            found = self._entries.get(args)
+            if found is not None:
+                self._entries.move_to_end(args)
+                self.hits += 1
+                return found
+        value = self._function(*args)
+        size = value.numel() * value.element_size()
+        with self._lock:
+            self.misses += 1
+            if args not in self._entries and size <= self.max_bytes:
+                self._entries[args] = value
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, dropped = self._entries.popitem(last=False)
+                    self._bytes -= dropped.numel() * dropped.element_size()
+        return value
+
+    def cache_info(self) -> dict[str, int]:
+        """Hits, misses, entries and bytes held."""
+        with self._lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "entries": len(self._entries),
+                "bytes": self._bytes,
+            }
+
+    def cache_clear(self) -> None:
+        """Forget every kept result."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+            self.hits = self.misses = 0
+
+
+def _byte_bounded_cache(max_bytes: int) -> Callable[[Callable[..., torch.Tensor]], Any]:
+    return lambda function: _ByteBoundedCache(function, max_bytes)
+
+
+@_byte_bounded_cache(MASK_CACHE_BYTES)
 def _load_mask(
     path: str,
     mtime_ns: int,

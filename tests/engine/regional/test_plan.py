@@ -211,3 +211,113 @@ def test_one_mask_file_shared_by_regions_is_read_once(tmp_path, monkeypatch):
     plan_regions(layout, (8, 8))
     plan_regions(layout, (8, 8))
     assert opened == [path]
+
+
+def _plan_by_loop(layout: Layout, latent: tuple[int, int]) -> list[torch.Tensor]:
+    """Block weights as the planner computed them region by region (the reference)."""
+    from engine.regional.plan import combine_block_weights, prompt_blocks
+
+    prompts, blocks = prompt_blocks(layout)
+    weights = []
+    for grid in attention_grids(latent):
+        coverage, regional = torch.zeros(grid), torch.zeros((len(prompts), *grid))
+        for i, (region, block) in enumerate(zip(layout.regions, blocks, strict=True)):
+            mask = region_mask(region, i, (layout.height, layout.width), latent)
+            if not mask.any():
+                continue
+            pooled = downsample_mask(mask, grid)
+            coverage = torch.maximum(coverage, pooled)
+            regional[block] = torch.maximum(regional[block], region.weight * pooled)
+        weights.append(combine_block_weights(layout, regional, coverage))
+    return weights
+
+
+def test_planning_all_regions_at_once_matches_region_by_region(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(150, 2, 2, generator=generator).sort(dim=1).values
+    regions = [
+        Region(f"object {i % 70}", (x0, y0, x1, y1), weight=0.3 + (i % 5) / 5)
+        for i, ((x0, y0), (x1, y1)) in enumerate(corners.tolist())
+    ]
+    pixels = np.zeros((40, 60), dtype=np.uint8)
+    pixels[5:20, 10:30] = 200
+    regions[3] = Region(
+        "a masked object", (0, 0, 1, 1), mask=_write_png(tmp_path / "m.png", pixels)
+    )
+    regions[7] = Region("hidden", (0.2, 0.2, 0.2, 0.2))  # empty box: places nothing
+    layout = Layout(prompt="a crowd", base_ratio=0.3, regions=regions, width=80, height=56)
+    latent = (28, 40)
+    plan = plan_regions(layout, latent)
+    reference = _plan_by_loop(layout, latent)
+    assert "hidden" not in plan.prompts
+    assert len(plan.weights) == len(reference)
+    from engine.regional.plan import prompt_blocks
+
+    keep = [prompt_blocks(layout)[0].index(p) for p in plan.prompts]
+    for got, expected in zip(plan.weights, reference, strict=True):
+        # Boxes are pooled as rows and columns: equal up to float rounding.
+        torch.testing.assert_close(got, expected[keep], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got > 0, expected[keep] > 0)
+
+
+def test_box_coverages_equal_box_coverage():
+    from engine.regional.plan import box_coverages
+
+    boxes = [(0.1, 0.2, 0.35, 0.9), (0.0, 0.0, 1.0, 1.0), (0.333, 0.5, 0.334, 0.52)]
+    stacked = box_coverages(boxes, 13, 7)
+    for box, coverage in zip(boxes, stacked, strict=True):
+        assert torch.equal(coverage, box_coverage(box, 13, 7))
+
+
+def test_cross_attention_grids_follow_the_unet_config():
+    from engine.regional.plan import cross_attention_grids
+
+    sdxl = {
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+    }
+    assert cross_attention_grids(sdxl, (128, 128)) == [(64, 64), (32, 32)]
+    assert cross_attention_grids(sdxl, (125, 93)) == [(63, 47), (32, 24)]
+    sd15 = {
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+    }
+    assert cross_attention_grids(sd15, (64, 64)) == [(64, 64), (32, 32), (16, 16), (8, 8)]
+
+
+def test_plan_on_the_unet_grids_only():
+    layout = Layout(prompt="a street", regions=[Region("a cat", (0.1, 0.1, 0.4, 0.5))])
+    plan = plan_regions(layout, (128, 128), grids=[(64, 64), (32, 32)])
+    full = plan_regions(layout, (128, 128))
+    assert plan.grids == [(64, 64), (32, 32)]
+    assert torch.equal(plan.weights_for_query(32 * 32), full.weights_for_query(32 * 32))
+    with pytest.raises(ValueError, match="does not weigh"):
+        plan.weights_for_query(16 * 16)
+
+
+def test_mask_cache_is_bounded_by_bytes_not_entries(tmp_path, monkeypatch):
+    from engine.regional import masks
+
+    masks._load_mask.cache_clear()
+    paths = []
+    for i in range(300):  # more masks than the old 256-entry cache held
+        pixels = np.zeros((16, 16), dtype=np.uint8)
+        pixels[i % 16, :] = 255
+        paths.append(_write_png(tmp_path / f"mask{i}.png", pixels))
+    regions = [Region(f"object {i}", (0, 0, 1, 1), mask=p) for i, p in enumerate(paths)]
+    layout = Layout(prompt="shelf", regions=regions, width=16, height=16)
+    plan_regions(layout, (8, 8))
+    assert masks._load_mask.cache_info()["misses"] == 300
+    plan_regions(layout, (8, 8))
+    info = masks._load_mask.cache_info()
+    assert info["hits"] == 300 and info["misses"] == 300
+    assert info["bytes"] == 300 * 8 * 8 * 4
+    # Beyond the budget the least recently used are dropped.
+    monkeypatch.setattr(masks._load_mask, "max_bytes", 100 * 8 * 8 * 4)
+    masks._load_mask.cache_clear()
+    plan_regions(layout, (8, 8))
+    info = masks._load_mask.cache_info()
+    assert info["entries"] == 100 and info["bytes"] <= 100 * 8 * 8 * 4
+    masks._load_mask.cache_clear()
