@@ -23,6 +23,7 @@ from engine.errors import EngineError  # noqa: E402
 from engine.loading.defaults import describe_model  # noqa: E402
 from engine.loading.locate import LoadOptions, ModelLocation, default_model_spec  # noqa: E402
 from engine.wire.layout import Layout, LayoutError  # noqa: E402
+from engine.wire.protocol import DEFAULT_MAX_SECONDS  # noqa: E402
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +73,17 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output_options(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--out-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder under which missing output folders may be created (repeatable; "
+        f"allowed: {default}these)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``python -m engine``."""
     parser = argparse.ArgumentParser(
@@ -91,9 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--seed", type=int, help="override the Layout's seed")
     generate.add_argument("--steps", type=int, help="override the Layout's step count")
+    generate.add_argument(
+        "--allow-outside-inputs",
+        action="store_true",
+        help="let the Layout file name images outside its own folder (by default they must be "
+        "inside it)",
+    )
+    _add_output_options(generate, "the current folder, the Layout file's folder and ")
     _add_load_options(generate)
 
     serve = commands.add_parser("serve", help="speak the JSON-lines protocol on stdin/stdout")
+    _add_output_options(serve, "")
+    serve.add_argument(
+        "--max-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help="refuse a generate estimated to take longer than this on this device, or stop it "
+        f"once its measured steps show it would (default {DEFAULT_MAX_SECONDS:.0f}; 0: no limit)",
+    )
     _add_load_options(serve)
 
     info = commands.add_parser(
@@ -125,15 +152,21 @@ def _generate(args: argparse.Namespace) -> int:
     # Imported here so that `--help` and `--version` answer without torch and diffusers.
     from engine.conditions.apply import check_conditions  # lazy: CLI start-up time
     from engine.loading.assemble import PipelineCache  # lazy: CLI start-up time
-    from engine.service.generate import check_layout_files, run_generation  # lazy: CLI start-up
+    from engine.service.generate import (  # lazy: CLI start-up time
+        check_layout_files,
+        check_output_path,
+        run_generation,
+    )
 
-    layout = Layout.load(args.layout)
+    layout = Layout.load(args.layout, allow_outside=args.allow_outside_inputs)
     overrides = {k: getattr(args, k) for k in ("seed", "steps") if getattr(args, k) is not None}
     if overrides:
         # Re-validate so overrides get the same range checks as the file's values.
         layout = Layout.from_dict({**layout.to_dict(), **overrides})
     check_layout_files(layout)
-    out = args.out or os.path.splitext(args.layout)[0] + ".png"
+    out = os.path.abspath(args.out or os.path.splitext(args.layout)[0] + ".png")
+    roots = [os.getcwd(), os.path.dirname(os.path.abspath(args.layout)), *args.out_root]
+    out = check_output_path(out, roots, field="--out")
     model = args.model or default_model_spec()
     options = _load_options(args)
     check_conditions(layout, options.ip_adapter)
@@ -196,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from engine.service.serve import serve  # lazy: CLI start-up time
 
-            return serve(_load_options(args), args.model)
+            return serve(
+                _load_options(args),
+                args.model,
+                out_roots=args.out_root,
+                max_seconds=max(args.max_seconds, 0.0),
+            )
         if args.command == "generate":
             return _generate(args)
         return _info(args)

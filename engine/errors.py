@@ -61,6 +61,18 @@ class OutputError(EngineError):
     code = "output_failed"
 
 
+class LimitExceededError(EngineError):
+    """A documented limit of the engine exceeded (Layout limits are ``LimitError``s):
+    ``limit`` names it as ``hello`` lists it, ``maximum`` is its value."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, limit: str, maximum: float, field: str | None = None):
+        super().__init__(message, field)
+        self.limit = limit
+        self.maximum = maximum
+
+
 class CancelledError(EngineError):
     """A generation stopped because a cancel arrived."""
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.images import grayscale
+from engine.images import grayscale, open_image
 from engine.regional.masks import region_mask
 from engine.regional.processors import regional_processors
-from engine.wire.layout import Layout, LayoutError
+from engine.wire.layout import Layout
 
 if TYPE_CHECKING:
     from engine.pipeline import RegionalSDXLPipeline
@@ -45,22 +45,10 @@ def load_depth(path: str, size: tuple[int, int]) -> torch.Tensor:
     16-bit files keep their precision; the image is resized (bilinear) to ``size``
     ``(height, width)``, the generated image's size.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            gray = grayscale(image)
-    except FileNotFoundError:
-        raise LayoutError(
-            f"'depth' {path!r} does not exist; render the depth map again or remove 'depth'",
-            "depth",
-        ) from None
-    except (OSError, UnidentifiedImageError) as exc:
-        raise LayoutError(
-            f"'depth' {path!r} is not a readable image ({exc}); save it as a grayscale PNG "
-            "(near = white)",
-            "depth",
-        ) from None
+    with open_image(path, "depth", "save it as a grayscale PNG (near = white)") as image:
+        gray = grayscale(image)
     height, width = size
     if gray.shape != (height, width):
         resized = Image.fromarray(gray, mode="F").resize((width, height), Image.Resampling.BILINEAR)

@@ -159,14 +159,15 @@ def save_png(
     model: str,
     sampler: str,
     conditions: dict[str, Any] | None = None,
+    make_folders: bool = True,
 ) -> str:
     """Write ``image`` to ``path`` as a PNG with provenance, atomically; returns the absolute path.
 
-    The folder is created if needed.
+    With ``make_folders`` the folder is created if needed.
     """
     path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
+    if make_folders:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_open(path, "wb") as handle:
         image.save(handle, format="PNG", pnginfo=png_info(layout, model, sampler, conditions))
     return path

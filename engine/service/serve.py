@@ -59,8 +59,8 @@ Requests:
     The PNG is written atomically and carries provenance (``engine.service.provenance``).
 
 ``{"op": "cancel", "id": 5, "target": "r1"}``
-    Stops generate ``target`` (default: the running one). A running generate stops at the end
-    of its current step; a queued one is dropped. The target then gets
+    Stops generate ``target`` (default: the running one). A running generate stops within one
+    UNet or VAE block (not at the end of its step); a queued one is dropped. The target then gets
     ``{"id": "r1", "event": "cancelled"}`` instead of a result, and the model stays loaded. The
     cancel is acknowledged with ``{"id": 5, "event": "ack", "op": "cancel", "target": "r1",
     "found": true}`` (``found`` false if nothing matched: it had already finished). A generate
@@ -80,13 +80,39 @@ the running one, more are refused with ``busy``. Every generate ends with exactl
 ``result``, ``cancelled`` or ``error``. stdin is read while a generate runs, so ``hello``
 and ``cancel`` answer at once.
 
+Every request line gets exactly one final reply, whatever it holds. An ``id`` in use by a
+generate or release still in flight is refused (``bad_request``, field ``id``). An id that is
+itself refused (too long, invalid Unicode) is still echoed when it is a string or a finite
+number; a string holding unpaired surrogates comes back as JSON escapes (``"\\ud800"``), so the
+client decodes the id it sent.
+
+Limits (all in ``hello``'s ``limits``; exceeding one answers ``limit_exceeded`` with ``limit``,
+its name, and ``max``, its value, plus ``field`` where one field is at fault):
+``line_chars`` (one request line; a longer line is skipped unread and answered with the ``id``
+found near its start, if any), ``json_depth`` (nesting), ``id_chars``, ``queue``, the Layout's
+(``image_side``, ``regions``, ``steps``, ``prompt_chars``, ``path_chars``, ``name_chars``,
+``input_pixels``: pixels of any image file a Layout names, read from its header, and
+``prompt_tokens``: a prompt longer than the model's token window is refused, never cut), and
+``generate_seconds`` (``--max-seconds``): a generate whose estimated time on this device
+exceeds it is refused before its first step (the estimate counts the model's operations at the
+requested size against the device's measured speed) or stopped after a step once the measured
+step time shows it would; ``progress`` events then carry ``seconds_left``, the estimate.
+Non-finite numbers (``NaN``, ``Infinity``, ``1e999``) and text with unpaired surrogates are
+refused wherever they appear (``bad_layout`` inside ``layout``, else ``bad_request``).
+
+Files: ``out`` must be an absolute path ending in ``.png`` that is not a folder and not an
+existing file other than a PNG; its folder must exist, or lie under a root given with
+``--out-root`` (then it is created). Pickle weights load only when the engine was started with
+``--allow-pickle``; a request's ``options.allow_pickle`` cannot turn it on.
+
 Errors: ``{"id": ..., "event": "error", "code": "...", "message": "...", "field": ...}`` where
 ``message`` says what is wrong and what to do, ``field`` (when known) names the offending
 request or Layout field (``layout.regions[0].box``). The process stays up after every error.
 Codes: ``bad_json`` (line is not JSON), ``bad_request`` (missing or mistyped request fields),
 ``unknown_op``, ``bad_layout``, ``model_not_found``, ``unsupported_model`` (not an SDXL
-text-to-image checkpoint), ``unsafe_checkpoint`` (pickle weights without ``allow_pickle``), ``bad_device``, ``out_of_memory``, ``output_failed`` (the PNG could
-not be written), ``busy``, ``internal``.
+text-to-image checkpoint), ``unsafe_checkpoint`` (pickle weights without ``allow_pickle``),
+``bad_device``, ``out_of_memory``, ``output_failed`` (the PNG could not be written), ``busy``,
+``limit_exceeded`` (with ``limit`` and ``max``), ``internal``.
 """
 
 from __future__ import annotations
@@ -98,14 +124,23 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import traceback
+from collections.abc import Sequence
 from typing import IO, Any
 
 from engine import __version__
 from engine.conditions.apply import check_conditions
-from engine.errors import BadRequestError, CancelledError, EngineError, is_out_of_memory
+from engine.errors import (
+    BadRequestError,
+    CancelledError,
+    EngineError,
+    LimitExceededError,
+    UnsafeCheckpointError,
+    is_out_of_memory,
+)
 from engine.loading.assemble import PipelineCache, resolve_conditions
 from engine.loading.defaults import describe_model
 from engine.loading.device import dtype_name, pick_device, pick_dtype
@@ -116,9 +151,31 @@ from engine.loading.locate import (
     describe_conditions,
     resolve_model,
 )
-from engine.service.generate import check_layout_files, run_generation
-from engine.wire.layout import MODES, Layout, LayoutError
-from engine.wire.protocol import NULLABLE_OPTIONS, OPTION_TYPES, PROTOCOL_VERSION, QUEUE_LIMIT
+from engine.service.generate import (
+    check_layout_files,
+    check_output_path,
+    prepare_output_folder,
+    run_generation,
+)
+from engine.wire.layout import (
+    LIMITS,
+    MAX_JSON_DEPTH,
+    MODES,
+    Layout,
+    LayoutError,
+    LimitError,
+    invalid_unicode,
+    short,
+)
+from engine.wire.protocol import (
+    DEFAULT_MAX_SECONDS,
+    MAX_ID_CHARS,
+    MAX_LINE_CHARS,
+    NULLABLE_OPTIONS,
+    OPTION_TYPES,
+    PROTOCOL_VERSION,
+    QUEUE_LIMIT,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +193,33 @@ class _Job:
     model: str = ""
     options: LoadOptions | None = None
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    max_seconds: float = 0.0
 
 
 class Server:
-    """Reads requests, answers the quick ones at once and runs generates on a worker thread."""
+    """Reads requests, answers the quick ones at once and runs generates on a worker thread.
 
-    def __init__(self, out: IO[str], options: LoadOptions | None = None, model: str | None = None):
+    ``out_roots``: folders under which a generate's missing output folders may be created;
+    ``max_seconds``: the estimated generation time above which a generate is refused (0: no
+    limit); ``max_line_chars``: the longest request line read.
+    """
+
+    def __init__(
+        self,
+        out: IO[str],
+        options: LoadOptions | None = None,
+        model: str | None = None,
+        *,
+        out_roots: Sequence[str] = (),
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+        max_line_chars: int = MAX_LINE_CHARS,
+    ):
         self._out = out
         self._write_lock = threading.Lock()
         self._options = options or LoadOptions()
+        self._out_roots = tuple(os.path.abspath(root) for root in out_roots)
+        self._max_seconds = max_seconds
+        self._max_line_chars = max_line_chars
         self._default_model = model or default_model_spec()
         self._last_model: str | None = None
         self._cache = PipelineCache()
@@ -157,8 +232,25 @@ class Server:
     # -- Output ------------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        """Write one protocol line (serialized across threads, flushed)."""
-        line = json.dumps(message, ensure_ascii=False, allow_nan=False, default=str)
+        """Write one protocol line (serialized across threads, flushed); never raises."""
+        try:
+            line = json.dumps(message, ensure_ascii=False, allow_nan=False, default=str)
+        except (ValueError, TypeError, RecursionError) as exc:
+            log.error("reply %s could not be encoded: %s", short(message, 200), exc)
+            request_id = message.get("id")
+            line = json.dumps(
+                {
+                    "id": request_id if _valid_id(request_id) else None,
+                    "event": "error",
+                    "code": "internal",
+                    "message": f"the reply could not be encoded ({exc}); please report it",
+                },
+                default=str,
+            )
+        if invalid_unicode(line):
+            # A client's id or text holding unpaired surrogates: as JSON escapes they are valid
+            # UTF-8 and decode back to exactly what the client sent.
+            line = json.dumps(json.loads(line), ensure_ascii=True)
         with self._write_lock:
             try:
                 self._out.write(line + "\n")
@@ -171,7 +263,13 @@ class Server:
         self.send(self._error_message(request_id, exc))
 
     def _error_message(self, request_id: Any, exc: BaseException) -> dict[str, Any]:
-        if isinstance(exc, LayoutError):
+        limit = None
+        if isinstance(exc, (LimitError, LimitExceededError)):
+            limit = (exc.limit, exc.maximum)
+        if isinstance(exc, LimitError):
+            code = LimitError.code
+            field = f"layout.{exc.field}" if exc.field else None
+        elif isinstance(exc, LayoutError):
             code = "bad_layout"
             field = f"layout.{exc.field}" if exc.field else "layout"
         elif isinstance(exc, EngineError):
@@ -193,6 +291,8 @@ class Server:
         message = {"id": request_id, "event": "error", "code": code, "message": str(exc)}
         if field:
             message["field"] = field
+        if limit is not None:
+            message["limit"], message["max"] = limit
         return message
 
     # -- Reading -----------------------------------------------------------------------------
@@ -201,45 +301,87 @@ class Server:
         """Serve requests from ``lines`` until shutdown or end of input; the exit status."""
         self._worker.start()
         self._log_start()
-        for line in iter(lines.readline, ""):
-            if not line.strip():
+        while True:
+            try:
+                line, overflow = read_line(lines, self._max_line_chars)
+            except Exception:  # an unreadable stream ends the input, like a closed one
+                log.error("cannot read stdin:\n%s", traceback.format_exc())
+                line, overflow = "", 0
+            if overflow:
+                self._line_too_long(line, overflow)
                 continue
-            if not self.handle_line(line):
+            if not line:
+                # End of input: finish what is queued, then stop.
+                with self._cond:
+                    self._stopping = True
+                    self._cond.notify_all()
                 break
-        else:
-            # End of input: finish what is queued, then stop.
-            with self._cond:
-                self._stopping = True
-                self._cond.notify_all()
+            if line.strip() and not self.handle_line(line):
+                break
         self._worker.join()
         return 0
+
+    def _line_too_long(self, head: str, length: int) -> None:
+        self.send(
+            {
+                "id": guess_id(head),
+                "event": "error",
+                "code": "limit_exceeded",
+                "limit": "line_chars",
+                "max": self._max_line_chars,
+                "message": f"request line of {length} characters is longer than the limit of "
+                f"{self._max_line_chars}; it was skipped. Send images as files and paths, not "
+                "inline",
+            }
+        )
 
     def _log_start(self) -> None:
         log.info("engine %s serving protocol %s on stdin/stdout", __version__, PROTOCOL_VERSION)
 
     def handle_line(self, line: str) -> bool:
-        """Handle one request line; False once the server should stop reading."""
+        """Handle one request line; False once the server should stop reading. Never raises:
+        whatever the line holds, it gets exactly one final reply."""
+        request_id = None
         try:
-            # NaN and Infinity are let through here so the Layout check can name the field.
-            request = json.loads(line)
-        except ValueError as exc:
-            self.send(
-                {
-                    "id": None,
-                    "event": "error",
-                    "code": "bad_json",
-                    "message": f"request is not valid JSON ({exc}); send one JSON object per line",
-                }
-            )
-            return True
-        request_id = request.get("id") if isinstance(request, dict) else None
-        if not _valid_id(request_id):
-            request_id = None
-        try:
+            request = self._parse(line)
+            if request is None:
+                return True
+            request_id = request.get("id") if isinstance(request, dict) else None
+            if not _valid_id(request_id):
+                request_id = None
             return self._dispatch(request)
         except Exception as exc:  # every failure becomes an error line; the server stays up
             self._error(request_id, exc)
             return True
+
+    def _parse(self, line: str) -> Any:
+        """The decoded request, or None once a ``bad_json`` error has been sent for it."""
+        try:
+            # NaN and Infinity are let through here so the checks can name the field.
+            return json.loads(line)
+        except RecursionError:
+            problem = f"it nests arrays or objects more than {MAX_JSON_DEPTH} deep"
+            self.send(
+                {
+                    "id": guess_id(line),
+                    "event": "error",
+                    "code": "limit_exceeded",
+                    "limit": "json_depth",
+                    "max": MAX_JSON_DEPTH,
+                    "message": f"request refused: {problem}",
+                }
+            )
+        except ValueError as exc:
+            self.send(
+                {
+                    "id": guess_id(line),
+                    "event": "error",
+                    "code": "bad_json",
+                    "message": f"request is not valid JSON ({short(str(exc), 200)}); send one "
+                    "JSON object per line",
+                }
+            )
+        return None
 
     def _dispatch(self, request: Any) -> bool:
         if not isinstance(request, dict):
@@ -248,6 +390,7 @@ class Server:
             )
         if "id" not in request or request["id"] is None or not _valid_id(request["id"]):
             raise BadRequestError("request needs an 'id' (a string or a finite number)", "id")
+        check_request_values(request)
         op = request.get("op")
         handler = (
             {
@@ -266,19 +409,32 @@ class Server:
                     "id": request["id"],
                     "event": "error",
                     "code": "unknown_op",
-                    "message": f"unknown op {op!r}; known ops are hello, generate, cancel, "
+                    "message": f"unknown op {short(op)}; known ops are hello, generate, cancel, "
                     "release and shutdown",
                     "field": "op",
                 }
             )
             return True
+        self._check_id_free(request["id"])
         return handler(request)
+
+    def _check_id_free(self, request_id: Any) -> None:
+        """Refuse an id already used by a generate or release in flight: its replies would mix."""
+        with self._cond:
+            busy = [j for j in (self._running, *self._jobs) if j is not None and j.id == request_id]
+        if busy:
+            raise BadRequestError(
+                f"id {short(request_id)} is already used by a {busy[0].op} in flight; give each "
+                "request its own id",
+                "id",
+            )
 
     # -- Ops ---------------------------------------------------------------------------------
 
     def _hello(self, request: dict) -> bool:
         options = self._request_options(request)
         reply = {"id": request["id"], "event": "hello", **engine_info(options)}
+        reply["limits"] = self.limits()
         reply["default_model"] = self._last_model or self._default_model
         reply["loaded_model"] = self._cache.location.spec if self._cache.location else None
         if "model" in request:
@@ -287,12 +443,18 @@ class Server:
         self.send(reply)
         return True
 
+    def limits(self) -> dict[str, float]:
+        """Every limit this engine enforces, by name (``hello``'s ``limits``)."""
+        return {
+            **LIMITS,
+            "line_chars": self._max_line_chars,
+            "id_chars": MAX_ID_CHARS,
+            "queue": QUEUE_LIMIT,
+            "generate_seconds": self._max_seconds,
+        }
+
     def _generate(self, request: dict) -> bool:
-        out = request.get("out")
-        if not isinstance(out, str) or not out:
-            raise BadRequestError("generate needs 'out': the absolute path of the PNG", "out")
-        if not os.path.isabs(out):
-            raise BadRequestError(f"'out' {out!r} must be an absolute path", "out")
+        out = check_output_path(request.get("out"), self._out_roots)
         if "layout" not in request:
             raise BadRequestError("generate needs 'layout': an inline Layout object", "layout")
         layout = Layout.from_dict(request["layout"])
@@ -304,6 +466,7 @@ class Server:
         resolve_conditions(options)
         check_conditions(layout, options.ip_adapter)
         job = _Job(request["id"], "generate", layout, out, model, options)
+        job.max_seconds = self._max_seconds
         with self._cond:
             waiting = sum(1 for j in self._jobs if j.op == "generate")
             if waiting >= QUEUE_LIMIT:
@@ -322,6 +485,12 @@ class Server:
 
     def _cancel(self, request: dict) -> bool:
         target = request.get("target")
+        if not _valid_id(target):
+            raise BadRequestError(
+                f"'target' must be the id of a generate (a string or a finite number) or null, "
+                f"got {short(target)}",
+                "target",
+            )
         with self._cond:
             running = self._running if self._running and self._running.op == "generate" else None
             if target is None and running is not None:
@@ -369,13 +538,28 @@ class Server:
             kind = OPTION_TYPES.get(key)
             if kind is None:
                 raise BadRequestError(
-                    f"unknown option {key!r}; known options are {sorted(OPTION_TYPES)}",
-                    f"options.{key}",
+                    f"unknown option {short(key)}; known options are {sorted(OPTION_TYPES)}",
+                    "options",
                 )
             if not isinstance(value, kind) and not (key in NULLABLE_OPTIONS and value is None):
                 raise BadRequestError(
-                    f"option {key!r} must be a {kind.__name__}, got {value!r}", f"options.{key}"
+                    f"option {key!r} must be a {kind.__name__}, got {short(value)}",
+                    f"options.{key}",
                 )
+            if isinstance(value, str) and (len(value) > LIMITS["path_chars"] or "\x00" in value):
+                raise BadRequestError(
+                    f"option {key!r} must be a path or name without NUL characters, at most "
+                    f"{LIMITS['path_chars']} characters long",
+                    f"options.{key}",
+                )
+        if overrides.get("allow_pickle") and not self._options.allow_pickle:
+            # Loading pickle runs code from the file: only whoever starts the engine decides.
+            raise UnsafeCheckpointError(
+                "pickle checkpoints can run code when loaded, so only the engine's own start "
+                "flag --allow-pickle allows them; a request cannot. Use .safetensors weights, or "
+                "restart the engine with --allow-pickle if you trust the files",
+                "options.allow_pickle",
+            )
         return dataclasses.replace(self._options, **overrides)
 
     # -- Worker ------------------------------------------------------------------------------
@@ -412,18 +596,25 @@ class Server:
         def announce(location: ModelLocation) -> None:
             self.send({"id": job.id, "event": "loading", "model": job.model, "path": location.path})
 
+        def progress(step: int, total: int, seconds_left: float | None = None) -> None:
+            event = {"id": job.id, "event": "progress", "step": step, "total": total}
+            if seconds_left is not None:
+                event["seconds_left"] = round(seconds_left, 1)
+            self.send(event)
+
         if job.cancel.is_set():
             raise CancelledError("cancelled before it started")
         pipe, load_seconds = self._cache.get(job.model, job.options, on_load=announce)
+        prepare_output_folder(job.out, self._out_roots)
         result = run_generation(
             pipe,
             job.layout,
             job.out,
             job.model,
-            on_step=lambda step, total: self.send(
-                {"id": job.id, "event": "progress", "step": step, "total": total}
-            ),
+            on_step=progress,
             should_stop=job.cancel.is_set,
+            max_seconds=job.max_seconds,
+            make_folders=False,
         )
         return {
             "id": job.id,
@@ -469,10 +660,99 @@ def _valid_id(value: Any) -> bool:
     return value is None or (isinstance(value, (str, int)) and not isinstance(value, bool))
 
 
+def read_line(stream: IO[str], limit: int) -> tuple[str, int]:
+    """The next line of ``stream`` (``""`` at its end) and 0; or, for a line longer than
+    ``limit`` characters, its first characters and its length, the rest skipped unread into
+    memory."""
+    line = stream.readline(limit + 1)
+    if len(line) <= limit or line.endswith("\n"):
+        return line, 0
+    length, head = len(line), line[:4096]
+    while not line.endswith("\n"):
+        line = stream.readline(1 << 20)
+        if not line:
+            break
+        length += len(line)
+    return head, length - line.endswith("\n")
+
+
+_ID_NEAR_START = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.){0,256}"|-?\d{1,19}(?:\.\d+)?)')
+
+
+def guess_id(text: str) -> Any:
+    """The ``id`` of a request that could not be read whole, found near its start; else None.
+
+    Clients write ``id`` first or second, so a refused line can still be answered to its id.
+    """
+    match = _ID_NEAR_START.search(text[:4096])
+    if match is None:
+        return None
+    try:
+        value = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return value if _valid_id(value) else None
+
+
+def check_request_values(request: dict) -> None:
+    """Refuse values no field may hold, wherever they are: non-finite numbers, text with
+    unpaired surrogates, nesting deeper than ``MAX_JSON_DEPTH`` and over-long ids.
+
+    Walked without recursion. Inside ``layout`` only the nesting is checked here: the Layout's
+    own validation names the offending field (``bad_layout``).
+    """
+    request_id = request.get("id")
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_CHARS:
+        raise LimitExceededError(
+            f"'id' is {len(request_id)} characters long; the limit is {MAX_ID_CHARS}",
+            "id_chars",
+            MAX_ID_CHARS,
+            "id",
+        )
+    stack: list[tuple[Any, str, int, bool]] = [(request, "", 0, True)]
+    while stack:
+        value, path, depth, strict = stack.pop()
+        problem = None
+        if strict and isinstance(value, float) and not math.isfinite(value):
+            problem = f"{value} is not a finite number"
+        elif strict and isinstance(value, str) and invalid_unicode(value):
+            problem = "the text is not valid Unicode (an unpaired surrogate such as \\ud800)"
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise LimitExceededError(
+                    f"request nests arrays or objects more than {MAX_JSON_DEPTH} deep",
+                    "json_depth",
+                    MAX_JSON_DEPTH,
+                    path[:200] or None,
+                )
+            if isinstance(value, dict):
+                for key, child in value.items():
+                    if strict and invalid_unicode(key):
+                        problem = "a key is not valid Unicode (an unpaired surrogate)"
+                        break
+                    inner = f"{path}.{key}" if path else key
+                    stack.append((child, inner, depth + 1, strict and inner != "layout"))
+            else:
+                stack.extend(
+                    (child, f"{path}[{i}]", depth + 1, strict) for i, child in enumerate(value)
+                )
+        if problem is not None:
+            field = path[:200] or None
+            raise BadRequestError(
+                f"'{field}': {problem}; send finite numbers and UTF-8 text", field
+            )
+
+
 def _optional_str(request: dict, key: str) -> str | None:
     value = request.get(key)
     if value is not None and not isinstance(value, str):
         raise BadRequestError(f"'{key}' must be a string", key)
+    if value is not None and (len(value) > LIMITS["path_chars"] or "\x00" in value):
+        raise BadRequestError(
+            f"'{key}' must be a name or path without NUL characters, at most "
+            f"{LIMITS['path_chars']} characters long",
+            key,
+        )
     return value
 
 
@@ -493,7 +773,14 @@ def protocol_streams() -> tuple[IO[str], IO[str]]:
     return protocol_in, protocol_out
 
 
-def serve(options: LoadOptions | None = None, model: str | None = None) -> int:
+def serve(
+    options: LoadOptions | None = None,
+    model: str | None = None,
+    *,
+    out_roots: Sequence[str] = (),
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+) -> int:
     """Run the protocol on this process's stdin/stdout; returns the exit status."""
     protocol_in, protocol_out = protocol_streams()
-    return Server(protocol_out, options, model).run(protocol_in)
+    server = Server(protocol_out, options, model, out_roots=out_roots, max_seconds=max_seconds)
+    return server.run(protocol_in)

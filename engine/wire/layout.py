@@ -10,6 +10,11 @@ uses the standard library only, so the add-on ships the same package inside Blen
 Coordinates: ``box`` is ``[x0, y0, x1, y1]`` normalized to the image, origin at the top-left,
 x to the right, y down. Boxes that stick out of the frame are clipped to it; boxes with no area
 inside the frame are rejected.
+
+Limits (``LIMITS``; ``engine serve`` reports them in ``hello``): a Layout exceeding one is
+refused with a :class:`LimitError` naming the limit and its value, never cut. Text must be valid
+Unicode (no unpaired surrogates). Image paths in a Layout *file* must stay inside the file's
+folder unless the reader allows other places (``allow_outside``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,37 @@ MAX_SIZE = 4096
 SIZE_MULTIPLE = 8
 """Image sides must be multiples of the VAE's downsampling factor (8 for SDXL)."""
 
+MAX_REGIONS = 1024
+MAX_STEPS = 1000
+MAX_PROMPT_CHARS = 4096
+"""Characters per prompt; the model's token limit (``prompt_tokens``) is checked on top."""
+MAX_PATH_CHARS = 4096
+MAX_NAME_CHARS = 1024
+MAX_LAYOUT_CHARS = 16 * 1024 * 1024
+"""Characters of a Layout file or JSON text."""
+MAX_JSON_DEPTH = 32
+"""Nesting of JSON arrays and objects; a Layout needs 4."""
+MAX_INPUT_PIXELS = 8192 * 8192
+"""Pixels of any image a Layout names (mask, depth, reference, init image, object image),
+read from the file's header before it is decoded."""
+MAX_PROMPT_TOKENS = 77
+"""Tokens per prompt, start and end tokens included: SDXL's CLIP window. Longer prompts are
+refused, never cut (the engine checks with the model's own tokenizers)."""
+
+LIMITS: dict[str, int] = {
+    "image_side": MAX_SIZE,
+    "regions": MAX_REGIONS,
+    "steps": MAX_STEPS,
+    "prompt_chars": MAX_PROMPT_CHARS,
+    "path_chars": MAX_PATH_CHARS,
+    "name_chars": MAX_NAME_CHARS,
+    "layout_chars": MAX_LAYOUT_CHARS,
+    "json_depth": MAX_JSON_DEPTH,
+    "input_pixels": MAX_INPUT_PIXELS,
+    "prompt_tokens": MAX_PROMPT_TOKENS,
+}
+"""The Layout's documented limits, by the name errors and ``hello`` use."""
+
 IMAGE_FIELDS = ("depth", "reference", "init_image")
 """Layout fields holding image paths, resolved, checked and saved like region masks."""
 
@@ -52,6 +88,18 @@ class LayoutError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class LimitError(LayoutError):
+    """A documented limit exceeded: ``limit`` names it (a key of ``LIMITS`` or of the engine's
+    ``hello`` limits) and ``maximum`` is its value."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, field: str | None, limit: str, maximum: float):
+        super().__init__(message, field)
+        self.limit = limit
+        self.maximum = maximum
 
 
 @dataclass
@@ -134,33 +182,50 @@ class Layout:
     # -- JSON ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any, base_dir: str | None = None) -> Layout:
+    def from_dict(
+        cls, data: Any, base_dir: str | None = None, allow_outside: bool = True
+    ) -> Layout:
         """Validate a decoded JSON object and build a Layout.
 
         ``base_dir`` is the folder relative mask paths resolve against (the Layout file's folder).
-        Without it (an inline Layout), mask paths must be absolute.
+        Without it (an inline Layout), mask paths must be absolute. With ``base_dir`` and
+        ``allow_outside`` False, every image path must lie inside ``base_dir`` (symlinks
+        resolved).
         """
-        return _parse_layout(data, base_dir)
+        return _parse_layout(data, base_dir, None if allow_outside else base_dir)
 
     @classmethod
-    def from_json(cls, text: str, base_dir: str | None = None) -> Layout:
-        """Parse and validate a Layout from JSON text."""
-        try:
-            data = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as exc:
-            raise LayoutError(f"Layout is not valid JSON: {exc}") from None
-        return cls.from_dict(data, base_dir)
+    def from_json(
+        cls, text: str, base_dir: str | None = None, allow_outside: bool = True
+    ) -> Layout:
+        """Parse and validate a Layout from JSON text (at most ``MAX_LAYOUT_CHARS``)."""
+        if len(text) > MAX_LAYOUT_CHARS:
+            raise LimitError(
+                f"the Layout is {len(text)} characters long; the limit is {MAX_LAYOUT_CHARS}",
+                None,
+                "layout_chars",
+                MAX_LAYOUT_CHARS,
+            )
+        data = parse_json(text, "Layout")
+        return cls.from_dict(data, base_dir, allow_outside)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Layout:
-        """Read a Layout file; mask paths in it are relative to its folder."""
+    def load(cls, path: str | os.PathLike[str], allow_outside: bool = False) -> Layout:
+        """Read a Layout file; image paths in it are relative to its folder and, unless
+        ``allow_outside``, must stay inside it."""
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as handle:
-                text = handle.read()
+                text = handle.read(MAX_LAYOUT_CHARS + 1)
         except OSError as exc:
             raise LayoutError(f"cannot read Layout file {path!r}: {exc.strerror}") from None
-        return cls.from_json(text, base_dir=os.path.dirname(os.path.abspath(path)))
+        except UnicodeDecodeError as exc:
+            raise LayoutError(
+                f"Layout file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                "save it as UTF-8 JSON"
+            ) from None
+        folder = os.path.dirname(os.path.abspath(path))
+        return cls.from_json(text, base_dir=folder, allow_outside=allow_outside)
 
     def to_dict(self) -> dict[str, Any]:
         """The Layout as a JSON-ready dict (mask paths as stored: absolute after loading)."""
@@ -210,14 +275,77 @@ def _reject_constant(name: str) -> float:
     raise LayoutError(f"Layout JSON contains {name}; use finite numbers only")
 
 
-def _parse_layout(data: Any, base_dir: str | None) -> Layout:
+def parse_json(text: str, what: str) -> Any:
+    """Decode JSON text that must hold finite numbers and nest at most ``MAX_JSON_DEPTH`` deep.
+
+    Raises LayoutError (LimitError for the depth) saying what is wrong with ``what``.
+    """
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        data = None
+    except ValueError as exc:
+        raise LayoutError(f"{what} is not valid JSON: {exc}") from None
+    else:
+        if json_depth(data, MAX_JSON_DEPTH) <= MAX_JSON_DEPTH:
+            return data
+    raise LimitError(
+        f"{what} nests arrays or objects more than {MAX_JSON_DEPTH} deep",
+        None,
+        "json_depth",
+        MAX_JSON_DEPTH,
+    )
+
+
+def json_depth(value: Any, stop: int) -> int:
+    """How deep arrays and objects nest in decoded JSON (a scalar is 0), counted iteratively up
+    to ``stop + 1`` so no input can exhaust the stack."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > stop:
+                return deepest
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def invalid_unicode(text: str) -> bool:
+    """True when ``text`` holds unpaired surrogates (JSON ``"\\ud800"``), which no encoder,
+    tokenizer or file system accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def short(value: Any, chars: int = 80) -> str:
+    """``repr(value)`` cut to ``chars`` for messages: inputs may be megabytes long."""
+    text = repr(value) if not isinstance(value, (list, dict)) else _short_container(value)
+    return text if len(text) <= chars else text[: chars - 3] + "..."
+
+
+def _short_container(value: Any) -> str:
+    # repr of a deeply nested or huge container is itself unbounded: show its kind and size.
+    kind = "list" if isinstance(value, list) else "object"
+    if json_depth(value, 3) <= 2 and len(value) <= 8:
+        with contextlib.suppress(RecursionError):
+            return repr(value)
+    return f"<{kind} of {len(value)} items>"
+
+
+def _parse_layout(data: Any, base_dir: str | None, root: str | None = None) -> Layout:
     if not isinstance(data, dict):
         raise LayoutError(f"a Layout is a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - _LAYOUT_FIELDS)
+    unknown = sorted(str(key) for key in set(data) - _LAYOUT_FIELDS)
     if unknown:
         raise LayoutError(
-            f"unknown Layout field(s) {unknown}; known fields are {sorted(_LAYOUT_FIELDS)}",
-            unknown[0],
+            f"unknown Layout field(s) {short(unknown)}; known fields are {sorted(_LAYOUT_FIELDS)}",
+            _field_name(unknown[0]),
         )
     version = _int(data, "version", SCHEMA_VERSION, 1, 1_000_000)
     if version > SCHEMA_VERSION:
@@ -239,15 +367,25 @@ def _parse_layout(data: Any, base_dir: str | None) -> Layout:
             )
     mode = _str(data, "mode", "attention")
     if mode not in MODES:
-        raise LayoutError(f"unknown mode {mode!r}; choose one of {list(MODES)}", "mode")
+        raise LayoutError(f"unknown mode {short(mode)}; choose one of {list(MODES)}", "mode")
     background = data.get("background_prompt")
     if background is not None and not isinstance(background, str):
         raise LayoutError("'background_prompt' must be a string or null", "background_prompt")
+    if background is not None:
+        _check_text(background, "background_prompt", MAX_PROMPT_CHARS, "prompt_chars")
     regions_data = data.get("regions", [])
     if not isinstance(regions_data, list):
         raise LayoutError("'regions' must be a list of region objects", "regions")
-    regions = [_parse_region(item, i, base_dir) for i, item in enumerate(regions_data)]
-    depth = _path(data.get("depth"), "depth", base_dir)
+    if len(regions_data) > MAX_REGIONS:
+        raise LimitError(
+            f"the Layout has {len(regions_data)} regions; the limit is {MAX_REGIONS}. Label "
+            "fewer objects, or merge objects that share a prompt into one region mask",
+            "regions",
+            "regions",
+            MAX_REGIONS,
+        )
+    regions = [_parse_region(item, i, base_dir, root) for i, item in enumerate(regions_data)]
+    depth = _path(data.get("depth"), "depth", base_dir, root)
     depth_start = _float(data, "depth_start", 0.0, 0.0, 1.0)
     depth_end = _float(data, "depth_end", 1.0, 0.0, 1.0)
     if depth_end <= depth_start:
@@ -256,7 +394,7 @@ def _parse_layout(data: Any, base_dir: str | None) -> Layout:
             "the fractions of the steps between which depth conditioning acts",
             "depth_end",
         )
-    init_image = _path(data.get("init_image"), "init_image", base_dir)
+    init_image = _path(data.get("init_image"), "init_image", base_dir, root)
     strength = _float(data, "strength", 1.0, 0.0, 1.0)
     keep_outside = _bool(data, "keep_outside", False)
     _check_init_image(init_image, strength, keep_outside, regions)
@@ -268,7 +406,7 @@ def _parse_layout(data: Any, base_dir: str | None) -> Layout:
         background_prompt=background,
         base_ratio=_float(data, "base_ratio", 0.2, 0.0, 1.0),
         seed=_int(data, "seed", 0, 0, 2**63 - 1),
-        steps=_int(data, "steps", 30, 1, 1000),
+        steps=_int(data, "steps", 30, 1, MAX_STEPS),
         guidance_scale=_float(data, "guidance_scale", 6.0, 0.0, 100.0),
         mode=mode,
         regions=regions,
@@ -276,7 +414,7 @@ def _parse_layout(data: Any, base_dir: str | None) -> Layout:
         depth_scale=_float(data, "depth_scale", 1.0, 0.0, 5.0),
         depth_start=depth_start,
         depth_end=depth_end,
-        reference=_path(data.get("reference"), "reference", base_dir),
+        reference=_path(data.get("reference"), "reference", base_dir, root),
         reference_scale=_float(data, "reference_scale", 0.0, 0.0, 10.0),
         reference_fraction=_optional_float(data, "reference_fraction", 0.0, 1.0),
         init_image=init_image,
@@ -309,15 +447,16 @@ def _check_init_image(
         )
 
 
-def _parse_region(data: Any, index: int, base_dir: str | None) -> Region:
+def _parse_region(data: Any, index: int, base_dir: str | None, root: str | None) -> Region:
     where = f"regions[{index}]"
     if not isinstance(data, dict):
         raise LayoutError(f"{where} must be an object with 'prompt' and 'box'", where)
-    unknown = sorted(set(data) - _REGION_FIELDS)
+    unknown = sorted(str(key) for key in set(data) - _REGION_FIELDS)
     if unknown:
         raise LayoutError(
-            f"{where}: unknown field(s) {unknown}; known fields are {sorted(_REGION_FIELDS)}",
-            f"{where}.{unknown[0]}",
+            f"{where}: unknown field(s) {short(unknown)}; known fields are "
+            f"{sorted(_REGION_FIELDS)}",
+            f"{where}.{_field_name(unknown[0])}",
         )
     prompt = _str(data, "prompt", None, where)
     if not prompt.strip():
@@ -326,41 +465,86 @@ def _parse_region(data: Any, index: int, base_dir: str | None) -> Region:
     return Region(
         prompt=prompt,
         box=box,
-        mask=_path(data.get("mask"), f"{where}.mask", base_dir),
+        mask=_path(data.get("mask"), f"{where}.mask", base_dir, root),
         weight=_float(data, "weight", 1.0, 0.0, 10.0, where),
         name=_str(data, "name", "", where),
         strength=_optional_float(data, "strength", 0.0, 1.0, where),
         depth_scale=_optional_float(data, "depth_scale", 0.0, 5.0, where),
-        image=_path(data.get("image"), f"{where}.image", base_dir),
+        image=_path(data.get("image"), f"{where}.image", base_dir, root),
         image_scale=_float(data, "image_scale", 0.5, 0.0, 5.0, where),
     )
 
 
-def _path(value: Any, name: str, base_dir: str | None) -> str | None:
-    """An optional image path, made absolute against ``base_dir``."""
+def _path(value: Any, name: str, base_dir: str | None, root: str | None = None) -> str | None:
+    """An optional image path, made absolute against ``base_dir``; with ``root``, it must
+    resolve (symlinks followed) inside ``root``."""
     if value is None:
         return None
     if not isinstance(value, str) or not value:
         raise LayoutError(f"'{name}' must be a PNG path or null", name)
+    _check_text(value, name, MAX_PATH_CHARS, "path_chars")
+    if "\x00" in value:
+        raise LayoutError(f"'{name}' {short(value)} contains a NUL character; fix the path", name)
     if os.path.isabs(value):
-        return value
-    if base_dir is None:
+        path = os.path.normpath(value)
+    elif base_dir is None:
         raise LayoutError(
-            f"'{name}' {value!r} is relative, but this Layout has no folder to resolve it "
+            f"'{name}' {short(value)} is relative, but this Layout has no folder to resolve it "
             "against; send absolute paths with inline Layouts",
             name,
         )
-    return os.path.normpath(os.path.join(base_dir, value))
+    else:
+        path = os.path.normpath(os.path.join(base_dir, value))
+    if root is not None and not _inside(path, root):
+        raise LayoutError(
+            f"'{name}' {short(value)} lies outside the Layout file's folder {root!r}; keep the "
+            "Layout's images inside its folder, or allow other places (engine generate "
+            "--allow-outside-inputs)",
+            name,
+        )
+    return path
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` resolves (symlinks followed) to ``root`` or a place under it."""
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    try:
+        return os.path.commonpath([real, real_root]) == real_root
+    except ValueError:  # another drive on Windows
+        return False
+
+
+def _check_text(value: str, name: str, limit: int, limit_name: str) -> None:
+    """Refuse text over ``limit`` characters or holding invalid Unicode."""
+    if len(value) > limit:
+        raise LimitError(
+            f"'{name}' is {len(value)} characters long; the limit is {limit}",
+            name,
+            limit_name,
+            limit,
+        )
+    if invalid_unicode(value):
+        raise LayoutError(
+            f"'{name}' is not valid Unicode (it holds an unpaired surrogate such as \\ud800); "
+            "send UTF-8 text",
+            name,
+        )
+
+
+def _field_name(key: str) -> str:
+    """A client's unknown key as a field name: short and always encodable."""
+    key = key[:64]
+    return key if not invalid_unicode(key) else key.encode("utf-8", "replace").decode()
 
 
 def _box(value: Any, where: str) -> tuple[float, float, float, float]:
     name = f"{where}.box"
     if not isinstance(value, (list, tuple)) or len(value) != 4:
-        raise LayoutError(f"{name} must be [x0, y0, x1, y1] in 0..1, got {value!r}", name)
+        raise LayoutError(f"{name} must be [x0, y0, x1, y1] in 0..1, got {short(value)}", name)
     numbers = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise LayoutError(f"{name} must hold four finite numbers, got {value!r}", name)
+            raise LayoutError(f"{name} must hold four finite numbers, got {short(value)}", name)
         numbers.append(float(v))
     x0, y0, x1, y1 = numbers
     if x1 <= x0 or y1 <= y0:
@@ -387,6 +571,10 @@ def _str(data: dict, key: str, default: str | None, where: str | None = None) ->
     value = data[key]
     if not isinstance(value, str):
         raise LayoutError(f"'{name}' must be a string, got {type(value).__name__}", name)
+    if key == "name":
+        _check_text(value, name, MAX_NAME_CHARS, "name_chars")
+    else:
+        _check_text(value, name, MAX_PROMPT_CHARS, "prompt_chars")
     return value
 
 
@@ -396,16 +584,16 @@ def _int(data: dict, key: str, default: int, low: int, high: int, where: str | N
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise LayoutError(f"'{name}' must be an integer, got {value!r}", name)
+        raise LayoutError(f"'{name}' must be an integer, got {short(value)}", name)
     if not low <= value <= high:
-        raise LayoutError(f"'{name}' must be between {low} and {high}, got {value}", name)
+        raise LayoutError(f"'{name}' must be between {low} and {high}, got {short(value)}", name)
     return value
 
 
 def _bool(data: dict, key: str, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
-        raise LayoutError(f"'{key}' must be true or false, got {value!r}", key)
+        raise LayoutError(f"'{key}' must be true or false, got {short(value)}", key)
     return value
 
 
@@ -428,7 +616,7 @@ def _float(
     name = _suffix(where, key)
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LayoutError(f"'{name}' must be a finite number, got {value!r}", name)
+        raise LayoutError(f"'{name}' must be a finite number, got {short(value)}", name)
     if not low <= value <= high:
-        raise LayoutError(f"'{name}' must be between {low} and {high}, got {value}", name)
+        raise LayoutError(f"'{name}' must be between {low} and {high}, got {short(value)}", name)
     return float(value)

@@ -21,6 +21,13 @@ FINAL_EVENTS = frozenset({"result", "cancelled", "error"})
 QUEUE_LIMIT = 4
 """Generates that may wait behind the running one before ``busy`` is answered."""
 
+MAX_LINE_CHARS = 16 * 1024 * 1024
+"""Characters of one request line; a longer line is skipped and answered ``limit_exceeded``."""
+MAX_ID_CHARS = 256
+"""Characters of a request ``id`` string."""
+DEFAULT_MAX_SECONDS = 3600.0
+"""Estimated seconds a generate may take before it is refused (``engine serve --max-seconds``)."""
+
 OPTION_TYPES: dict[str, type] = {
     "device": str,
     "dtype": str,
@@ -49,6 +56,7 @@ BAD_DEVICE = "bad_device"
 OUT_OF_MEMORY = "out_of_memory"
 OUTPUT_FAILED = "output_failed"
 BUSY = "busy"
+LIMIT_EXCEEDED = "limit_exceeded"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
 
@@ -65,6 +73,7 @@ ERROR_CODES = frozenset(
         OUT_OF_MEMORY,
         OUTPUT_FAILED,
         BUSY,
+        LIMIT_EXCEEDED,
         INTERNAL,
     }
 )

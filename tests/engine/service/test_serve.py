@@ -261,8 +261,8 @@ def test_output_that_cannot_be_written_is_reported(engine, tiny_model_dir, tmp_p
         },
         timeout=300,
     )
-    assert (reply["event"], reply["code"], reply["field"]) == ("error", "output_failed", "out")
-    assert str(blocker / "x.png") in reply["message"]
+    assert (reply["event"], reply["code"], reply["field"]) == ("error", "bad_request", "out")
+    assert str(blocker) in reply["message"] and "is not a folder" in reply["message"]
 
 
 def test_queue_limit_then_shutdown_cancels_everything(tmp_path, tiny_model_dir):
