@@ -12,7 +12,8 @@ A model spec is one of:
   file's header: SDXL base for most fine-tunes) from the local cache.
 
 Pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) can run code when loaded; they are
-refused unless ``allow_pickle`` is set.
+refused unless ``allow_pickle`` is set. In a diffusers folder every component (``unet``,
+``text_encoder``, ...) must have ``.safetensors`` weights on its own.
 
 Resolving a spec (:func:`resolve_model`) and the optional conditioning models (ControlNet,
 IP-Adapter, GLIGEN) only looks at the file system; :mod:`engine.loading.assemble` loads them.
@@ -176,14 +177,30 @@ def resolve_model(spec: str | None = None, options: LoadOptions | None = None) -
     )
 
 
-def _weight_files(folder: str) -> list[str]:
-    """Weight files of a diffusers folder (top level and one component level down)."""
-    found = []
+def _weight_files(folder: str) -> dict[str, list[str]]:
+    """Weight files of a diffusers folder by component (``""`` for the top level, else the
+    subfolder's name), one level down."""
+    found: dict[str, list[str]] = {}
     for root, dirs, files in os.walk(folder):
         if root != folder:
             dirs.clear()
-        found += [f for f in files if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
+        weights = [f for f in files if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
+        if weights:
+            found[os.path.relpath(root, folder) if root != folder else ""] = weights
     return found
+
+
+def pickle_only_components(weights: dict[str, list[str]]) -> list[str]:
+    """The components whose weights exist only as pickle files: loading them could run code.
+
+    Every component is checked on its own: safetensors for the UNet do not make a text
+    encoder's ``.bin`` safe.
+    """
+    return sorted(
+        component or "."
+        for component, names in weights.items()
+        if not any(name.endswith(SAFE_SUFFIXES) for name in names)
+    )
 
 
 def _folder_location(spec: str, folder: str, options: LoadOptions) -> ModelLocation:
@@ -194,11 +211,13 @@ def _folder_location(spec: str, folder: str, options: LoadOptions) -> ModelLocat
             "download? Download the complete model, or use it as --config for a single-file "
             "checkpoint"
         )
-    if not options.allow_pickle and weights and not any(w.endswith(SAFE_SUFFIXES) for w in weights):
+    unsafe = pickle_only_components(weights)
+    if not options.allow_pickle and unsafe:
+        examples = ", ".join(f"{c}/{sorted(weights[c if c != '.' else ''])[0]}" for c in unsafe)
         raise UnsafeCheckpointError(
-            f"{folder} holds only pickle weights ({', '.join(sorted(set(weights))[:4])}), which "
-            "can run code when loaded. Convert them to .safetensors, or pass --allow-pickle "
-            "(request field allow_pickle) if you trust their source"
+            f"{folder} holds pickle weights only for {', '.join(unsafe)} ({examples}), which "
+            "can run code when loaded. Convert them to .safetensors, or start the engine with "
+            "--allow-pickle if you trust their source"
         )
     return ModelLocation(spec=spec, kind="folder", path=folder)
 
@@ -499,12 +518,23 @@ def _gligen_folder(spec: str, folder: str, options: LoadOptions) -> ComponentLoc
             "masterful/gligen-1-4-generation-text-box",
             "gligen",
         )
-    weights = []
-    for root, dirs, files in os.walk(folder):
-        if root != folder:
-            dirs.clear()
-        weights += [f for f in files if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
-    check_folder_weights(folder, weights, "GLIGEN", "gligen", GLIGEN_HELP, options.allow_pickle)
+    weights = _weight_files(folder)
+    check_folder_weights(
+        folder,
+        [name for names in weights.values() for name in names],
+        "GLIGEN",
+        "gligen",
+        GLIGEN_HELP,
+        options.allow_pickle,
+    )
+    unsafe = pickle_only_components(weights)
+    if unsafe and not options.allow_pickle:
+        raise UnsafeCheckpointError(
+            f"GLIGEN folder {folder} holds pickle weights only for {', '.join(unsafe)}, which "
+            "can run code when loaded. Convert them to .safetensors, or pass --allow-pickle if "
+            "you trust them",
+            "gligen",
+        )
     return ComponentLocation(spec=spec, kind="folder", path=folder)
 
 

@@ -119,10 +119,30 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, tiny_model_dir)
     (folder / "unet").mkdir(parents=True)
     (folder / "model_index.json").write_text("{}")
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(UnsafeCheckpointError, match="only pickle weights"):
+    with pytest.raises(UnsafeCheckpointError, match="pickle weights only for unet"):
         resolve_model(str(folder))
     assert resolve_model(str(folder), LoadOptions(allow_pickle=True)).kind == "folder"
     assert describe_model(str(folder))["found"] is False
+
+
+def test_every_component_of_a_folder_must_be_safetensors(tmp_path):
+    folder = tmp_path / "mixed"
+    for component, name in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "pytorch_model.bin"),
+        ("text_encoder_2", "model.safetensors"),
+        ("vae", "diffusion_pytorch_model.bin"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+    ]:
+        (folder / component).mkdir(parents=True, exist_ok=True)
+        (folder / component / name).write_bytes(b"")
+    (folder / "model_index.json").write_text("{}")
+    # The UNet's safetensors do not vouch for the text encoder's pickle; the VAE has both.
+    with pytest.raises(UnsafeCheckpointError) as error:
+        resolve_model(str(folder))
+    assert "only for text_encoder (text_encoder/pytorch_model.bin)" in str(error.value)
+    assert error.value.code == "unsafe_checkpoint"
+    assert resolve_model(str(folder), LoadOptions(allow_pickle=True)).kind == "folder"
 
 
 def fake_checkpoint(path, shapes: dict[str, tuple[int, ...]]) -> str:
