@@ -1,9 +1,11 @@
 """Region masks rasterized at the latent resolution, and the one blur that softens them.
 
-A region's mask is its mask image when it has one, else its box. Mask images are read with PIL as
-grayscale in 0..1, resized to the image size and area-averaged down to the latent grid; the
-result is cached per file path and modification time, so an unchanged mask file is read once
-(up to ``MASK_CACHE_BYTES`` of decoded masks, least recently used dropped first).
+A region's mask is its mask image when it has one, else its box. Mask images are read with PIL
+(``engine.images.read_mask``: gray values, or the alpha channel when it carries the region; a
+mask of another aspect ratio or over the pixel limit is refused) in 0..1, resized to the image
+size and area-averaged down to the latent grid; the result is cached per file path and
+modification time, so an unchanged mask file is read once (up to ``MASK_CACHE_BYTES`` of decoded
+masks, least recently used dropped first).
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.images import grayscale
+from engine.images import read_mask
 from engine.wire.layout import LayoutError, Region
 
 
@@ -62,12 +63,8 @@ def region_mask(
         ) from None
     try:
         return _load_mask(region.mask, stat.st_mtime_ns, stat.st_size, image_size, latent_size)
-    except OSError as exc:  # PIL's UnidentifiedImageError is one too
-        raise LayoutError(
-            f"{where}: {region.mask!r} is not a readable image ({exc}); "
-            "save the mask as a grayscale PNG (white = region)",
-            where,
-        ) from None
+    except LayoutError as exc:  # unreadable, too large or of another aspect ratio
+        raise exc.for_field(where) from None
 
 
 MASK_CACHE_BYTES = 256 * 2**20
@@ -138,15 +135,7 @@ def _load_mask(
     latent_size: tuple[int, int],
 ) -> torch.Tensor:
     # mtime_ns and file_size are part of the cache key only: a rewritten file reloads.
-    from PIL import Image
-
-    with Image.open(path) as image:
-        gray = grayscale(image)
-    height, width = image_size
-    if gray.shape != (height, width):
-        resized = Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR)
-        gray = np.asarray(resized, dtype=np.float32)
-    mask = torch.from_numpy(np.clip(gray, 0.0, 1.0))
+    mask = torch.from_numpy(read_mask(path, "mask", image_size))
     # Shared through the cache: callers must treat it as read-only.
     return F.adaptive_avg_pool2d(mask[None, None], latent_size)[0, 0]
 

@@ -89,6 +89,14 @@ class LayoutError(ValueError):
         super().__init__(message)
         self.field = field
 
+    def for_field(self, field: str) -> LayoutError:
+        """The same error said of ``field`` (a file read once for several fields)."""
+        renamed = self.__class__.__new__(self.__class__)
+        Exception.__init__(renamed, str(self).replace(f"'{self.field}'", f"'{field}'", 1))
+        renamed.__dict__.update(self.__dict__)
+        renamed.field = field
+        return renamed
+
 
 class LimitError(LayoutError):
     """A documented limit exceeded: ``limit`` names it (a key of ``LIMITS`` or of the engine's

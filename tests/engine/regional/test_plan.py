@@ -239,7 +239,7 @@ def test_planning_all_regions_at_once_matches_region_by_region(tmp_path):
         Region(f"object {i % 70}", (x0, y0, x1, y1), weight=0.3 + (i % 5) / 5)
         for i, ((x0, y0), (x1, y1)) in enumerate(corners.tolist())
     ]
-    pixels = np.zeros((40, 60), dtype=np.uint8)
+    pixels = np.zeros((42, 60), dtype=np.uint8)  # another size, the image's aspect ratio
     pixels[5:20, 10:30] = 200
     regions[3] = Region(
         "a masked object", (0, 0, 1, 1), mask=_write_png(tmp_path / "m.png", pixels)

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from hostile import png_header_only
 from PIL import Image
 
 from engine.loading.locate import LoadOptions
@@ -223,7 +224,7 @@ def test_progress_carries_the_estimate_left(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("suffix", [".png"])
 def test_images_are_checked_when_the_request_arrives(tmp_path, tiny_model_dir, suffix):
     bomb = tmp_path / f"bomb{suffix}"
-    _png_header_only(bomb, 13000, 13000)
+    png_header_only(bomb, 13000, 13000)
     wide = tmp_path / "wide.png"
     Image.new("L", (128, 64), 255).save(wide)
     broken = tmp_path / "broken.png"
@@ -247,18 +248,3 @@ def test_images_are_checked_when_the_request_arrives(tmp_path, tiny_model_dir, s
 
 def _mask_region(path) -> dict:
     return {"regions": [{"prompt": "a red circle", "box": [0, 0, 1, 1], "mask": str(path)}]}
-
-
-def _png_header_only(path, width: int, height: int) -> None:
-    """A small PNG file declaring a huge image (what a decompression bomb looks like)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * (width + 1) * 16)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
-    path.write_bytes(data + chunk(b"IEND", b""))
