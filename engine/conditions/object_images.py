@@ -192,7 +192,8 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
 
         ``extra`` are the image tokens from :meth:`split_encoder_states`. Every row attends to
         its own image tokens (the negative rows to the negative image embeddings), so the
-        regional ``state`` plays no part.
+        regional ``state`` plays no part in the attention; it keeps the image tokens' keys and
+        values for the call (a Layout call's image embeddings are the same at every step).
         """
         images = self.object_images.state
         if images is None:
@@ -204,13 +205,28 @@ class RegionalIPAdapterAttnProcessor(RegionalAttnProcessor, torch.nn.Module):
         for i, scale in enumerate(self.image_scales(images)):
             if scale == 0:
                 continue
-            part = scale * (self._attend(attn, query, extra[:, i]) * masks[i])
+            part = scale * (self._attend(attn, query, extra[:, i], state, i) * masks[i])
             total = part if total is None else total + part
         return total
 
-    def _attend(self, attn: Attention, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        tokens: torch.Tensor,
+        state: RegionalState | None = None,
+        image: int = 0,
+    ) -> torch.Tensor:
+        def project() -> tuple[torch.Tensor, torch.Tensor]:
+            return self.to_k_ip(tokens), self.to_v_ip(tokens)
+
+        if state is None:
+            key, value = project()
+        else:
+            described = ("image tokens", tuple(tokens.shape), tokens.dtype)
+            key, value = state.kept(("image", attn, image), described, project)
         # diffusers' IP-Adapter attention applies no per-head norms to the image tokens.
-        return multi_head_attention(attn, query, self.to_k_ip(tokens), self.to_v_ip(tokens))
+        return multi_head_attention(attn, query, key, value)
 
 
 # -- Installation and loading -------------------------------------------------------------------

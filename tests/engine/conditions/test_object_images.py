@@ -268,3 +268,31 @@ def test_depth_and_images_act_in_a_first_pass_and_in_both_modes(
     assert pipe.object_image_adapter.images.state is None
     plain = pipe(layout=dataclasses.replace(layout, depth=None), output_type="np").images[0]
     assert np.abs(with_all - plain).max() > 1e-3
+
+
+def test_object_images_with_sparse_regional_attention_equal_dense(pipe, condition_images):
+    """The IP-Adapter's extra attention rides on the regional processor: sparse and dense
+    text attention give the same image, and the image tokens' keys and values are projected
+    once per call."""
+    layout = dataclasses.replace(
+        make_layout(condition_images["reference"]),
+        regions=[
+            *make_layout(condition_images["reference"]).regions,
+            Layout.from_dict(
+                {"prompt": "x", "regions": [{"prompt": "a tree", "box": [0.5, 0, 1, 1]}]}
+            ).regions[0],
+        ],
+    )
+    to_k_ip = pipe.unet.get_submodule(LAYER).processor.to_k_ip[0]
+    projected = []
+    hook = to_k_ip.register_forward_hook(lambda *_: projected.append(1))
+    latents = {}
+    try:
+        for attention in ("dense", "sparse"):
+            pipe.regional_attention = attention
+            latents[attention] = pipe(layout=layout, output_type="latent").images
+    finally:
+        hook.remove()
+        pipe.__dict__.pop("regional_attention", None)
+    torch.testing.assert_close(latents["sparse"], latents["dense"], rtol=1e-4, atol=1e-4)
+    assert len(projected) == 2, "once per call (3 steps each)"
