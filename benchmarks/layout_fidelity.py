@@ -113,13 +113,17 @@ class Settings:
     steps: int = 20
     guidance_scale: float = 5.0
     base_ratio: float | None = None
+    blend: str | None = None
+    """How a region's pixels share attention among their blocks (the pipeline's
+    ``regional_blend``: ``joint`` softmax or ``weighted`` sum); None: the pipeline's default."""
 
     def describe(self) -> str:
         """The settings as generated, defaults resolved."""
         base_ratio = Layout(prompt="").base_ratio if self.base_ratio is None else self.base_ratio
+        blend = "the pipeline's default" if self.blend is None else self.blend
         return (
             f"{self.size} px unless a row says, {self.steps} steps, CFG {self.guidance_scale}, "
-            f"base_ratio {base_ratio}, other Layout fields at their defaults"
+            f"base_ratio {base_ratio}, blend {blend}, other Layout fields at their defaults"
         )
 
 
@@ -441,6 +445,7 @@ def run_benchmark(
     settings: Settings | None = None,
     save_dir: str | None = None,
     forms: Sequence[str] = ("all",),
+    progress: Callable[[ModeResult], None] | None = None,
 ) -> list[ModeResult]:
     """Generate every case in every mode and scene-prompt form through ``pipe`` and score it.
 
@@ -449,6 +454,8 @@ def run_benchmark(
     """
     settings = settings or Settings()
     detector = detector or ColourDetector()
+    if settings.blend is not None:
+        pipe.regional_blend = settings.blend
     groups: dict[tuple[str, int, int], list[BenchLayout]] = {}
     for case in cases:
         key = (case.kind, len(case.objects), case.size or settings.size)
@@ -487,6 +494,8 @@ def run_benchmark(
                                 image_name = f"{kind}-{count}obj-{index:03d}-{label}-{form}.png"
                                 _save(pixels, save_dir, image_name)
                         results.append(result)
+                        if progress is not None:
+                            progress(result)
     finally:
         if hook is not None:
             hook.remove()
@@ -645,21 +654,27 @@ def main(argv: list[str] | None = None) -> list[ModeResult]:
     detector, colour = load_detector(args.detector)
     options = LoadOptions(device=args.device)
     pipe = load_pipeline(resolve_model(args.model, options), options)
-    settings = Settings(args.size, args.steps, args.guidance, args.base_ratio)
-    results = run_benchmark(
-        pipe, cases, modes, detector, colour, settings, args.save_images, args.forms
-    )
-    if crowded:
-        results += run_benchmark(
-            pipe, crowded, modes, detector, colour, settings, args.save_images, args.crowded_forms
+    settings = Settings(args.size, args.steps, args.guidance, args.base_ratio, args.blend)
+
+    def progress(result: ModeResult) -> None:
+        print(
+            f"  {result.kind} {result.objects} objects {result.size} px {result.form} "
+            f"{result.mode}: placed {result.placement:.0%}",
+            file=sys.stderr,
+            flush=True,
         )
-    if occluded:
-        results += run_benchmark(
-            pipe, occluded, modes, detector, colour, settings, args.save_images, ["none"]
-        )
+
+    runs = [(cases, args.forms), (crowded, args.crowded_forms), (occluded, ["none"])]
+    results = []
+    for subset, forms in runs:
+        if subset:
+            results += run_benchmark(
+                pipe, subset, modes, detector, colour, settings, args.save_images, forms, progress
+            )
     total = len(cases) + len(crowded) + len(occluded)
     print(f"model {args.model}, {total} layouts; {settings.describe()}")
-    print("(* crowded rows, scored box by box)" if crowded else "")
+    if crowded:
+        print("(* crowded rows, scored box by box)")
     print(format_table(results))
     if args.json:
         rows = [
