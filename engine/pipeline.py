@@ -86,9 +86,9 @@ from engine.regional.latent import (
     plan_latent_regions,
 )
 from engine.regional.plan import (
-    DEFAULT_KEPT_BYTES,
     RegionalState,
     cross_attention_grids,
+    kept_bytes_budget,
     plan_regions,
 )
 from engine.regional.processors import regional_processors
@@ -145,10 +145,11 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
     default) or ``"weighted"`` (each block's attention output averaged by the pixel's
     normalised block weights: Regional Prompter's way of sharing the scene prompt inside a
     region). Set it on the pipeline, e.g. ``pipe.regional_blend = "weighted"``."""
-    regional_kept_bytes: int = DEFAULT_KEPT_BYTES
+    regional_kept_bytes: int | None = None
     """Device memory a Layout call may spend keeping the text keys and values of its
-    cross-attention layers between steps (SDXL in half precision: 0.26 GiB at 8 prompts, 2.6
-    GiB at 100); layers beyond it project their text at every step. 0 keeps none."""
+    cross-attention layers between steps (SDXL in half precision: 0.26 GiB at 8 prompts, 2.5
+    GiB at 100); layers beyond it project their text at every step. 0 keeps none; None: 3 GiB,
+    and on a GPU at most a quarter of the memory free when the call starts."""
 
     # Attached by engine.loading.assemble; None while not configured.
     depth_controlnet_location: ComponentLocation | None = None
@@ -364,7 +365,11 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
             guided=guided,
             attention=self.regional_attention,
             blend=self.regional_blend,
-            kept_bytes=self.regional_kept_bytes,
+            kept_bytes=(
+                kept_bytes_budget(self._execution_device)
+                if self.regional_kept_bytes is None
+                else self.regional_kept_bytes
+            ),
         )
         with context.active(state):
             return super().__call__(**settings)

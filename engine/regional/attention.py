@@ -425,7 +425,10 @@ def _varlen_attention(
         value = value.view(segments, tokens, *value.shape[1:])[keep].flatten(0, 1)
         cu_q = torch.cat([cu_q[:1], cu_q[1:][keep]])
         segments = len(nonempty)
-    cu_k = torch.arange(segments + 1, device=key.device, dtype=torch.int32) * tokens
+    cu_k = pairs._derived.get(("cu_k", segments, tokens))
+    if cu_k is None:
+        cu_k = torch.arange(segments + 1, device=key.device, dtype=torch.int32) * tokens
+        pairs._derived[("cu_k", segments, tokens)] = cu_k
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         query.contiguous(),
         key.contiguous(),
@@ -438,8 +441,15 @@ def _varlen_attention(
         False,
         False,
     )
-    # The variable-length kernel returns the log-sum-exp as (heads, total queries).
-    return out, lse.transpose(0, 1)
+    heads = query.shape[1]
+    if lse.dim() == 2 and lse.shape == (heads, pairs.pairs):
+        return out, lse.transpose(0, 1)  # the variable-length layout: (heads, total queries)
+    # Padded per segment, (segments, heads, longest): each pair's row of its segment.
+    counts = torch.tensor([c for c in pairs.counts if c], device=lse.device)
+    segment = torch.repeat_interleave(torch.arange(len(counts), device=lse.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(pairs.pairs, device=lse.device) - starts[segment]
+    return out, lse[segment, :, position].float()
 
 
 def _tiled_attention(

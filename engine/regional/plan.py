@@ -298,8 +298,18 @@ log-weight added (``joint``) or per-block attention outputs averaged by the pixe
 weights (``weighted``, Regional Prompter's way of sharing the scene prompt)."""
 
 DEFAULT_KEPT_BYTES = 3 * 2**30
-"""Device memory a call may spend keeping text keys and values (fp16 SDXL needs 2.6 GiB for
+"""Device memory a call may spend keeping text keys and values (fp16 SDXL needs 2.5 GiB for
 100 prompts, 0.26 GiB for 8); layers past the budget project their text at every step."""
+
+
+def kept_bytes_budget(device: torch.device | str, limit: int = DEFAULT_KEPT_BYTES) -> int:
+    """What a call on ``device`` may keep: ``limit``, and on a GPU no more than a quarter of
+    the memory free when the call starts, so keeping never crowds out the step itself."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(limit, free // 4)
+    return limit
 
 
 @dataclass
@@ -498,6 +508,16 @@ class RegionalState:
             self._kept[key] = (source, version, values, size)
             self.kept_bytes += size
         return values
+
+    def per_grid_bytes(self) -> int:
+        """Bytes of the per-grid data built so far: the dense biases and the sparse pairs."""
+        total = sum(bias.numel() * bias.element_size() for bias in self._bias.values())
+        for pairs in self._pairs.values():
+            tensors = [pairs.index, pairs.log_weight, pairs.share]
+            for derived in pairs._derived.values():
+                tensors += list(derived) if isinstance(derived, tuple) else [derived]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
 
     def release(self) -> None:
         """Drop what the call kept (keys and values, pairs, biases)."""
