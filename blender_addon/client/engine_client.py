@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -34,6 +35,18 @@ NOT_INSTALLED_HINT = "Open Preferences > Add-ons > Layout Diffusion and press Se
 ENGINE_GONE = "engine_crashed"
 NOT_INSTALLED = "not_installed"
 TIMEOUT = "timeout"
+BAD_REQUEST = "bad_request"
+
+# Terminal control sequences (colours, cursor moves) that progress bars write to stderr.
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
+def clean_log_line(line: str) -> str:
+    """A stderr line as a person reads it: a progress bar's redraws (``\\r``) reduced to the
+    last, terminal escape codes removed."""
+    line = line.rstrip("\r\n")
+    line = line.rsplit("\r", 1)[-1] if "\r" in line.strip("\r") else line.strip("\r")
+    return _ESCAPES.sub("", line)
 
 
 class EngineError(RuntimeError):
@@ -266,13 +279,23 @@ class EngineClient:
 
     def request(self, op: str, **fields: Any) -> Job:
         """Send ``{"op": op, "id": ..., **fields}`` and return its Job (starting the engine)."""
+        request_id = self._next_id()
+        try:
+            line = json.dumps({"op": op, "id": request_id, **fields}, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            # Not the engine's fault: say what is wrong with the request, start nothing.
+            raise EngineError(
+                BAD_REQUEST,
+                f"The {op} request cannot be sent: {exc} (numbers must be finite, values "
+                "plain JSON).",
+            ) from None
         self.start()
-        job = Job(self, self._next_id(), op)
+        job = Job(self, request_id, op)
         job._proc = self._proc
         with self._lock:
             self._jobs[job.id] = job
         try:
-            self._write({"op": op, "id": job.id, **fields})
+            self._write_line(line)
         except (OSError, ValueError):
             # The pipe closed under us: the reader thread reports the crash to this job.
             self._fail_pending(self._proc)
@@ -348,12 +371,14 @@ class EngineClient:
         return f"{self._prefix}-{next(self._ids)}"
 
     def _write(self, message: dict[str, Any]) -> None:
+        self._write_line(json.dumps(message, allow_nan=False))
+
+    def _write_line(self, line: str) -> None:
         proc = self._proc
         if proc is None or proc.stdin is None:
             raise ValueError("engine not started")
-        line = json.dumps(message, allow_nan=False) + "\n"
         with self._write_lock:
-            proc.stdin.write(line)
+            proc.stdin.write(line + "\n")
             proc.stdin.flush()
 
     def _read_stdout(
@@ -392,7 +417,9 @@ class EngineClient:
     def _read_stderr(self, proc: subprocess.Popen[str], tail: collections.deque[str]) -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            tail.append(line.rstrip("\n"))
+            line = clean_log_line(line)
+            if line.strip():
+                tail.append(line)
 
     def _fail_pending(
         self, proc: subprocess.Popen[str] | None, tail: collections.deque[str] | None = None

@@ -4,9 +4,19 @@ No bpy, so every rule about which frame is done and how a file reaches
 its final name can be tested without Blender.
 
 A frame is *complete* when its image and its sidecar JSON both exist and agree: the sidecar names
-the image, and the image's size in bytes and SHA-256 match what the sidecar recorded. The image is
-always published before its sidecar, so the sidecar is the commit marker: a run killed between the
-two leaves an image without a sidecar, which counts as not done and is rendered again.
+the image, the image's size in bytes and SHA-256 match what the sidecar recorded, and the image
+decodes (every PNG chunk's CRC, the whole compressed stream, the pixel rows the header declares).
+The image is always published before its sidecar, so the sidecar is the commit marker: a run
+killed between the two leaves an image without a sidecar, which counts as not done and is
+rendered again. A complete frame whose *fingerprint* (its Layout with the images' contents, seed,
+model, engine options and settings) differs from the one a render would have now is *stale*.
+
+Several renderers may share one output folder (farm machines on one range): a renderer *claims*
+a frame before writing anything for it, with a claim file created atomically beside the frame
+(``.frame_0001.claim``: host, process id, a random token) whose modification time is the
+owner's heartbeat. A claim is taken over only when its owner is dead (same host, process gone)
+or silent (no heartbeat for ``STALE_SECONDS``). Temporary files of a frame are removed only by
+the renderer holding its claim, so no renderer touches another live renderer's files.
 """
 
 from __future__ import annotations
@@ -16,23 +26,39 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
+import struct
+import sys
+import time
+import uuid
+import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..wire.files import write_text_atomic
 from ..wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
 from .errors import UserError
-from .png import png_size
+from .png import PNG_SIGNATURE, png_size
 
 SIDECAR_FORMAT = "layout-diffusion-frame"
 SIDECAR_VERSION = 1
 DEFAULT_PATTERN = "frame_####"
 
 _PARTIAL = ".partial-"
-# Our own temporary names: ".<name>.partial-<pid><ext>" (images) and the Layout module's
-# ".<name>.<pid>.tmp" (JSON). Nothing else in an output folder is ever removed.
-_TEMP_NAME = re.compile(r"^\..+(\.partial-\d+(\.[A-Za-z0-9]+)?|\.\d+\.tmp)$")
+# Our own temporary names: ".<name>.partial-<pid><ext>" (images), the Layout module's
+# ".<name>.<pid>.tmp" (JSON), a claim being written (".<name>.claim.<pid>.<hex>.tmp") and one
+# moved aside while being taken over. Nothing else in an output folder is ever removed.
+_TEMP_NAME = re.compile(
+    r"^\..+(\.partial-\d+(\.[A-Za-z0-9]+)?|\.\d+\.tmp|\.claim\.(stale-[0-9a-f]+|\d+\.[0-9a-f]+\.tmp))$"
+)
+
+CLAIM_FORMAT = "layout-diffusion-claim"
+HEARTBEAT_SECONDS = 5.0
+"""How often a renderer refreshes the claims it holds."""
+STALE_SECONDS = 60.0
+"""A claim not refreshed for this long belongs to a silent renderer and may be taken over."""
 
 
 class FrameSpecError(UserError, ValueError):
@@ -130,18 +156,35 @@ def is_temp_name(name: str) -> bool:
     return bool(_TEMP_NAME.match(name))
 
 
-def sweep_temp_files(folder: str) -> list[str]:
-    """Delete temporary files a killed run left in ``folder``; return the paths removed."""
-    removed = []
+def sweep_temp_files(
+    folder: str, owner: Owner | None = None, stale_seconds: float = STALE_SECONDS
+) -> list[str]:
+    """Delete temporary files killed runs left in ``folder``; return the paths removed.
+
+    Each frame's files are removed under a claim on that frame (:func:`try_claim`), so the
+    files of a frame another live renderer holds are never touched.
+    """
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
-        return removed
-    for name in sorted(names):
-        path = os.path.join(folder, name)
-        if is_temp_name(name) and os.path.isfile(path):
-            os.remove(path)
-            removed.append(path)
+        return []
+    stems = sorted({n.lstrip(".").split(".")[0] for n in names if is_temp_name(n)})
+    owner = owner or Owner.current()
+    removed = []
+    for stem in stems:
+        paths = FramePaths(
+            frame=-1,
+            image=os.path.join(folder, stem + ".png"),
+            sidecar=os.path.join(folder, stem + ".json"),
+            layout_dir=os.path.join(folder, "layout", stem),
+        )
+        claim = try_claim(paths, owner, stale_seconds)
+        if claim is None:
+            continue
+        try:
+            removed += sweep_frame(claim, paths)
+        finally:
+            release(claim)
     return removed
 
 
@@ -166,8 +209,11 @@ def make_sidecar(
     engine: Mapping[str, Any],
     settings: Mapping[str, Any],
     timings: Mapping[str, float],
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """The sidecar record of a frame whose image is already at ``paths.image``.
+
+    ``fingerprint`` (:func:`fingerprint`) is what resume compares to find stale frames.
 
     ``layout`` is the Layout as sent to the engine (absolute paths); paths inside the frame's
     output folder are stored relative to it, so the folder can be moved and
@@ -192,6 +238,7 @@ def make_sidecar(
         "settings": dict(settings),
         "timings": {k: round(float(v), 4) for k, v in timings.items()},
         "layout": relative_layout(layout, folder),
+        "fingerprint": fingerprint,
     }
 
 
@@ -231,33 +278,52 @@ def read_sidecar(path: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class FrameState:
-    """Whether a frame's files are complete, and if not, why."""
+    """Whether a frame's files are complete, and if not, why.
+
+    ``kind``: ``complete``; ``missing`` (nothing there); ``interrupted`` (an image without its
+    sidecar); ``damaged`` (files there but wrong: unreadable, mismatched or not decoding);
+    ``stale`` (complete but made from another Layout or other settings).
+    """
 
     frame: int
     complete: bool
     reason: str
     record: dict[str, Any] | None = None
+    kind: str = field(default="", compare=False)
 
 
-def frame_state(paths: FramePaths) -> FrameState:
-    """Check a frame's image and sidecar against each other (see the module docstring)."""
+def frame_state(paths: FramePaths, fingerprint: str | None = None) -> FrameState:
+    """Check a frame's image and sidecar against each other (see the module docstring); with
+    ``fingerprint``, also against what a render would produce now."""
     has_image = os.path.isfile(paths.image)
     record = read_sidecar(paths.sidecar)
+
+    def bad(reason: str, kind: str = "damaged") -> FrameState:
+        return FrameState(paths.frame, False, reason, record, kind)
+
     if not has_image and record is None:
-        return FrameState(paths.frame, False, "not rendered yet")
+        return bad("not rendered yet", "missing")
     if not has_image:
-        return FrameState(paths.frame, False, "sidecar without its image")
+        return bad("sidecar without its image")
     if record is None:
         if os.path.exists(paths.sidecar):
-            return FrameState(paths.frame, False, "sidecar unreadable")
-        return FrameState(paths.frame, False, "image without a sidecar (interrupted run?)")
+            return bad("sidecar unreadable")
+        return bad("image without a sidecar (interrupted run?)", "interrupted")
     if record.get("frame") != paths.frame or record.get("image") != os.path.basename(paths.image):
-        return FrameState(paths.frame, False, "sidecar belongs to another frame", record)
+        return bad("sidecar belongs to another frame")
     if record.get("image_bytes") != os.path.getsize(paths.image):
-        return FrameState(paths.frame, False, "image size differs from its sidecar", record)
+        return bad("image size differs from its sidecar")
     if record.get("image_sha256") != file_sha256(paths.image):
-        return FrameState(paths.frame, False, "image content differs from its sidecar", record)
-    return FrameState(paths.frame, True, "complete", record)
+        return bad("image content differs from its sidecar")
+    problem = png_problem(paths.image)
+    if problem is not None:
+        return bad(f"image does not decode ({problem})")
+    if fingerprint is not None and record.get("fingerprint") != fingerprint:
+        why = (
+            "another Layout or other settings" if record.get("fingerprint") else "an older version"
+        )
+        return bad(f"made from {why} (stale)", "stale")
+    return FrameState(paths.frame, True, "complete", record, "complete")
 
 
 def plan_frames(
@@ -295,3 +361,318 @@ def seed_for_frame(base_seed: int, frame: int, mode: str) -> int:
     if mode == "frame":
         return (base_seed + frame) % 2**63
     raise ValueError(f"unknown seed mode {mode!r}; use 'shot' or 'frame'")
+
+
+# -- Decoding ---------------------------------------------------------------------------------
+
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def png_problem(path: str) -> str | None:
+    """Why a PNG file does not decode, or None when it does: every chunk's CRC, IHDR first, the
+    whole zlib stream of the IDAT chunks, the row data the header declares, IEND. Standard
+    library only (Blender's Python has no PIL); the pixels are inflated but not kept."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if not data.startswith(PNG_SIGNATURE):
+        return "not a PNG file"
+    position, header, inflate, inflated, ended = len(PNG_SIGNATURE), None, None, 0, False
+    while position < len(data):
+        if position + 12 > len(data):
+            return "truncated chunk"
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        end = position + 12 + length
+        if end > len(data):
+            return f"truncated {kind.decode('latin-1')} chunk"
+        body = data[position + 4 : position + 8 + length]
+        if zlib.crc32(body) & 0xFFFFFFFF != struct.unpack(">I", data[end - 4 : end])[0]:
+            return f"{kind.decode('latin-1')} chunk fails its CRC"
+        if header is None and kind != b"IHDR":
+            return "IHDR is not the first chunk"
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body[4:17])
+            inflate = zlib.decompressobj()
+        elif kind == b"IDAT":
+            try:
+                inflated += len(inflate.decompress(body[4:]))
+            except zlib.error as exc:
+                return f"image data does not inflate ({exc})"
+        elif kind == b"IEND":
+            ended = True
+            break
+        position = end
+    if header is None or not ended:
+        return "no IEND chunk (truncated file)"
+    if not inflate.eof:
+        return "image data ends early"
+    width, height, depth, colour, _, _, interlace = header
+    if interlace == 0 and colour in _CHANNELS:
+        row = (width * depth * _CHANNELS[colour] + 7) // 8
+        if inflated != height * (row + 1):
+            return f"{inflated} bytes of rows, {height * (row + 1)} expected"
+    return None
+
+
+# -- Fingerprints -----------------------------------------------------------------------------
+
+FINGERPRINT_SETTINGS = ("seed_mode", "base_seed")
+"""Sidecar settings in a fingerprint. The rest decide the image only through the Layout, which
+is in it whole: size (resolution), camera and scene (the projection), the seed, the init image
+and strength of ``--init-previous``; a setting that changes none of them changes no pixel."""
+
+
+def fingerprint(
+    layout: Mapping[str, Any],
+    *,
+    seed: int,
+    model: str | None,
+    options: Mapping[str, Any] | None,
+    settings: Mapping[str, Any],
+) -> str:
+    """A hex digest of everything that decides a frame's image: the Layout with each image it
+    names replaced by the SHA-256 of its contents (so moving the folder changes nothing, and a
+    changed mask or init image does), the seed, the model, the engine options and the
+    ``FINGERPRINT_SETTINGS``."""
+    data = json.loads(json.dumps(layout))
+    holders = [(data, key) for key in IMAGE_FIELDS]
+    holders += [(region, key) for region in data.get("regions", []) for key in REGION_IMAGE_FIELDS]
+    for holder, key in holders:
+        value = holder.get(key)
+        if value:
+            try:
+                holder[key] = "sha256:" + file_sha256(value)
+            except OSError:
+                holder[key] = "missing:" + os.path.basename(value)
+    record = {
+        "layout": data,
+        "seed": seed,
+        "model": model or "",
+        "options": dict(options or {}),
+        "settings": {key: settings.get(key) for key in FINGERPRINT_SETTINGS},
+    }
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# -- Claims -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Owner:
+    """One renderer: the host and process it runs in and a token no other renderer has."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def current(cls) -> Owner:
+        """A new owner for this process (each renderer in it gets its own token)."""
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A frame this renderer holds."""
+
+    frame: int
+    path: str
+    owner: Owner
+
+
+def claim_path(paths: FramePaths) -> str:
+    """The claim file of a frame: hidden, beside its image."""
+    folder, name = os.path.split(paths.image)
+    return os.path.join(folder, "." + os.path.splitext(name)[0] + ".claim")
+
+
+def read_claim(path: str) -> tuple[dict[str, Any] | None, float] | None:
+    """A claim's record (None if unreadable) and its heartbeat (mtime); None if no claim."""
+    try:
+        heartbeat = os.stat(path).st_mtime
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record = None
+    else:
+        if not isinstance(record, dict) or record.get("format") != CLAIM_FORMAT:
+            record = None
+    with contextlib.suppress(OSError):
+        heartbeat = os.stat(path).st_mtime
+    return record, heartbeat
+
+
+def claim_is_live(
+    record: dict[str, Any] | None, heartbeat: float, stale_seconds: float = STALE_SECONDS
+) -> bool:
+    """Whether a claim's owner may still be rendering: not known dead, and heard from within
+    ``stale_seconds``."""
+    if record is not None and _process_alive(record) is False:
+        return False
+    return time.time() - heartbeat < stale_seconds
+
+
+def _process_alive(record: dict[str, Any]) -> bool | None:
+    """Whether the claim's process runs; None when that cannot be told (another host)."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return None
+    if sys.platform == "win32":
+        return None  # os.kill(pid, 0) would terminate the process there
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:  # a killed process its parent has not reaped yet is a zombie: dead
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
+        return True
+
+
+def try_claim(
+    paths: FramePaths, owner: Owner, stale_seconds: float = STALE_SECONDS
+) -> Claim | None:
+    """Claim a frame for ``owner``; None while another live renderer holds it.
+
+    A claim whose owner is dead or silent is taken over: it is first renamed aside (only one
+    renderer wins the rename), checked to be the claim that was judged (not a fresh one made
+    meanwhile, which is put back), and removed; then a new claim is created with an exclusive
+    hard link, which fails if anyone else was faster.
+    """
+    path = claim_path(paths)
+    record = {
+        "format": CLAIM_FORMAT,
+        "frame": paths.frame,
+        "host": owner.host,
+        "pid": owner.pid,
+        "token": owner.token,
+        "claimed_at": time.time(),
+    }
+    for _ in range(4):
+        if _create_exclusive(path, json.dumps(record) + "\n"):
+            return Claim(paths.frame, path, owner)
+        found = read_claim(path)
+        if found is None:
+            continue  # released meanwhile
+        held, heartbeat = found
+        if held is not None and held.get("token") == owner.token:
+            return Claim(paths.frame, path, owner)
+        if claim_is_live(held, heartbeat, stale_seconds):
+            return None
+        aside = f"{path}.stale-{owner.token}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            continue
+        moved = read_claim(aside)
+        judged = held.get("token") if held else None
+        moved_token = moved[0].get("token") if moved and moved[0] else None
+        if moved_token != judged:
+            # A fresh claim made after ours was judged: give it back.
+            with contextlib.suppress(OSError):
+                os.link(aside, path)
+            _remove(aside)
+            return None
+        _remove(aside)
+    return None
+
+
+def _create_exclusive(path: str, text: str) -> bool:
+    """Create ``path`` holding ``text`` only if nothing is there, atomically; False if taken."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(tmp, path)  # atomic and exclusive, also on network file systems
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        # File systems without hard links: exclusive creation, then the contents.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return True
+    finally:
+        _remove(tmp)
+
+
+def holds(claim: Claim) -> bool:
+    """Whether ``claim`` is still this renderer's (not taken over as silent meanwhile)."""
+    found = read_claim(claim.path)
+    return bool(found and found[0] and found[0].get("token") == claim.owner.token)
+
+
+def refresh(claim: Claim) -> bool:
+    """Beat the claim's heartbeat; False when it is no longer held."""
+    if not holds(claim):
+        return False
+    try:
+        os.utime(claim.path)
+    except OSError:
+        return False
+    return True
+
+
+def release(claim: Claim) -> None:
+    """Give a claim up (only if still held, so a claim taken over is never removed)."""
+    if holds(claim):
+        _remove(claim.path)
+
+
+def frame_temp_files(paths: FramePaths) -> list[str]:
+    """A frame's temporary files (image and sidecar temporaries, claims moved aside)."""
+    folder = os.path.dirname(paths.image)
+    stem = os.path.splitext(os.path.basename(paths.image))[0]
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return [
+        os.path.join(folder, name)
+        for name in sorted(names)
+        if is_temp_name(name) and name.lstrip(".").startswith(stem + ".")
+    ]
+
+
+def sweep_frame(claim: Claim, paths: FramePaths) -> list[str]:
+    """Remove the temporary files of a frame this renderer holds; the paths removed."""
+    if not holds(claim):
+        return []
+    removed = []
+    for path in frame_temp_files(paths):
+        if os.path.isfile(path) and not path.endswith(f".stale-{claim.owner.token}"):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def replace_folder(staged: str, final: str) -> None:
+    """Put the folder ``staged`` at ``final``, the old ``final`` (if any) removed."""
+    if os.path.isdir(final):
+        old = f"{staged}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(staged, final)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)

@@ -2,11 +2,13 @@
 
     python -m blender_addon.render SCENE.blend --frames 1-48 --out DIR [--model shapes]
         [--engine-python PATH] [--step N] [--seed-mode shot|frame] [--overwrite]
-        [--init-previous STRENGTH]
+        [--init-previous STRENGTH] [--stall-seconds S]
 
 Needs only the ``bpy`` wheel on the Blender side; the engine runs in its own Python as one
 subprocess for the whole batch (:class:`~.batch.BatchRenderer`), so the model loads once.
-Running the same command again renders only the frames that are not complete.
+Running the same command again renders only the frames that are not complete, or whose Layout
+or settings changed (stale) or whose files are damaged. Several machines may run the same
+command on one shared folder: each frame is claimed and rendered once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..client import engine_session
 from ..client.engine_client import EngineClient
 from ..core import frames
 from ..core.errors import UserError
-from .batch import SEED_MODES, BatchRenderer, FrameOutcome
+from .batch import SEED_MODES, BatchRenderer, FrameOutcome, Watchdog
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="start each frame from the previous frame's image (img2img): 0 keeps it, "
         "1 ignores it; steadier animations at around 0.5-0.7",
     )
+    parser.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=Watchdog.stall_seconds,
+        metavar="S",
+        help="an engine silent for longer than this (and 10x its slowest step) counts as hung "
+        f"and is replaced, the frame retried (default {Watchdog.stall_seconds:.0f}; "
+        f"{Watchdog.load_seconds:.0f} while a model loads)",
+    )
     return parser
 
 
@@ -83,8 +94,10 @@ class _Progress:
     def __call__(self, done: int, total: int, outcome: FrameOutcome) -> None:
         if outcome.status == "written":
             text = f"frame {outcome.frame} written in {outcome.seconds:.2f} s"
+            if outcome.redo:
+                text += f" (it was {outcome.redo})"
         elif outcome.status == "skipped":
-            text = f"frame {outcome.frame} already complete"
+            text = f"frame {outcome.frame} {outcome.message or 'already complete'}"
         else:
             text = f"frame {outcome.frame} FAILED: {outcome.message}"
         if self.bar is None:
@@ -94,6 +107,13 @@ class _Progress:
             self.bar.write(text, file=self.stream)
         self.bar.set_postfix_str(f"frame {outcome.frame}", refresh=False)
         self.bar.update(1)
+
+    def notice(self, text: str) -> None:
+        """A line about what the batch did beyond rendering, above the bar."""
+        if self.bar is None:
+            print(text, file=self.stream, flush=True)
+        else:
+            self.bar.write(text, file=self.stream)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.step is not None and args.step < 1:
         raise UserError(f"--step must be 1 or more, got {args.step}")
+    if not args.stall_seconds > 0:
+        raise UserError(f"--stall-seconds must be above 0, got {args.stall_seconds}")
     if not os.path.isfile(args.blend):
         raise UserError(f"no such .blend file: {args.blend}")
     _register_addon()
@@ -158,8 +180,10 @@ def _main(args: argparse.Namespace) -> int:
         seed_mode=seed_mode,
         overwrite=args.overwrite,
         init_previous=args.init_previous,
+        watchdog=Watchdog(stall_seconds=args.stall_seconds),
     )
     progress = renderer.progress = _Progress(len(frame_list))
+    renderer.notify = progress.notice
     try:
         summary = renderer.run(frame_list)
     except KeyboardInterrupt:
@@ -172,9 +196,11 @@ def _main(args: argparse.Namespace) -> int:
         progress.close()
         client.close()
     written, skipped, failed = (summary.count(s) for s in ("written", "skipped", "failed"))
+    stale, damaged = summary.redone("stale"), summary.redone("damaged")
     print(
-        f"{written} written, {skipped} already complete, {failed} failed "
-        f"in {summary.seconds:.1f} s -> {renderer.out_dir}",
+        f"{written} written, {skipped} already complete, {failed} failed; "
+        f"{stale} stale, {damaged} damaged re-rendered; in {summary.seconds:.1f} s -> "
+        f"{renderer.out_dir}",
         file=sys.stderr,
     )
     if summary.stopped:

@@ -1,8 +1,20 @@
-"""The batch renderer: frames of one scene into one folder through one warm engine, resumable.
+"""The batch renderer: frames of one scene into one folder through one warm engine, resumable
+and safe with other renderers on the same folder.
 
 Every frame goes to ``DIR/frame_NNNN.png`` with a sidecar ``DIR/frame_NNNN.json`` and its masks
-under ``DIR/layout/frame_NNNN/`` (:mod:`.publish`); frames already complete are skipped
-(:mod:`..core.frames`). The command line is :mod:`.__main__` (``python -m blender_addon.render``).
+under ``DIR/layout/frame_NNNN/`` (:mod:`.publish`).
+
+- Claims (:mod:`..core.frames`): a frame is claimed before anything is written for it, and its
+  claim's heartbeat beats while it is held. Frames another live renderer holds are left to it
+  and waited for after this renderer's own share; a dead or silent renderer's claims are taken
+  over. Several renderers (farm machines) on one folder render each frame once.
+- Resume: a complete frame is kept only when its fingerprint matches what this run would
+  render (its Layout is built again, into a staging folder, to compare) and its PNG decodes;
+  stale and damaged frames are rendered again and counted in the summary.
+- Watchdog: an engine that makes no progress within a bound (``Watchdog``: ``step_factor``
+  times the slowest step seen, at least ``stall_seconds``; ``load_seconds`` while a model
+  loads) is killed, and a crashed or killed engine is replaced; the frame is retried up to
+  ``RETRIES`` times, then the batch stops. Every replacement is reported as a notice.
 
 The Blender work for frame N+1 (frame change, projection, mask render) runs while the engine
 generates frame N; the next request is sent once frame N is written, so a stopped batch never
@@ -14,6 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,12 +41,37 @@ from ..blender.models import model_spec
 from ..client.engine_client import ENGINE_GONE, NOT_INSTALLED, EngineClient, EngineError, Job
 from ..core import frames
 from ..core.errors import UserError
+from ..wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
 from ..wire.protocol import BAD_DEVICE, MODEL_NOT_FOUND
 from .publish import engine_details, publish_frame, render_settings
 
 SEED_MODES = ("shot", "frame")
 FATAL_CODES = frozenset({ENGINE_GONE, NOT_INSTALLED, MODEL_NOT_FOUND, BAD_DEVICE})
-"""Engine errors that would fail every following frame too: the batch stops at the first."""
+"""Engine errors that would fail every following frame too: the batch stops at the first
+(a crashed engine only once its frame's retries are spent)."""
+ENGINE_HUNG = "engine_hung"
+RETRIES = 2
+"""How often one frame is retried on a new engine after its engine crashed or hung."""
+POLL_SECONDS = 2.0
+"""How often frames held by other renderers are looked at again."""
+
+
+@dataclass(frozen=True)
+class Watchdog:
+    """How long the engine may go without a progress event before it counts as hung."""
+
+    stall_seconds: float = 120.0
+    """Never less than this between two events of a running frame."""
+    step_factor: float = 10.0
+    """Times the slowest step measured so far (the bound grows with the image size)."""
+    load_seconds: float = 900.0
+    """While a model loads, and before the first step of a fresh engine."""
+
+    def bound(self, slowest_step: float | None, loading: bool) -> float:
+        """Seconds to wait for the next event."""
+        if loading or slowest_step is None:
+            return max(self.load_seconds, self.stall_seconds)
+        return max(self.stall_seconds, self.step_factor * slowest_step)
 
 
 @dataclass
@@ -40,11 +80,17 @@ class FrameOutcome:
 
     frame: int
     status: str
-    """``written``, ``skipped`` (already complete) or ``failed``."""
+    """``written``, ``skipped`` (already complete, or rendered by another renderer) or
+    ``failed``."""
     message: str = ""
     seconds: float = 0.0
     generate_seconds: float = 0.0
     layout_seconds: float = 0.0
+    redo: str = ""
+    """Why a frame that existed was rendered again: ``stale``, ``damaged`` or
+    ``interrupted``."""
+    retries: int = 0
+    """How often the frame was retried on a new engine."""
 
 
 @dataclass
@@ -58,9 +104,15 @@ class BatchSummary:
     """Why the batch stopped early (empty when every frame was attempted)."""
     seconds: float = 0.0
     load_seconds: float = 0.0
+    notices: list[str] = field(default_factory=list)
+    """What the batch did beyond rendering: engines replaced, frames waited for."""
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
+
+    def redone(self, why: str) -> int:
+        """Frames written again because they were ``why`` (``stale``, ``damaged``)."""
+        return sum(1 for o in self.outcomes if o.status == "written" and o.redo == why)
 
     @property
     def ok(self) -> bool:
@@ -70,19 +122,28 @@ class BatchSummary:
 @dataclass
 class _Pending:
     paths: frames.FramePaths
+    claim: frames.Claim
     job: Job
     tmp: str
     layout: dict[str, Any]
+    model: str | None
+    options: dict[str, Any]
+    fingerprint: str
     skipped: list
     layout_seconds: float
     started: float
+    redo: str
+    retries: int = 0
 
 
 class BatchRenderer:
     """Renders frames of one scene into one folder through one warm engine client.
 
     ``on_frame(outcome)`` is called after each frame is written or fails (before the next
-    request goes out); ``progress(done, total, outcome)`` drives the progress display.
+    request goes out); ``progress(done, total, outcome)`` drives the progress display;
+    ``notify(text)`` hears what the batch did beyond rendering (an engine replaced, frames
+    waited for). ``watchdog``, ``stale_seconds`` (a silent renderer's claims) and
+    ``heartbeat_seconds`` set the time bounds.
     """
 
     def __init__(
@@ -97,6 +158,10 @@ class BatchRenderer:
         init_previous: float | None = None,
         on_frame: Callable[[FrameOutcome], None] | None = None,
         progress: Callable[[int, int, FrameOutcome], None] | None = None,
+        notify: Callable[[str], None] | None = None,
+        watchdog: Watchdog | None = None,
+        stale_seconds: float = frames.STALE_SECONDS,
+        heartbeat_seconds: float = frames.HEARTBEAT_SECONDS,
     ):
         if seed_mode not in SEED_MODES:
             raise UserError(f"unknown seed mode {seed_mode!r}; use one of {list(SEED_MODES)}")
@@ -116,109 +181,219 @@ class BatchRenderer:
         self._previous: dict[int, int] = {}
         self.on_frame = on_frame
         self.progress = progress
+        self.notify = notify
+        self.watchdog = watchdog or Watchdog()
+        self.stale_seconds = stale_seconds
+        self.heartbeat_seconds = heartbeat_seconds
         self.engine: dict[str, Any] = {}
+        self.owner = frames.Owner.current()
+        self._held: dict[int, frames.Claim] = {}
+        self._held_lock = threading.Lock()
+        self._waited_for: set[int] = set()
+        self._slowest_step: float | None = None
+        self._warm_pid: int | None = None
+        self._total = 0
 
     def run(self, frame_list: list[int]) -> BatchSummary:
         """Render every frame of ``frame_list`` that is not complete yet; never raises for a frame."""
         started = time.perf_counter()
         summary = BatchSummary()
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True)
+        beat.start()
         try:
             self._run(frame_list, summary)
         finally:
+            stop.set()
+            beat.join(5.0)
+            for claim in list(self._held.values()):
+                self._let_go(claim)
             summary.seconds = time.perf_counter() - started
         return summary
 
     def _run(self, frame_list: list[int], summary: BatchSummary) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
-        frames.sweep_temp_files(self.out_dir)
-        todo, done = frames.plan_frames(self.out_dir, frame_list, overwrite=self.overwrite)
-        total = len(frame_list)
-        ordered = sorted(frame_list)
+        ordered = sorted(set(frame_list))
+        self._total = len(frame_list)
         self._previous = dict(zip(ordered[1:], ordered[:-1], strict=True))
-        for state in done:
-            self._record(summary, FrameOutcome(state.frame, "skipped", "already complete"), total)
-        if not todo:
-            return
+        todo = ordered
+        waited = False
+        while todo and not summary.stopped:
+            todo = self._pass(todo, summary)
+            if todo and not summary.stopped:
+                if not waited:
+                    self._notice(
+                        summary,
+                        f"{len(todo)} frame(s) are being rendered by other renderers "
+                        f"({_frame_list(todo)}); waiting for them, taking over any whose "
+                        f"renderer stops (silent for {self.stale_seconds:.0f} s or exited)",
+                    )
+                    waited = True
+                time.sleep(POLL_SECONDS)
+
+    # -- One pass -------------------------------------------------------------------------------
+
+    def _pass(self, todo: list[int], summary: BatchSummary) -> list[int]:
+        """Render or check every frame of ``todo`` this renderer can claim; the frames left to
+        other renderers (to be looked at again)."""
+        deferred: list[int] = []
+        pending: _Pending | None = None
+        for frame in todo:
+            if summary.stopped:
+                break
+            previous = self._previous.get(frame)
+            if self.init_previous is not None and previous in deferred:
+                deferred.append(frame)  # it starts from a frame another renderer is making
+                continue
+            paths = frames.frame_paths(self.out_dir, frame)
+            claim = frames.try_claim(paths, self.owner, self.stale_seconds)
+            if claim is None:
+                deferred.append(frame)
+                self._waited_for.add(frame)
+                continue
+            self._hold(claim)
+            built = self._build(paths)
+            if pending is not None:
+                self._finish(pending, summary)
+                pending = None
+            if summary.stopped:
+                self._discard(built)
+                self._let_go(claim)
+                break
+            pending = self._start(paths, claim, built, summary)
+        if pending is not None:
+            self._finish(pending, summary)
+        return deferred
+
+    def _build(self, paths: frames.FramePaths) -> tuple[FrameRequest | None, str, str, float]:
+        """The frame's request, built into a staging folder: ``(made or None, error, staging,
+        seconds)``. Nothing of the frame's own files changes until it is rendered."""
+        self.scene.frame_set(paths.frame)
+        depsgraph = _depsgraph(self.scene)
+        started = time.perf_counter()
+        staging = os.path.join(
+            os.path.dirname(paths.layout_dir),
+            f".{os.path.basename(paths.layout_dir)}.staging-{self.owner.token[:12]}",
+        )
+        previous = self._previous_paths(paths.frame)
+        init = previous.image if previous else None
+        try:
+            made = build_request(
+                self.scene,
+                depsgraph,
+                staging,
+                frame=paths.frame,
+                seed_mode=self.seed_mode,
+                init=init,
+                strength=self.init_previous if init else None,
+            )
+            error = ""
+        except UserError as exc:
+            made, error = None, str(exc)
+        return made, error, staging, time.perf_counter() - started
+
+    def _start(
+        self,
+        paths: frames.FramePaths,
+        claim: frames.Claim,
+        built: tuple[FrameRequest | None, str, str, float],
+        summary: BatchSummary,
+    ) -> _Pending | None:
+        """Compare a built frame with what is on disk; skip it, or send it to the engine."""
+        made, error, staging, layout_seconds = built
+        frame = paths.frame
+        if made is None:
+            self._discard(built)
+            self._let_go(claim)
+            self._settle(summary, FrameOutcome(frame, "failed", error))
+            return None
+        model = self.model or made.model
+        layout = made.layout.to_dict()
+        previous = self._previous_paths(frame)
+        if previous is not None and not frames.frame_state(previous).complete:
+            # The frame before failed: this one starts from noise instead.
+            layout = _without_init(layout)
+        settings = self._settings()
+        fingerprint = frames.fingerprint(
+            layout,
+            seed=int(layout["seed"]),
+            model=model,
+            options=made.options,
+            settings=settings,
+        )
+        state = frames.frame_state(paths, fingerprint)
+        if state.complete and not self.overwrite:
+            self._discard(built)
+            frames.sweep_frame(claim, paths)
+            self._let_go(claim)
+            elsewhere = frame in self._waited_for
+            message = "rendered by another renderer" if elsewhere else "already complete"
+            self._settle(summary, FrameOutcome(frame, "skipped", message))
+            return None
+        redo = state.kind if state.kind in ("stale", "damaged", "interrupted") else ""
+        if not self._engine_ready(summary):
+            self._discard(built)
+            self._let_go(claim)
+            return None
+        frames.replace_folder(staging, paths.layout_dir)
+        layout = _moved(layout, staging, paths.layout_dir)
+        frames.sweep_frame(claim, paths)
+        pending = _Pending(
+            paths=paths,
+            claim=claim,
+            job=None,  # type: ignore[arg-type]  # sent just below
+            tmp=frames.temp_path(paths.image),
+            layout=layout,
+            model=model,
+            options=made.options,
+            fingerprint=fingerprint,
+            skipped=[list(item) for item in made.skipped],
+            layout_seconds=layout_seconds,
+            started=time.perf_counter() - layout_seconds,
+            redo=redo,
+        )
+        try:
+            self._send(pending, summary)
+        except EngineError as exc:
+            self._let_go(claim)
+            self._settle(summary, FrameOutcome(frame, "failed", exc.message))
+            summary.stopped = f"stopped at frame {frame}: {exc.message}"
+            return None
+        return pending
+
+    def _engine_ready(self, summary: BatchSummary) -> bool:
+        """Ask the engine who it is once (starting it); False (and the batch stopped) if it
+        cannot serve the model."""
+        if self.engine:
+            return True
         try:
             hello = self.client.hello(model=self.model or model_spec(self.scene.layout_diffusion))
         except EngineError as exc:
             summary.stopped = exc.message
-            return
+            return False
         model = hello.get("model")
         if isinstance(model, dict) and model.get("found") is False:
             summary.stopped = str(model.get("message") or f"model {self.model!r} not found")
-            return
+            return False
         self.engine = engine_details(hello)
-        pending: _Pending | None = None
-        for paths in todo:
-            self.scene.frame_set(paths.frame)
-            depsgraph = _depsgraph(self.scene)
-            layout_start = time.perf_counter()
-            previous = self._previous_paths(paths.frame)
-            init = previous.image if previous else None
-            try:
-                made = build_request(
-                    self.scene,
-                    depsgraph,
-                    paths.layout_dir,
-                    frame=paths.frame,
-                    seed_mode=self.seed_mode,
-                    init=init,
-                    strength=self.init_previous if init else None,
-                )
-                error = None
-            except UserError as exc:
-                made, error = None, str(exc)
-            layout_seconds = time.perf_counter() - layout_start
-            if pending is not None:
-                self._finish(pending, summary, total)
-                pending = None
-                if summary.stopped:
-                    break
-            if made is None:
-                self._record(summary, FrameOutcome(paths.frame, "failed", error), total)
-                continue
-            if summary.engine_pids and not self.client.alive:
-                # Restarting behind the user's back would hide an engine that keeps dying
-                # (out of memory, killed): stop, and let a rerun resume from here.
-                tail = self.client.stderr_tail(3)
-                message = "the engine process stopped unexpectedly" + (
-                    f"; its last output:\n{tail}" if tail else ""
-                )
-                self._record(summary, FrameOutcome(paths.frame, "failed", message), total)
-                summary.stopped = f"stopped at frame {paths.frame}: {message}"
-                break
-            try:
-                pending = self._submit(paths, made, layout_seconds, summary)
-            except EngineError as exc:
-                self._record(summary, FrameOutcome(paths.frame, "failed", exc.message), total)
-                summary.stopped = f"stopped at frame {paths.frame}: {exc.message}"
-                break
-        if pending is not None:
-            self._finish(pending, summary, total)
-        frames.sweep_temp_files(self.out_dir)
+        return True
 
-    def _submit(
-        self, paths, made: FrameRequest, layout_seconds: float, summary: BatchSummary
-    ) -> _Pending:
-        layout = made.layout.to_dict()
-        previous = self._previous_paths(paths.frame)
-        if previous is not None and not frames.frame_state(previous).complete:
-            # The frame before failed: this one starts from noise instead.
-            layout = _without_init(layout)
-        tmp = frames.temp_path(paths.image)
-        job = self.client.generate(layout, tmp, self.model or made.model, options=made.options)
-        if self.client.pid is not None and self.client.pid not in summary.engine_pids:
-            summary.engine_pids.append(self.client.pid)
-        return _Pending(
-            paths=paths,
-            job=job,
-            tmp=tmp,
-            layout=layout,
-            skipped=[list(item) for item in made.skipped],
-            layout_seconds=layout_seconds,
-            started=time.perf_counter() - layout_seconds,
+    def _send(self, pending: _Pending, summary: BatchSummary, retry: bool = False) -> None:
+        """Send the frame's generate request; a dead engine is replaced first (and said so)."""
+        known = summary.engine_pids
+        if known and not self.client.alive and not retry:
+            tail = self.client.stderr_tail(3)
+            self._notice(
+                summary,
+                f"frame {pending.paths.frame}: the engine process stopped unexpectedly"
+                + (f" (its last output: {tail})" if tail else "")
+                + "; starting a new one",
+            )
+        pending.job = self.client.generate(
+            pending.layout, pending.tmp, pending.model, options=pending.options
         )
+        if self.client.pid is not None and self.client.pid not in known:
+            known.append(self.client.pid)
 
     def _previous_paths(self, frame: int) -> frames.FramePaths | None:
         """With ``init_previous``: the frame whose image ``frame`` starts from (the one before).
@@ -229,21 +404,49 @@ class BatchRenderer:
             return None
         return frames.frame_paths(self.out_dir, self._previous[frame])
 
-    def _finish(self, pending: _Pending, summary: BatchSummary, total: int) -> None:
+    # -- Waiting for the engine -----------------------------------------------------------------
+
+    def _finish(self, pending: _Pending, summary: BatchSummary) -> None:
         paths = pending.paths
-        event = pending.job.wait()
-        if event.get("event") != "result":
-            _remove(pending.tmp)
+        while True:
+            event = self._wait(pending)
             code = str(event.get("code") or event.get("event"))
+            if event.get("event") == "result":
+                break
+            _remove(pending.tmp)
+            if code in (ENGINE_GONE, ENGINE_HUNG) and pending.retries < RETRIES:
+                pending.retries += 1
+                self._notice(
+                    summary,
+                    f"frame {paths.frame}: {_first_line(event.get('message'))}; replaced the "
+                    f"engine and retrying the frame (retry {pending.retries} of {RETRIES})",
+                )
+                try:
+                    self._send(pending, summary, retry=True)
+                except EngineError as exc:
+                    event = {"event": "error", "code": exc.code, "message": exc.message}
+                else:
+                    continue
             message = str(event.get("message") or f"generation ended with {code}")
-            outcome = FrameOutcome(paths.frame, "failed", message)
-            if code in FATAL_CODES or event.get("event") == "cancelled":
+            if pending.retries:
+                message += f" (after {pending.retries} retries on new engines)"
+            self._let_go(pending.claim)
+            outcome = FrameOutcome(paths.frame, "failed", message, retries=pending.retries)
+            if code in FATAL_CODES or code == ENGINE_HUNG or event.get("event") == "cancelled":
                 summary.stopped = f"stopped at frame {paths.frame}: {message}"
-            self._record(summary, outcome, total)
+            self._settle(summary, outcome)
             return
-        settings = render_settings(self.scene, self.seed_mode)
+        if not frames.holds(pending.claim):
+            # This renderer was silent too long and another one took the frame over.
+            _remove(pending.tmp)
+            self._release_held(pending.claim)
+            message = "another renderer took this frame over; its image is kept"
+            self._settle(summary, FrameOutcome(paths.frame, "skipped", message))
+            return
+        settings = self._settings()
         settings["skipped"] = pending.skipped
-        settings["init_previous"] = self.init_previous
+        settings["engine_options"] = pending.options
+        settings["renderer"] = {"host": self.owner.host, "pid": self.owner.pid}
         timings = publish_frame(
             paths,
             pending.tmp,
@@ -253,7 +456,10 @@ class BatchRenderer:
             settings=settings,
             layout_seconds=pending.layout_seconds,
             started=pending.started,
+            fingerprint=pending.fingerprint,
         )
+        frames.sweep_frame(pending.claim, paths)
+        self._let_go(pending.claim)
         summary.load_seconds += timings["load_seconds"]
         outcome = FrameOutcome(
             paths.frame,
@@ -261,15 +467,117 @@ class BatchRenderer:
             seconds=timings["frame_seconds"],
             generate_seconds=timings["generate_seconds"],
             layout_seconds=timings["layout_seconds"],
+            redo=pending.redo,
+            retries=pending.retries,
         )
-        self._record(summary, outcome, total)
+        self._settle(summary, outcome)
 
-    def _record(self, summary: BatchSummary, outcome: FrameOutcome, total: int) -> None:
+    def _wait(self, pending: _Pending) -> dict[str, Any]:
+        """The job's final event; a synthetic ``engine_hung`` error (the engine killed) when no
+        event comes within the watchdog's bound."""
+        job = pending.job
+        loading = self.client.pid != self._warm_pid
+        last = time.monotonic()
+        previous_step: float | None = None
+        while True:
+            bound = self.watchdog.bound(self._slowest_step, loading)
+            try:
+                event = job.events.get(timeout=max(0.0, last + bound - time.monotonic()))
+            except queue.Empty:
+                self.client.kill()
+                return {
+                    "event": "error",
+                    "code": ENGINE_HUNG,
+                    "message": f"the engine made no progress for {bound:.0f} s "
+                    f"({'loading the model' if loading else 'between steps'}; the bound is "
+                    f"{self.watchdog.step_factor:g} x the slowest step, at least "
+                    f"{self.watchdog.stall_seconds:g} s) and was stopped",
+                }
+            now = time.monotonic()
+            kind = event.get("event")
+            if kind == "loading":
+                loading = True
+            elif kind == "progress":
+                if previous_step is not None:
+                    step = now - previous_step
+                    self._slowest_step = max(self._slowest_step or 0.0, step)
+                previous_step = now
+                loading = False
+            last = now
+            if event is job.final or kind not in ("queued", "loading", "progress"):
+                if kind == "result":
+                    self._warm_pid = self.client.pid
+                return event
+
+    # -- Claims ---------------------------------------------------------------------------------
+
+    def _hold(self, claim: frames.Claim) -> None:
+        with self._held_lock:
+            self._held[claim.frame] = claim
+
+    def _release_held(self, claim: frames.Claim) -> None:
+        with self._held_lock:
+            self._held.pop(claim.frame, None)
+
+    def _let_go(self, claim: frames.Claim) -> None:
+        self._release_held(claim)
+        frames.release(claim)
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_seconds):
+            with self._held_lock:
+                held = list(self._held.values())
+            for claim in held:
+                frames.refresh(claim)
+
+    # -- Bookkeeping ----------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        settings = render_settings(self.scene, self.seed_mode)
+        settings["init_previous"] = self.init_previous
+        return settings
+
+    def _discard(self, built: tuple[Any, str, str, float]) -> None:
+        shutil.rmtree(built[2], ignore_errors=True)
+
+    def _settle(self, summary: BatchSummary, outcome: FrameOutcome) -> None:
         summary.outcomes.append(outcome)
         if self.progress is not None:
-            self.progress(len(summary.outcomes), total, outcome)
+            self.progress(len(summary.outcomes), self._total, outcome)
         if self.on_frame is not None:
             self.on_frame(outcome)
+
+    def _notice(self, summary: BatchSummary, text: str) -> None:
+        summary.notices.append(text)
+        if self.notify is not None:
+            self.notify(text)
+
+
+def _moved(layout: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """A Layout dict whose image paths under ``old`` point under ``new`` instead."""
+    prefix = old.rstrip(os.sep) + os.sep
+
+    def move(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(prefix):
+            return os.path.join(new, value[len(prefix) :])
+        return value
+
+    layout = dict(layout)
+    for key in IMAGE_FIELDS:
+        layout[key] = move(layout.get(key))
+    layout["regions"] = [
+        {**r, **{k: move(r.get(k)) for k in REGION_IMAGE_FIELDS}} for r in layout["regions"]
+    ]
+    return layout
+
+
+def _frame_list(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:8])
+    return shown + (f" and {len(numbers) - 8} more" if len(numbers) > 8 else "")
+
+
+def _first_line(text: Any) -> str:
+    return str(text or "the engine failed").strip().splitlines()[0].rstrip(".")
 
 
 def _without_init(layout: dict[str, Any]) -> dict[str, Any]:

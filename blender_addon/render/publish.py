@@ -36,11 +36,13 @@ def publish_frame(
     settings: dict[str, Any],
     layout_seconds: float,
     started: float,
+    fingerprint: str | None = None,
 ) -> dict[str, float]:
     """Give a generated image (at ``tmp``) its final name, then write its sidecar.
 
     ``event`` is the engine's ``result`` event; ``started`` the ``time.perf_counter()`` at which
-    work on the frame began. Returns the timings recorded in the sidecar.
+    work on the frame began; ``fingerprint`` what resume compares (``frames.fingerprint``).
+    Returns the timings recorded in the sidecar.
     """
     frames.publish(tmp, paths.image)
     timings = {
@@ -57,6 +59,7 @@ def publish_frame(
         engine=engine,
         settings=settings,
         timings=timings,
+        fingerprint=fingerprint,
     )
     frames.write_sidecar(paths.sidecar, record)
     return timings

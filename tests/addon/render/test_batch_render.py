@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import blender_scenario
 import pytest
@@ -117,21 +118,33 @@ def test_seed_per_frame_failed_frame_and_leftovers_of_an_interrupted_run(blend, 
     ]
 
 
-def test_killed_engine_stops_the_batch_and_a_rerun_resumes(blend, tmp_path):
+def test_killed_engine_is_replaced_and_a_rerun_resumes(blend, tmp_path):
     out = tmp_path / "frames"
-    result = run_scenario("batch", blend, str(out), "1-3", "--kill-after", "1")
+    result = run_scenario("batch", blend, str(out), "1-2", "--kill-after", "1")
     assert [(o["frame"], o["status"]) for o in result["outcomes"]] == [
         (1, "written"),
-        (2, "failed"),
+        (2, "written"),
     ]
-    assert "engine process stopped unexpectedly" in result["stopped"]
-    assert sorted(os.listdir(out)) == ["frame_0001.json", "frame_0001.png", "layout"]
+    assert len(result["engine_pids"]) == 2, "a new engine serves frame 2"
+    assert result["stopped"] == ""
+    (notice,) = result["notices"]
+    assert notice.startswith("frame 2: the engine process stopped unexpectedly")
+    assert notice.endswith("starting a new one")
+    assert sorted(os.listdir(out)) == [
+        "frame_0001.json",
+        "frame_0001.png",
+        "frame_0002.json",
+        "frame_0002.png",
+        "layout",
+    ]
     first = listing(out)
+    os.remove(out / "frame_0002.json")  # as if killed between the image and its sidecar
 
     # The rerun also starts each frame from the one before: frame 2 from the kept frame 1.
+    # That changes frame 2's and 3's settings (stale), while frame 1 stays.
     proc = run_batch(blend, "--frames", "1-3", "--out", str(out), "--init-previous", "0.6")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 written, 1 already complete, 0 failed" in proc.stderr
+    assert "2 written, 1 already complete, 0 failed; 0 stale, 0 damaged" in proc.stderr
     inits = [read_json(out / f"frame_000{f}.json")["layout"] for f in (2, 3)]
     assert [(x["init_image"], x["strength"]) for x in inits] == [
         ("frame_0001.png", 0.6),
@@ -142,6 +155,118 @@ def test_killed_engine_stops_the_batch_and_a_rerun_resumes(blend, tmp_path):
     for name in ("frame_0001.png", "frame_0001.json"):
         assert after[name] == first[name], f"{name} was rewritten"
     assert not [name for name in os.listdir(out) if name.startswith(".")]
+    assert not [n for n in os.listdir(out / "layout") if n.startswith(".")]
+
+
+def test_hung_engine_is_replaced_and_the_frame_retried(blend, tmp_path):
+    out = tmp_path / "frames"
+    result = run_scenario("batch", blend, str(out), "1-2", "--stop-after", "1", "--stall", "4")
+    assert [(o["frame"], o["status"], o["retries"]) for o in result["outcomes"]] == [
+        (1, "written", 0),
+        (2, "written", 1),
+    ]
+    assert result["stopped"] == "" and len(result["engine_pids"]) == 2
+    (notice,) = result["notices"]
+    assert notice.startswith("frame 2: the engine made no progress for 4 s")
+    assert "replaced the engine and retrying the frame (retry 1 of 2)" in notice
+    assert read_json(out / "frame_0002.json")["frame"] == 2
+
+
+def test_resume_rerenders_stale_and_damaged_frames_and_counts_them(blend, tmp_path):
+    out = tmp_path / "frames"
+    proc = run_batch(blend, "--frames", "1-3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # A truncated PNG whose sidecar was edited to match it: only decoding tells.
+    image = out / "frame_0002.png"
+    data = image.read_bytes()[:-40]
+    image.write_bytes(data)
+    record = read_json(out / "frame_0002.json")
+    import hashlib
+
+    record["image_bytes"] = len(data)
+    record["image_sha256"] = hashlib.sha256(data).hexdigest()
+    (out / "frame_0002.json").write_text(json.dumps(record))
+    kept = listing(out)["frame_0001.png"]
+    proc = run_batch(blend, "--frames", "1-3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 written, 2 already complete, 0 failed; 0 stale, 1 damaged re-rendered" in (
+        proc.stderr
+    )
+    assert listing(out)["frame_0001.png"] == kept
+    # Another seed mode gives every frame another seed: all three are stale.
+    proc = run_batch(blend, "--frames", "1-3", "--out", str(out), "--seed-mode", "frame")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 written, 0 already complete, 0 failed; 3 stale, 0 damaged re-rendered" in (
+        proc.stderr
+    )
+    assert [read_json(out / f"frame_000{f}.json")["seed"] for f in (1, 2, 3)] == [8, 9, 10]
+
+
+@pytest.fixture(scope="module")
+def long_blend(tmp_path_factory, tiny_model_dir) -> str:
+    path = str(tmp_path_factory.mktemp("scene") / "eight_frames.blend")
+    run_scenario("make_scene", path, str(tiny_model_dir), "8")
+    return path
+
+
+def test_two_renderers_on_one_folder_one_killed_render_each_frame_once(long_blend, tmp_path):
+    """The fault test: two renderers (two farm machines) start on the same 8 frames in one
+    folder; one is killed after its first frame. The survivor takes over its claim and every
+    frame ends complete, each rendered exactly once."""
+    out = tmp_path / "frames"
+    logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    env = blender_scenario.child_env(USER_DIR)
+    script = os.path.abspath(__file__)
+    outputs = [tmp_path / "a.out", tmp_path / "b.out"]
+    procs = []
+    for log, output in zip(logs, outputs, strict=True):
+        with open(output, "wb") as sink:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, script, "farm", long_blend, str(out), "1-8", str(log)],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    survivor, victim = procs
+    deadline = time.monotonic() + 300
+    while not _written(logs[1]) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _written(logs[1]), outputs[1].read_text()[-3000:]
+    victim.kill()
+    victim.wait()
+    assert survivor.wait(timeout=600) == 0, outputs[0].read_text()[-3000:]
+
+    by_survivor, by_victim = _written(logs[0]), _written(logs[1])
+    renders = {frame: 0 for frame in range(1, 9)}
+    for frame in by_survivor + by_victim:
+        renders[frame] += 1
+    for frame in range(1, 9):
+        record = read_json(out / f"frame_{frame:04d}.json")
+        assert record["frame"] == frame and (out / f"frame_{frame:04d}.png").is_file()
+        pid = record["settings"]["renderer"]["pid"]
+        assert pid in (survivor.pid, victim.pid)
+        if not renders[frame]:
+            # Published by the victim in its last instant, before it could log it.
+            assert pid == victim.pid
+            renders[frame] = 1
+        else:
+            assert pid == (survivor.pid if frame in by_survivor else victim.pid)
+    assert renders == {frame: 1 for frame in range(1, 9)}, (by_survivor, by_victim)
+    assert len(by_survivor) >= 4, "the survivor rendered its share and took the victim's over"
+    # The survivor left no claim, staging folder or temporary file of its own behind.
+    assert not [n for n in os.listdir(out) if n.startswith(".") and "partial" not in n]
+    assert not [n for n in os.listdir(out / "layout") if n.startswith(".")]
+
+
+def _written(log) -> list[int]:
+    try:
+        lines = log.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["frame"] for line in lines if '"written"' in line]
 
 
 def test_command_line_errors_say_what_to_do(blend, tmp_path):
@@ -165,14 +290,17 @@ def test_command_line_errors_say_what_to_do(blend, tmp_path):
 # -- Scenarios (run in a child process) ----------------------------------------------------------
 
 
-def scenario_make_scene(path: str, model: str) -> dict:
+def scenario_make_scene(path: str, model: str, frames: str = "3") -> dict:
     import bpy
 
     from samples.moving_cube import build_moving_cube
 
-    # Frame 4 moves the cube out of view; the batch renders frames 1-3.
-    scene = build_moving_cube(((1, -2.0), (3, 2.0), (4, 60.0)), size=64, steps=2, model=model)
-    scene.frame_end = 3
+    # Frame 4 moves the cube out of view; the batch renders frames 1-3. With more frames, the
+    # cube crosses the view over all of them.
+    last = int(frames)
+    keys = ((1, -2.0), (3, 2.0), (4, 60.0)) if last == 3 else ((1, -2.0), (last, 2.0))
+    scene = build_moving_cube(keys, size=64, steps=2, model=model)
+    scene.frame_end = last
     cube = scene.objects["Cube"]
     # Animated label weight and scene guidance: each frame's Layout must carry its own values.
     settings = scene.layout_diffusion
@@ -203,23 +331,39 @@ def _linear_keys(obj) -> None:
 
 
 def scenario_batch(blend: str, out: str, spec: str, *options: str) -> dict:
+    import signal
+
     import bpy
 
     import blender_addon
     from blender_addon.client.engine_client import EngineClient
     from blender_addon.core import frames
-    from blender_addon.render.batch import BatchRenderer
+    from blender_addon.render.batch import BatchRenderer, Watchdog
 
-    kill_after = int(options[1]) if options[:1] == ("--kill-after",) else None
+    flags = dict(zip(options[::2], options[1::2], strict=True))
+    kill_after = int(flags.get("--kill-after", 0)) or None
+    stop_after = int(flags.get("--stop-after", 0)) or None
     blender_addon.register()
     bpy.ops.wm.open_mainfile(filepath=blend)
     client = EngineClient(sys.executable, cwd=ROOT)
 
     def on_frame(outcome) -> None:
-        if outcome.frame == kill_after and outcome.status == "written":
+        if outcome.status != "written":
+            return
+        if outcome.frame == kill_after:
             client.kill()
+        if outcome.frame == stop_after:
+            # Alive but silent: what a hung engine looks like from outside.
+            os.kill(client.pid, signal.SIGSTOP)
 
-    renderer = BatchRenderer(bpy.context.scene, out, client, on_frame=on_frame)
+    stall = float(flags.get("--stall", 120))
+    renderer = BatchRenderer(
+        bpy.context.scene,
+        out,
+        client,
+        on_frame=on_frame,
+        watchdog=Watchdog(stall_seconds=stall, load_seconds=max(stall, 300.0)),
+    )
     try:
         summary = renderer.run(frames.parse_frames(spec))
     finally:
@@ -228,7 +372,37 @@ def scenario_batch(blend: str, out: str, spec: str, *options: str) -> dict:
         "outcomes": [vars(o) for o in summary.outcomes],
         "engine_pids": summary.engine_pids,
         "stopped": summary.stopped,
+        "notices": summary.notices,
     }
+
+
+def scenario_farm(blend: str, out: str, spec: str, log: str) -> dict:
+    """One farm renderer: the batch with short heartbeats, each outcome logged as it happens."""
+    import bpy
+
+    import blender_addon
+    from blender_addon.client.engine_client import EngineClient
+    from blender_addon.core import frames
+    from blender_addon.render.batch import BatchRenderer
+
+    blender_addon.register()
+    bpy.ops.wm.open_mainfile(filepath=blend)
+    client = EngineClient(sys.executable, cwd=ROOT)
+
+    def on_frame(outcome) -> None:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(vars(outcome)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    renderer = BatchRenderer(
+        bpy.context.scene, out, client, on_frame=on_frame, heartbeat_seconds=1.0, stale_seconds=20
+    )
+    try:
+        summary = renderer.run(frames.parse_frames(spec))
+    finally:
+        client.close()
+    return {"outcomes": [vars(o) for o in summary.outcomes], "stopped": summary.stopped}
 
 
 if __name__ == "__main__":
