@@ -11,6 +11,7 @@ outside Blender. The Blender classes load in :func:`register`.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 from types import ModuleType
 
@@ -31,15 +32,31 @@ def _modules() -> list[ModuleType]:
     return [importlib.import_module(f".{name}", __name__) for name in _MODULES]
 
 
+_registered = False
+
+
 def register() -> None:
     """Register properties, preferences, operators, panels, the camera overlay and the render
     engine."""
+    global _registered
     for module in _modules():
         module.register()
+    _registered = True
 
 
 def unregister() -> None:
     """Undo :func:`register` and stop the engine process if one runs."""
+    global _registered
+    _registered = False
     for module in reversed(_modules()):
         module.unregister()
     engine_session.shutdown()
+
+
+@atexit.register
+def _unregister_at_exit() -> None:
+    # Blender disables its add-ons before Python ends; a script that registered this package
+    # itself (the batch renderer on the bpy module) must too: the bpy 4.2 module crashes at
+    # exit while properties with Python getters are still registered.
+    if _registered:
+        unregister()

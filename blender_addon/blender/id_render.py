@@ -5,9 +5,10 @@ has its own render settings and view layers) through a temporary copy of the cam
 field off), both removed afterwards. Object pass indices are the one thing that must be set on
 the shared objects; they are restored in a ``finally``.
 
-Cycles writes the Object Index and Depth passes to a multilayer EXR (one part per pass) that
-OpenImageIO, shipped with Blender's Python, reads back: the compositor's Viewer node yields
-nothing in background mode and ``bpy.data.images.load`` cannot open multilayer EXRs. Blender
+Cycles writes the Object Index and Depth passes to an uncompressed multilayer EXR that
+:mod:`..core.exr` reads back with numpy on every Blender version: the compositor's Viewer node
+yields nothing in background mode, ``bpy.data.images.load`` cannot open multilayer EXRs and
+not every ``bpy`` build bundles OpenImageIO. Blender
 5.0 fails to write multilayer EXRs whose pixel aspect is not 1, so the render uses square pixels.
 """
 
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 import bpy
 import numpy as np
 
-from .images import import_oiio
+from ..core.exr import ExrError, exr_channels
+from .compat import MULTILAYER_EXR, new_material_nodes, set_file_format
 
 PASS_INDEX_MAX = 32767
 """Blender's upper limit for ``Object.pass_index``."""
@@ -72,34 +74,15 @@ class IdRender:
 
 
 def read_exr_channels(path: str, wanted: tuple[tuple[str, ...], ...]) -> list[np.ndarray]:
-    """Read single channels of a multilayer EXR, each given by accepted name endings.
+    """Read single channels of the id render's EXR, each given by accepted name endings.
 
-    Blender 5 writes every pass as its own part (an OpenImageIO subimage), e.g.
-    ``ViewLayer.Object Index.X``; older releases name it ``IndexOB.X``.
+    Blender 5 writes every pass as its own part, e.g. ``ViewLayer.Object Index.X``; older
+    releases write one part and name it ``ViewLayer.IndexOB.X``.
     """
-    oiio = import_oiio()
-    image = oiio.ImageInput.open(path)
-    if image is None:
-        raise RuntimeError(f"cannot open the id render {path}: {oiio.geterror()}")
-    found: list[np.ndarray | None] = [None] * len(wanted)
-    names: list[str] = []
     try:
-        subimage = 0
-        while image.seek_subimage(subimage, 0):
-            spec = image.spec()
-            for channel, name in enumerate(spec.channelnames):
-                names.append(name)
-                for slot, endings in enumerate(wanted):
-                    if found[slot] is None and name.endswith(endings):
-                        pixels = image.read_image(subimage, 0, channel, channel + 1, oiio.FLOAT)
-                        found[slot] = np.asarray(pixels).reshape(spec.height, spec.width)
-            subimage += 1
-    finally:
-        image.close()
-    for slot, endings in enumerate(wanted):
-        if found[slot] is None:
-            raise RuntimeError(f"the id render has no {endings[0]} channel (channels: {names})")
-    return found
+        return exr_channels(path, wanted)
+    except ExrError as exc:
+        raise RuntimeError(f"cannot read the id render: {exc}") from None
 
 
 def _configure(render_scene, view_layer_name: str, width: int, height: int, path: str):
@@ -123,8 +106,7 @@ def _configure(render_scene, view_layer_name: str, width: int, height: int, path
     render.simplify_volumes = 0.0
     render.simplify_child_particles_render = 0.0
     settings = render.image_settings
-    settings.media_type = "MULTI_LAYER_IMAGE"  # Blender 5.0: before file_format
-    settings.file_format = "OPEN_EXR_MULTILAYER"
+    set_file_format(settings, MULTILAYER_EXR)
     settings.color_depth = "32"  # ids must stay exact integers
     settings.exr_codec = "NONE"  # fastest to write and read back; the file is deleted at once
 
@@ -169,9 +151,7 @@ def _flat_material():
     material at 1024 px, with identical ids and depth.
     """
     material = bpy.data.materials.new(".layout-ids-material")
-    if material.node_tree is None:  # Blender < 5 creates materials without nodes
-        material.use_nodes = True
-    nodes = material.node_tree.nodes
+    nodes = new_material_nodes(material).nodes
     nodes.clear()
     output = nodes.new("ShaderNodeOutputMaterial")
     emission = nodes.new("ShaderNodeEmission")

@@ -15,6 +15,7 @@ import glob
 import os
 import shutil
 import sys
+import threading
 
 import bpy
 import numpy as np
@@ -77,7 +78,10 @@ def save_png(image, path: str) -> str:
 
 
 def import_oiio():
-    """Blender's OpenImageIO module (bundled with Blender, outside the ``bpy`` wheel's path)."""
+    """Blender's OpenImageIO module (bundled with Blender, outside the ``bpy`` wheel's path).
+
+    Raises ImportError where this Blender build has none (the ``bpy`` 4.2 wheel).
+    """
     try:
         import OpenImageIO
     except ImportError:
@@ -91,8 +95,15 @@ def import_oiio():
 
 
 def read_image_rgb(path: str) -> np.ndarray:
-    """An 8-bit image file (the engine's PNG) as (H, W, 3) float32 in [0, 1], row 0 at the top."""
-    oiio = import_oiio()
+    """An 8-bit image file (the engine's PNG) as (H, W, 3) float32 in [0, 1], row 0 at the top.
+
+    Read with OpenImageIO where Blender bundles it (any thread); else through a temporary image
+    datablock, which only the main thread may create.
+    """
+    try:
+        oiio = import_oiio()
+    except ImportError:
+        return _read_through_datablock(path)
     image = oiio.ImageInput.open(path)
     if image is None:
         raise RuntimeError(f"cannot read the generated image {path}: {oiio.geterror()}")
@@ -105,3 +116,25 @@ def read_image_rgb(path: str) -> np.ndarray:
     if spec.nchannels == 1:
         pixels = np.repeat(pixels, 3, axis=2)
     return pixels[:, :, :3]
+
+
+def _read_through_datablock(path: str) -> np.ndarray:
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "this Blender build has no OpenImageIO module to read the generated image in the "
+            "render thread: render in the background (blender -b) or use Generate from Camera"
+        )
+    image = bpy.data.images.load(path, check_existing=False)
+    try:
+        width, height = image.size
+        if not width or not height:
+            raise RuntimeError(f"cannot read the generated image {path}")
+        # Byte images keep their file's values: no colour conversion happens here.
+        pixels = np.empty(width * height * image.channels, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    rgba = pixels.reshape(height, width, -1)[::-1]
+    if rgba.shape[2] < 3:
+        rgba = np.repeat(rgba[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(rgba[:, :, :3])

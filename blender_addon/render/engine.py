@@ -30,6 +30,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 
 import bpy
 import numpy as np
@@ -167,10 +168,14 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
             self._render(scene, depsgraph)
         except RenderCancelled:
             self.update_stats("", "Layout Diffusion: cancelled")
-        except (UserError, ValueError, EngineError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # any failure must stop the render, not leave an empty frame
             message = str(exc)
             if isinstance(exc, EngineError) and exc.code == "out_of_memory":
                 message += " (lower the render resolution)"
+            elif not isinstance(exc, (UserError, ValueError, EngineError, OSError, RuntimeError)):
+                # An unexpected error: its type says more than its message alone.
+                traceback.print_exc()
+                message = f"internal error ({type(exc).__name__}: {exc}); please report it"
             # An error report stops an animation render instead of writing an empty frame.
             self.report({"ERROR"}, f"Layout Diffusion: {message}")
             self.update_stats("", f"Layout Diffusion: {message}")

@@ -77,6 +77,12 @@ def test_render_without_labels_fails_with_a_message(report):
     assert "No labeled objects" in report["error"]
 
 
+def test_an_unexpected_error_fails_the_render_instead_of_an_empty_frame(report):
+    unexpected = report["unexpected"]
+    assert "internal error (TypeError: a bug)" in unexpected["error"]
+    assert unexpected["written"] is False
+
+
 def test_pixel_helpers(report):
     helpers = report["helpers"]
     assert helpers["srgb_to_linear"] == pytest.approx([0.0, 0.04045 / 12.92, 0.21404114, 1.0])
@@ -130,8 +136,13 @@ def scenario_render(folder: str, model: str) -> dict:
     import bpy
 
     sys.path.insert(0, HERE)
+    import test_batch_render
     from test_batch_render import scenario_make_scene
 
+    # The F-curves' home differs between Blender versions; the shared helper finds both.
+    test_batch_render._linear_keys = blender_scenario.linear_keys
+
+    from blender_addon.blender.compat import set_file_format
     from blender_addon.blender.id_render import read_exr_channels
     from blender_addon.blender.images import read_image_rgb as read_rgb_png
     from blender_addon.client import engine_session
@@ -150,9 +161,9 @@ def scenario_render(folder: str, model: str) -> dict:
     # F12 at frame 2, written as a multilayer EXR.
     scene.frame_set(2)
     settings = scene.render.image_settings
-    settings.media_type = "MULTI_LAYER_IMAGE"
-    settings.file_format = "OPEN_EXR_MULTILAYER"
+    set_file_format(settings, "OPEN_EXR_MULTILAYER")
     settings.color_depth = "32"
+    settings.exr_codec = "NONE"  # read back by the add-on's own EXR reader
     scene.render.filepath = os.path.join(folder, "still.exr")
     result = bpy.ops.render.render(write_still=True)
     channels = _exr_channels(scene.render.filepath)
@@ -182,8 +193,7 @@ def scenario_render(folder: str, model: str) -> dict:
     layout = Layout.from_dict(record["layout"], base_dir=render_dir)
     mask = read_gray_png(layout.regions[0].mask) > 127
     saved_png = os.path.join(folder, "still.png")
-    settings.media_type = "IMAGE"
-    settings.file_format = "PNG"
+    set_file_format(settings, "PNG")
     settings.color_depth = "8"
     bpy.data.images["Render Result"].save_render(saved_png)
     inside = region > 0
@@ -213,8 +223,7 @@ def scenario_render(folder: str, model: str) -> dict:
 
     # A render size that is no multiple of 8: the Layout rounds it, Combined is resized back.
     scene.render.resolution_x, scene.render.resolution_y = 60, 68
-    settings.media_type = "MULTI_LAYER_IMAGE"
-    settings.file_format = "OPEN_EXR_MULTILAYER"
+    set_file_format(settings, "OPEN_EXR_MULTILAYER")
     settings.color_depth = "32"
     scene.render.filepath = os.path.join(folder, "rounded.exr")
     bpy.ops.render.render(write_still=True)
@@ -227,8 +236,7 @@ def scenario_render(folder: str, model: str) -> dict:
         "combined_vs_resized_png": float(np.abs(red - expected).max()),
     }
     scene.render.resolution_x = scene.render.resolution_y = 64
-    settings.media_type = "IMAGE"
-    settings.file_format = "PNG"
+    set_file_format(settings, "PNG")
     settings.color_depth = "8"
 
     # Ctrl-F12 over frames 1-3 with Blender's output settings, twice, Overwrite off.
@@ -263,21 +271,39 @@ def scenario_render(folder: str, model: str) -> dict:
         error = ""
     except RuntimeError as exc:
         error = str(exc)
+
+    # An error of a kind nobody expected (here a TypeError) fails the render too: F12 must never
+    # report success with an empty frame.
+    from blender_addon.render import engine as render_engine
+
+    scene.objects["Cube"].layout_diffusion.enabled = True
+    scene.render.filepath = os.path.join(folder, "unexpected.png")
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    saved, render_engine.build_request = render_engine.build_request, broken
+    try:
+        bpy.ops.render.render(write_still=True)
+        unexpected = {"error": "", "written": os.path.exists(scene.render.filepath)}
+    except RuntimeError as exc:
+        unexpected = {"error": str(exc), "written": os.path.exists(scene.render.filepath)}
+    finally:
+        render_engine.build_request = saved
     engine_session.shutdown()
-    return {"still": still, "animation": animation, "error": error, "helpers": pixel_helpers()}
+    return {
+        "still": still,
+        "animation": animation,
+        "error": error,
+        "unexpected": unexpected,
+        "helpers": pixel_helpers(),
+    }
 
 
 def _exr_channels(path: str) -> list[str]:
-    from blender_addon.blender.images import import_oiio as _import_oiio
+    from blender_addon.core.exr import read_exr
 
-    oiio = _import_oiio()
-    image = oiio.ImageInput.open(path)
-    names, subimage = [], 0
-    while image.seek_subimage(subimage, 0):
-        names.extend(image.spec().channelnames)
-        subimage += 1
-    image.close()
-    return names
+    return list(read_exr(path))
 
 
 if __name__ == "__main__":
