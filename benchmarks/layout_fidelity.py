@@ -623,6 +623,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--base-ratio", type=float, default=None, help="default: the Layout's default")
+    p.add_argument(
+        "--blend",
+        choices=["joint", "weighted"],
+        default=None,
+        help="how region pixels share attention among blocks (default: the pipeline's)",
+    )
     p.add_argument("--layouts", help="COCO-style layout JSON instead of shapes-world layouts")
     p.add_argument("--detector", default="colour", help="'colour' or 'module:factory'")
     p.add_argument("--save-images", help="folder to write every generated image to")

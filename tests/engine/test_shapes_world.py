@@ -291,6 +291,17 @@ def test_benchmark_writes_each_scene_prompt_form_and_keeps_plain_as_the_full_cap
     ]
 
 
+def test_benchmark_command_line_reaches_every_setting():
+    bench = _benchmark_module()
+    args = bench.parse_args(
+        ["--base-ratio", "0", "--blend", "weighted", "--crowded", "16@256", "--occlusion", "3"]
+    )
+    settings = bench.Settings(args.size, args.steps, args.guidance, args.base_ratio, args.blend)
+    assert "base_ratio 0.0, blend weighted" in settings.describe()
+    assert args.crowded == [(16, 256)] and args.occlusion == 3
+    assert args.modes == ["plain", "attention"] and args.forms == list(bench.FORMS)
+
+
 def test_benchmark_scores_crowded_scenes_box_by_box_and_occlusion_by_visible_pixels(tmp_path):
     bench = _benchmark_module()
     crowded = bench.crowded_layouts(1, 36, 384, seed=3)
