@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from sdxl_topology import SDXL_BASE_UNET, layout_for  # noqa: E402
 
 from engine.regional.attention import (  # noqa: E402
     RegionalContext,
+    fused_merge,
     install_regional_attention,
     segment_backend,
 )
@@ -136,15 +138,12 @@ def run_case(unet, context, size, count, attention, device, dtype, repeat) -> di
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        if state is None:
-            first = timer(step)
-            times = [timer(step) for _ in range(repeat)]
-        else:
-            with context.active(state):
-                first = timer(step)
-                times = [timer(step) for _ in range(repeat)]
-                kept_bytes = state.kept_bytes
+    with torch.no_grad(), context.active(state) if state is not None else nullcontext():
+        first = timer(step)
+        times = [timer(step) for _ in range(repeat)]
+        kept_bytes = state.kept_bytes if state is not None else 0
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+        busy = device_busy(step) if device.type == "cuda" else None
     row = {
         "size": size,
         "case": "plain" if state is None else f"{count} distinct",
@@ -152,18 +151,36 @@ def run_case(unet, context, size, count, attention, device, dtype, repeat) -> di
         "blocks": blocks,
         "first_ms": first * 1000,
         "step_ms": statistics.median(times) * 1000,
-        "kept_mib": (kept_bytes if state is not None else 0) / 2**20,
+        "kept_mib": kept_bytes / 2**20,
         "output": outputs[0].float(),
     }
     if device.type == "cuda":
-        row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        row["peak_mib"] = (peak - before) / 2**20
+        row["busy_ms"] = busy
     return row
+
+
+def device_busy(step) -> float:
+    """Milliseconds the GPU spends in kernels during ``step()`` (the profiler's sum): the step's
+    cost without the launch overhead a CPU-bound step hides it under."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        step()
+        torch.cuda.synchronize()
+    total = 0.0
+    for event in trace.key_averages():
+        total += getattr(event, "self_device_time_total", None) or getattr(
+            event, "self_cuda_time_total", 0.0
+        )
+    return total / 1000
 
 
 def kernel_check(device: torch.device, dtype: torch.dtype) -> float:
     """Largest error of the segment kernel (output and log-sum-exp) against attention computed
     segment by segment in float32, on segments of 0 to 300 queries."""
-    from engine.regional.attention import segment_attention
+    from engine.regional.attention import merge_with_torch, segment_attention
     from engine.regional.plan import BlockPairs
 
     generator = torch.Generator(device).manual_seed(1)
@@ -187,6 +204,24 @@ def kernel_check(device: torch.device, dtype: torch.dtype) -> float:
         normal(7 * TOKENS, heads, dim),
     )
     out, lse = segment_attention(query, key, value, pairs, TOKENS)
+    # The merge on two blocks sharing every query: the fused kernel (GPU) against PyTorch's.
+    half = total // 2
+    shared = BlockPairs(
+        queries=half,
+        blocks=2,
+        index=torch.cat([torch.arange(half), torch.arange(half)]).to(device),
+        counts=[half, half],
+        log_weight=torch.rand(2 * half, device=device).log(),
+        share=torch.full((2 * half,), 0.5, device=device),
+    )
+    plain = merge_with_torch(out[: 2 * half].clone(), lse[: 2 * half], shared, half, "joint")
+    fused = fused_merge(device)
+    if fused is None:
+        merge_error = 0.0
+    else:
+        order, offsets = shared.by_query()
+        merged = fused(out[: 2 * half], lse[: 2 * half], shared.log_weight, offsets, order, True)
+        merge_error = (merged.float() - plain.float()).abs().max().item()
     error, start = 0.0, 0
     for segment, count in enumerate(counts):
         q = query[start : start + count].float().transpose(0, 1)
@@ -201,6 +236,7 @@ def kernel_check(device: torch.device, dtype: torch.dtype) -> float:
                 error, (lse[start : start + count].T - scores.logsumexp(-1)).abs().max().item()
             )
         start += count
+    print(f"merge: fused against PyTorch {merge_error:.2e}")
     return error
 
 
@@ -210,6 +246,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--sizes", type=int, nargs="+", help="image sides in pixels")
     parser.add_argument("--repeat", type=int, default=5, help="timed steps per case")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile a dense and a sparse step (kernels)"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         device, dtype, config = torch.device("cpu"), torch.float32, TINY_UNET
@@ -260,6 +299,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             torch.cuda.empty_cache()
     print_table(rows, device)
     print(f"segment kernel after the run: {segment_backend(device, dtype)}")
+    print(f"merge: {'fused (Triton)' if fused_merge(device) else 'PyTorch operations'}")
+    if args.profile:
+        profile(unet, context, sizes[0], device, dtype)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as handle:
@@ -267,12 +309,44 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def profile(unet, context, size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """The kernels of one steady step with 100 prompts, dense and sparse, by device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+
+    def synchronize() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for attention in ("dense", "sparse"):
+        layout = layout_for(100, False, size)
+        latent = (size // 8, size // 8)
+        plan = plan_regions(layout, latent, grids=cross_attention_grids(unet.config, latent))
+        sample, text, added = inputs(unet, size, len(plan.prompts), device, dtype)
+        state = RegionalState(plan, TOKENS, guided=True, attention=attention)
+        timestep = torch.tensor(500, device=device)
+        with torch.no_grad(), context.active(state):
+            unet(sample, timestep, text, added_cond_kwargs=added)
+            synchronize()
+            with profiler(activities=activities) as trace:
+                unet(sample, timestep, text, added_cond_kwargs=added)
+                synchronize()
+        print(f"\n{attention}, 100 distinct, {size}px: one steady step")
+        order = "cuda_time_total" if cuda else "cpu_time_total"
+        table = trace.key_averages().table(sort_by=order, row_limit=14)
+        print(table[-6000:])
+
+
 def print_table(rows: list[dict[str, Any]], device: torch.device) -> None:
     """One table: per size and case, step times and memory over plain's."""
     print()
     header = (
         f"{'size':>5} {'case':<13} {'attention':<9} {'step ms':>8} {'x plain':>7} "
-        f"{'1st ms':>8} {'peak MiB':>9} {'K/V MiB':>8} {'vs dense':>9}"
+        f"{'GPU ms':>7} {'x plain':>7} {'1st ms':>8} {'peak MiB':>9} {'K/V MiB':>8} "
+        f"{'vs dense':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -288,13 +362,18 @@ def print_table(rows: list[dict[str, Any]], device: torch.device) -> None:
         peak = row.get("peak_mib")
         extra = "" if peak is None or base is None else f"{peak - base['peak_mib']:+.0f}"
         vs_dense = f"{row['vs_dense']:.1e}" if "vs_dense" in row else ""
+        busy = row.get("busy_ms")
+        busy_text = f"{busy:>7.2f}" if busy is not None else f"{'':>7}"
+        busy_ratio = f"{busy / base['busy_ms']:>6.3f}x" if busy is not None and base else f"{'':>7}"
         print(
             f"{row['size']:>5} {row['case']:<13} {row['attention']:<9} {row['step_ms']:>8.2f} "
-            f"{ratio:>6.3f}x {row['first_ms']:>8.2f} {extra:>9} {row['kept_mib']:>8.0f} "
-            f"{vs_dense:>9}"
+            f"{ratio:>6.3f}x {busy_text} {busy_ratio} {row['first_ms']:>8.2f} {extra:>9} "
+            f"{row['kept_mib']:>8.0f} {vs_dense:>9}"
         )
     print()
-    print("step ms: median steady step (CUDA events); 1st ms: the call's first step; peak MiB:")
+    print("step ms: median steady step (CUDA events); GPU ms: time the GPU spends in kernels")
+    print("in one steady step (profiler), which a step bound by launch overhead hides; 1st ms:")
+    print("the call's first step; peak MiB:")
     print("peak device memory over plain's, kept keys and values included; K/V MiB: what")
     print("sparse keeps for the call; vs dense: max |sparse - dense| / max |dense| of the step's")
     print("output on the same inputs.")

@@ -234,32 +234,41 @@ def regional_attention(
     """Cross-attention of projected ``query`` ``(batch, q, inner)`` over the call's prompt
     blocks ``text``, as ``state`` weighs them; ``(batch, q, inner)``.
 
-    The text keys and values are projected once per call and layer (``state.kept``). The
-    negative rows attend to their first block, plainly; the others by ``state.attention`` and
-    ``state.blend``.
+    The text keys and values are projected once per call and layer (``state.kept``), the
+    negative rows' first block followed by every other row's blocks. The negative rows attend
+    to that block alone, the others by ``state.attention`` and ``state.blend``.
     """
-    uncond = state.unconditional_rows(query.shape[0])
+    batch = query.shape[0]
+    uncond = state.unconditional_rows(batch)
     tokens = state.block_tokens
 
     def project() -> tuple[torch.Tensor, ...]:
         states = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
         # The negative prompt is tiled once per block: its first block alone gives the same
         # attention at a fraction of the cost.
-        negative, positive = states[:uncond, :tokens], states[uncond:]
-        return attn.to_k(negative), attn.to_v(negative), attn.to_k(positive), attn.to_v(positive)
+        flat = torch.cat([states[:uncond, :tokens].flatten(0, 1), states[uncond:].flatten(0, 1)])
+        return attn.to_k(flat), attn.to_v(flat)
 
-    neg_key, neg_value, key, value = state.kept(("text", attn), text, project)
+    keys, values = state.kept(("text", attn), text, project)
+    if state.attention == "sparse":
+        return sparse_block_attention(attn, query, keys, values, state, uncond)
+    inner = keys.shape[-1]
+    split = uncond * tokens
+    key, value = (
+        keys[split:].view(batch - uncond, -1, inner),
+        values[split:].view(batch - uncond, -1, inner),
+    )
     outputs = []
     if uncond:
+        neg_key = keys[:split].view(uncond, tokens, inner)
+        neg_value = values[:split].view(uncond, tokens, inner)
         outputs.append(
             multi_head_attention(
                 attn, query[:uncond], neg_key, neg_value, None, attn.norm_q, attn.norm_k
             )
         )
     positive = query[uncond:]
-    if state.attention == "sparse":
-        outputs.append(sparse_block_attention(attn, positive, key, value, state))
-    elif state.blend == "joint":
+    if state.blend == "joint":
         bias = state.attention_bias(positive.shape[1], positive.dtype, positive.device)
         outputs.append(
             multi_head_attention(attn, positive, key, value, bias, attn.norm_q, attn.norm_k)
@@ -294,42 +303,64 @@ def _dense_weighted_attention(
 def sparse_block_attention(
     attn: Attention,
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
     state: RegionalState,
+    unconditional: int = 0,
 ) -> torch.Tensor:
-    """Regional attention of ``query`` ``(rows, q, inner)`` over the blocks of ``key`` /
-    ``value`` ``(rows, blocks * tokens, inner)``, each block computed only for the queries it
-    weighs; ``(rows, q, inner)``.
+    """Regional attention of ``query`` ``(batch, q, inner)`` with each prompt block computed
+    only for the queries it weighs; ``(batch, q, inner)``.
 
-    Every block's attention comes with its log-sum-exp ``lse``. With the joint blend a query's
-    output is the blocks' outputs weighted by ``softmax(lse + log(weight))`` over its blocks,
-    which is exactly the softmax over all their tokens with ``log(weight)`` added to the
-    scores; with the weighted blend, by its normalised weights. No queries x tokens tensor is
-    built.
+    ``keys`` / ``values`` ``(tokens, inner)`` hold the first ``unconditional`` rows' negative
+    block, then every other row's blocks. Every block's attention comes with its log-sum-exp
+    ``lse``. With the joint blend a query's output is the blocks' outputs weighted by
+    ``softmax(lse + log(weight))`` over its blocks, which is exactly the softmax over all
+    their tokens with ``log(weight)`` added to the scores; with the weighted blend, by its
+    normalised weights. The negative rows are one segment each in the same kernel call. No
+    queries x tokens tensor is built.
     """
-    rows, queries, inner = query.shape
+    batch, queries, inner = query.shape
     heads = attn.heads
     head_dim = inner // heads
-    pairs = state.block_pairs(queries, query.device, rows)
-    flat_query = query.reshape(rows * queries, heads, head_dim)
-    flat_key = key.reshape(-1, heads, head_dim)
-    flat_value = value.reshape(-1, heads, head_dim)
+    pairs = state.block_pairs(queries, query.device, batch, unconditional)
+    flat_query = query.reshape(batch * queries, heads, head_dim)
+    flat_key = keys.view(-1, heads, head_dim)
+    flat_value = values.view(-1, heads, head_dim)
     if attn.norm_q is not None:
         flat_query = attn.norm_q(flat_query)
     if attn.norm_k is not None:
         flat_key = attn.norm_k(flat_key)
     packed = flat_query.index_select(0, pairs.index)
     out, lse = segment_attention(packed, flat_key, flat_value, pairs, state.block_tokens)
-    merged = merge_blocks(out, lse, pairs, rows * queries, state.blend)
-    return merged.view(rows, queries, inner).to(query.dtype)
+    merged = merge_blocks(out, lse, pairs, batch * queries, state.blend)
+    return merged.view(batch, queries, inner).to(query.dtype)
 
 
 def merge_blocks(
     out: torch.Tensor, lse: torch.Tensor, pairs: BlockPairs, queries: int, blend: str
 ) -> torch.Tensor:
     """Per query, the blend of its blocks' outputs ``out`` ``(pairs, heads, dim)`` (see
-    :func:`sparse_block_attention`); ``(queries, heads, dim)``."""
+    :func:`sparse_block_attention`; ``out`` is reused); ``(queries, heads, dim)``.
+
+    On a GPU with Triton one fused kernel does it (``engine.regional.fused_merge``);
+    elsewhere PyTorch operations, accumulating in float32.
+    """
+    fused = fused_merge(out.device)
+    if fused is not None:
+        order, offsets = pairs.by_query()
+        weight = pairs.log_weight if blend == "joint" else pairs.share
+        try:
+            return fused(out, lse, weight, offsets, order, blend == "joint")
+        except Exception as exc:  # a Triton that cannot build for this GPU: the portable path
+            _FUSED["merge"] = None
+            warnings.warn(f"fused merge unavailable ({exc}); using PyTorch", stacklevel=2)
+    return merge_with_torch(out, lse, pairs, queries, blend)
+
+
+def merge_with_torch(
+    out: torch.Tensor, lse: torch.Tensor, pairs: BlockPairs, queries: int, blend: str
+) -> torch.Tensor:
+    """:func:`merge_blocks` by PyTorch operations (any device)."""
     heads = out.shape[1]
     index = pairs.index
     if blend == "joint":
@@ -341,8 +372,27 @@ def merge_blocks(
         share /= total[index]
     else:
         share = pairs.share[:, None].expand(-1, heads)
-    out = out.mul_(share[..., None].to(out.dtype))
-    return out.new_zeros((queries, *out.shape[1:])).index_add_(0, index, out)
+    # Float32 sums: exact enough, and native atomic adds on a GPU (half precision's are slow).
+    weighted = out.float().mul_(share[..., None])
+    total = torch.zeros((queries, *out.shape[1:]), device=out.device)
+    return total.index_add_(0, index, weighted).to(out.dtype)
+
+
+_FUSED: dict[str, Any] = {}
+
+
+def fused_merge(device: torch.device) -> Any:
+    """The fused merge kernel for ``device``, or None where it cannot run."""
+    if device.type != "cuda":
+        return None
+    if "merge" not in _FUSED:
+        try:
+            from engine.regional.fused_merge import merge_by_query  # lazy: needs Triton
+
+            _FUSED["merge"] = merge_by_query
+        except ImportError:
+            _FUSED["merge"] = None
+    return _FUSED["merge"]
 
 
 # Pairs per tile on the portable path, the pairs from which a segment attends alone, and the
@@ -350,7 +400,9 @@ def merge_blocks(
 _TILE = 32
 _ALONE = 128
 _TILE_PASS_BYTES = 64 * 2**20
-_VARLEN: dict[str, bool] = {"ok": True}
+_VARLEN: dict[str, bool] = {"ok": True, "chunked": True, "checked": False}
+# Queries per sequence of the chunked variable-length call: one flash tile.
+_CHUNK = 128
 
 
 def segment_attention(
@@ -375,6 +427,23 @@ def segment_attention(
         and query.dtype in (torch.float16, torch.bfloat16)
         and _VARLEN["ok"]
     ):
+        if _VARLEN["chunked"]:
+            try:
+                out, lse = _chunked_varlen_attention(query, key, value, pairs, tokens)
+            except (RuntimeError, NotImplementedError, TypeError):  # no seqused_k here
+                _VARLEN["chunked"] = False
+            else:
+                if _VARLEN["checked"]:
+                    return out, lse
+                # Once per process: a kernel ignoring seqused_k would read empty key ranges.
+                plain = _varlen_attention(query, key, value, pairs, tokens)
+                _VARLEN["checked"] = True
+                if torch.allclose(out, plain[0], atol=1e-2) and torch.allclose(
+                    lse, plain[1], atol=1e-2
+                ):
+                    return out, lse
+                _VARLEN["chunked"] = False
+                return plain
         try:
             return _varlen_attention(query, key, value, pairs, tokens)
         except (RuntimeError, NotImplementedError) as exc:  # no flash kernel for this GPU
@@ -391,7 +460,7 @@ def segment_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     if device.type == "meta":
         return "shape-only"
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _VARLEN["ok"]:
-        return "varlen-flash"
+        return "varlen-flash, chunked" if _VARLEN["chunked"] else "varlen-flash"
     return "tiles-flash-cpu" if device.type == "cpu" else "tiles-math"
 
 
@@ -408,6 +477,52 @@ def _shape_only_attention(
     return out[0].transpose(0, 1), query.new_empty(query.shape[:2], dtype=torch.float32)
 
 
+def _chunked_varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pairs: BlockPairs,
+    tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Segments cut into sequences of at most one tile of queries, each reading its block's
+    # keys in place (start cu_k, length seqused_k): the kernel's grid is sized by the tile,
+    # not by the longest segment, so a hundred small blocks launch no idle tiles.
+    layout = pairs._derived.get(("chunked", tokens))
+    if layout is None:
+        starts, key_starts = [], []
+        start = 0
+        for segment, count in enumerate(pairs.counts):
+            for offset in range(0, count, _CHUNK):
+                starts.append(start + offset)
+                key_starts.append(segment * tokens)
+            start += count
+        device = query.device
+        cu_q = torch.tensor([*starts, start], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([*key_starts, len(pairs.counts) * tokens], dtype=torch.int32)
+        used = torch.full((len(starts),), tokens, dtype=torch.int32, device=device)
+        longest = min(_CHUNK, max(pairs.counts))
+        layout = (cu_q, cu_k.to(device), used, longest)
+        pairs._derived[("chunked", tokens)] = layout
+    cu_q, cu_k, used, longest = layout
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        query.contiguous(),
+        key.contiguous(),
+        value.contiguous(),
+        cu_q,
+        cu_k,
+        longest,
+        tokens,
+        0.0,
+        False,
+        False,
+        seqused_k=used,
+    )
+    heads = query.shape[1]
+    if not (lse.dim() == 2 and lse.shape == (heads, pairs.pairs)):
+        raise RuntimeError(f"unexpected log-sum-exp layout {tuple(lse.shape)}")
+    return out, lse.transpose(0, 1)
+
+
 def _varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -416,26 +531,28 @@ def _varlen_attention(
     tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     segments = len(pairs.counts)
-    cu_q = pairs.cumulative()
-    nonempty = [s for s, count in enumerate(pairs.counts) if count]
-    if len(nonempty) < segments:
+    layout = pairs._derived.get(("varlen", tokens))
+    if layout is None:
         # Keys of empty segments are left out so each kept segment's keys follow the last's.
-        keep = torch.tensor(nonempty, device=key.device)
+        nonempty = [s for s, count in enumerate(pairs.counts) if count]
+        keep = None
+        cu_q = pairs.cumulative()
+        if len(nonempty) < segments:
+            keep = torch.tensor(nonempty, device=key.device)
+            cu_q = torch.cat([cu_q[:1], cu_q[1:][keep]])
+        cu_k = torch.arange(len(nonempty) + 1, device=key.device, dtype=torch.int32) * tokens
+        layout = pairs._derived[("varlen", tokens)] = (keep, cu_q, cu_k, max(pairs.counts))
+    keep, cu_q, cu_k, longest = layout
+    if keep is not None:
         key = key.view(segments, tokens, *key.shape[1:])[keep].flatten(0, 1)
         value = value.view(segments, tokens, *value.shape[1:])[keep].flatten(0, 1)
-        cu_q = torch.cat([cu_q[:1], cu_q[1:][keep]])
-        segments = len(nonempty)
-    cu_k = pairs._derived.get(("cu_k", segments, tokens))
-    if cu_k is None:
-        cu_k = torch.arange(segments + 1, device=key.device, dtype=torch.int32) * tokens
-        pairs._derived[("cu_k", segments, tokens)] = cu_k
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         query.contiguous(),
         key.contiguous(),
         value.contiguous(),
         cu_q,
         cu_k,
-        max(pairs.counts),
+        longest,
         tokens,
         0.0,
         False,

@@ -314,11 +314,12 @@ def kept_bytes_budget(device: torch.device | str, limit: int = DEFAULT_KEPT_BYTE
 
 @dataclass
 class BlockPairs:
-    """The (query, block) pairs with non-zero weight on one grid, grouped by block.
+    """The (query, block) pairs with non-zero weight on one grid, grouped into segments.
 
     Sparse attention computes exactly these: the queries of segment ``s`` (``counts[s]`` of
-    them, after those of the segments before) attend to block ``s``'s tokens. For several
-    batch rows, segment ``s`` is block ``s % blocks`` of row ``s // blocks``.
+    them, after those of the segments before) attend to segment ``s``'s tokens. For a batch
+    (:meth:`for_batch`) the first segments are the negative rows, each one whole row over the
+    negative prompt, then each other row's blocks in order.
     """
 
     queries: int
@@ -331,6 +332,8 @@ class BlockPairs:
     """``(pairs,)`` float32: log of the block's weight at the pair's position."""
     share: torch.Tensor
     """``(pairs,)`` float32: the block's weight over the position's weight sum."""
+    rows: int = 1
+    """Batch rows the pairs cover."""
 
     @classmethod
     def from_weights(cls, weights: torch.Tensor) -> BlockPairs:
@@ -349,18 +352,31 @@ class BlockPairs:
             share=weight / total[position],
         )
 
-    def for_rows(self, rows: int) -> BlockPairs:
-        """The same pairs for ``rows`` rows of a batch (segments row by row)."""
-        if rows == 1:
+    def for_batch(self, rows: int, unconditional: int = 0) -> BlockPairs:
+        """These pairs for a batch of ``rows`` rows whose first ``unconditional`` rows attend
+        to the negative prompt alone (one segment each, weight 1) and the others to the
+        blocks (segments row by row)."""
+        if rows == 1 and not unconditional:
             return self
-        offsets = torch.arange(rows, device=self.index.device) * self.queries
+        device = self.index.device
+        positive = rows - unconditional
+        negative = unconditional * self.queries
+        offsets = (unconditional + torch.arange(positive, device=device)) * self.queries
         return BlockPairs(
             queries=self.queries,
             blocks=self.blocks,
-            index=(self.index[None] + offsets[:, None]).flatten(),
-            counts=self.counts * rows,
-            log_weight=self.log_weight.repeat(rows),
-            share=self.share.repeat(rows),
+            index=torch.cat(
+                [
+                    torch.arange(negative, device=device),
+                    (self.index[None] + offsets[:, None]).flatten(),
+                ]
+            ),
+            counts=[self.queries] * unconditional + self.counts * positive,
+            log_weight=torch.cat(
+                [torch.zeros(negative, device=device), self.log_weight.repeat(positive)]
+            ),
+            share=torch.cat([torch.ones(negative, device=device), self.share.repeat(positive)]),
+            rows=rows,
         )
 
     _derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -376,6 +392,18 @@ class BlockPairs:
             counts = torch.tensor([0, *self.counts], dtype=torch.int64)
             self._derived["cumulative"] = counts.cumsum(0).to(self.index.device, torch.int32)
         return self._derived["cumulative"]
+
+    def by_query(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs grouped by query, on the device: their order ``(pairs,)`` int32 and the
+        ``(rows * queries + 1,)`` int32 offsets where each query's group starts."""
+        if "by_query" not in self._derived:
+            queries = self.rows * self.queries
+            order = torch.argsort(self.index, stable=True).to(torch.int32)
+            counts = torch.bincount(self.index, minlength=queries)
+            offsets = torch.zeros(queries + 1, dtype=torch.int64, device=self.index.device)
+            offsets[1:] = counts.cumsum(0)
+            self._derived["by_query"] = (order, offsets.to(torch.int32))
+        return self._derived["by_query"]
 
     def tiles(
         self, size: int, below: int | None = None
@@ -467,14 +495,17 @@ class RegionalState:
             self._bias[key] = bias
         return bias
 
-    def block_pairs(self, query_len: int, device: torch.device, rows: int = 1) -> BlockPairs:
-        """The weighted (query, block) pairs on the grid of ``query_len`` positions, for
-        ``rows`` batch rows, built on ``device`` once per call."""
+    def block_pairs(
+        self, query_len: int, device: torch.device | str, rows: int = 1, unconditional: int = 0
+    ) -> BlockPairs:
+        """The weighted (query, block) pairs on the grid of ``query_len`` positions, for a
+        batch of ``rows`` rows, the first ``unconditional`` of them the negative prompt's
+        (:meth:`BlockPairs.for_batch`), built on ``device`` once per call."""
         device = torch.device(device)
-        key = (query_len, device, rows)
+        key = (query_len, device, rows, unconditional)
         pairs = self._pairs.get(key)
         if pairs is None:
-            if rows == 1:
+            if rows == 1 and not unconditional:
                 weights = self.plan.weights_for_query(query_len)
                 if device.type == "meta":
                     # Shapes only (FLOP counting): the pairs are found where the values are.
@@ -482,7 +513,7 @@ class RegionalState:
                 else:
                     pairs = BlockPairs.from_weights(weights.to(device))
             else:
-                pairs = self.block_pairs(query_len, device).for_rows(rows)
+                pairs = self.block_pairs(query_len, device).for_batch(rows, unconditional)
             self._pairs[key] = pairs
         return pairs
 
@@ -516,7 +547,9 @@ class RegionalState:
             tensors = [pairs.index, pairs.log_weight, pairs.share]
             for derived in pairs._derived.values():
                 tensors += list(derived) if isinstance(derived, tuple) else [derived]
-            total += sum(t.numel() * t.element_size() for t in tensors)
+            total += sum(
+                t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)
+            )
         return total
 
     def release(self) -> None:
