@@ -8,8 +8,8 @@ Rows cover how the engine is used, at its default settings (printed with the tab
   one object only (``one``), none (``none``: "a plain background") or is empty (``empty``),
   each through the regional modes asked for; the plain prompt without regions is the chance
   baseline. *placed*: the object's colour is where its box is (centroid inside or IoU >= 0.5);
-  *shape*: of the placed objects, the share whose blob has the right shape (fill ratio and
-  top-heaviness of its bounding box, ``engine.shapes.detect.classify_shape``).
+  *shape*: of the placed objects that nothing hides, the share whose blob has the right shape
+  (fill ratio and top-heaviness of its bounding box, ``engine.shapes.detect.classify_shape``).
 - *Crowded* scenes (``--crowded 16@256 36@384 100@640``): many small objects whose colours
   repeat, scored box by box (the box holds its colour and that colour dominates it).
 - *Occlusion* (``--occlusion N``): two overlapping objects, the front one partly hiding the back
@@ -415,14 +415,17 @@ def score_image(
         result.placed += [s.placed for s in scores]
         result.coverage += [s.coverage for s in scores]
         result.bleed += [s.bleed for s in scores]
-        for obj, found in zip(objects, scores, strict=True):
-            if found.placed:
+        visible = visible_masks(objects, image.shape[0])
+        alone = [visible_masks([o], image.shape[0])[0].sum() for o in objects]
+        for obj, found, seen, full in zip(objects, scores, visible, alone, strict=True):
+            # A partly hidden object's blob is not its shape: only whole objects are judged.
+            if found.placed and seen.sum() >= 0.95 * full:
                 mask = colour_mask(image, obj.colour, pixel_labels)
                 shape = classify_shape(mask, obj.box)
                 if shape is not None:
                     result.shape_ok.append(shape == obj.shape)
         if case.kind == "occlusion":
-            visible = visible_masks(objects, image.shape[0]) > 0.5
+            visible = visible > 0.5
             shares = [
                 float(colour_mask(image, o.colour, pixel_labels)[v].mean()) if v.any() else 0.0
                 for o, v in zip(objects, visible, strict=True)
