@@ -1,11 +1,25 @@
 """The regional cross-attention processor and its installation on a UNet.
 
 ``RegionalAttnProcessor`` replaces diffusers' ``AttnProcessor2_0`` on the cross-attention
-(``attn2``) layers only. While a ``RegionalState`` is active on its ``RegionalContext`` it adds
-the state's per-pixel block bias to the attention scores; otherwise it *is* ``AttnProcessor2_0``,
-so one installation serves plain and regional calls alike. Subclasses may add a term computed
-from the same query before the output projection (``engine.conditions.object_images`` does, for IP-Adapter
-image tokens).
+(``attn2``) layers only. While a ``RegionalState`` is active on its ``RegionalContext`` each
+pixel listens to the prompt blocks the state weighs it with; otherwise it *is*
+``AttnProcessor2_0``, so one installation serves plain and regional calls alike. Subclasses may
+add a term computed from the same query before the output projection
+(``engine.conditions.object_images`` does, for IP-Adapter image tokens).
+
+How a regional call attends (``RegionalState.attention``):
+
+- ``sparse`` (the default): every block attends only with the queries it weighs, all blocks
+  (and the negative rows) in one variable-length flash-attention call on a GPU, and each
+  query's results are merged with their log-sum-exp plus log-weight, which equals one softmax
+  over all its blocks' tokens with the log-weight added (``joint`` blend), or averaged by the
+  normalised weights (``weighted`` blend, Regional Prompter style). The merge is one Triton
+  kernel on a GPU (``engine.regional.fused_merge``). No queries x tokens tensor exists.
+- ``dense``: every pixel over every block's tokens with an additive ``log(weight)`` bias: the
+  reference the tests compare against.
+
+The text keys and values of every cross-attention layer are projected once per call and kept
+while it runs (``RegionalState.kept``, within a byte budget).
 """
 
 from __future__ import annotations

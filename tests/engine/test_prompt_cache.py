@@ -62,3 +62,39 @@ def test_encoder_identity_sees_in_place_weight_changes():
         module.weight.add_(1.0)
     assert encoder_identity(module, None) != before
     assert encoder_identity(module.half(), None) != encoder_identity(torch.nn.Linear(2, 2), None)
+
+
+def test_identical_serve_requests_encode_once_and_a_new_model_starts_empty(
+    tiny_model_dir, tmp_path
+):
+    """Through the service's pipeline cache and generation, as ``engine serve`` runs them."""
+    from engine.loading.assemble import PipelineCache
+    from engine.loading.locate import LoadOptions
+    from engine.service.generate import run_generation
+    from engine.wire.layout import Layout, Region
+
+    layout = Layout(
+        prompt="a kettle and a cup",
+        width=64,
+        height=64,
+        steps=2,
+        regions=[Region("a kettle", (0, 0, 0.5, 1)), Region("a cup", (0.5, 0.3, 0.9, 0.8))],
+    )
+    cache = PipelineCache()
+    options = LoadOptions(device="cpu")
+    pipe, _ = cache.get(tiny_model_dir, options)
+    encoded = []
+    hook = pipe.text_encoder.register_forward_hook(lambda *_: encoded.append(1))
+    try:
+        run_generation(pipe, layout, str(tmp_path / "a.png"), "tiny")
+        first = len(encoded)
+        again, _ = cache.get(tiny_model_dir, options)
+        assert again is pipe
+        run_generation(again, layout, str(tmp_path / "b.png"), "tiny")
+    finally:
+        hook.remove()
+    assert first > 0 and len(encoded) == first, "the second request encoded nothing"
+    assert len(pipe.prompt_cache) > 0
+    cache.release()  # another model: the next pipeline, and its prompt cache, start afresh
+    fresh, _ = cache.get(tiny_model_dir, options)
+    assert fresh is not pipe and len(fresh.prompt_cache) == 0
