@@ -59,10 +59,13 @@ TINY_UNET = dict(
     norm_num_groups=8,
 )
 
-CASES = [("plain", 0, None), ("8 distinct", 8, "dense"), ("8 distinct", 8, "sparse")]
+CASES = [("plain", 0, None), ("1 distinct", 1, "dense"), ("1 distinct", 1, "sparse")]
+CASES += [("8 distinct", 8, "dense"), ("8 distinct", 8, "sparse")]
 CASES += [("100 distinct", 100, "dense"), ("100 distinct", 100, "sparse")]
 CASES += [("100 distinct", 100, "sparse-0")]
-"""(name, distinct prompts, attention); ``sparse-0``: sparse keeping no keys and values."""
+CASES += [("100 shared", 100, "dense"), ("100 shared", 100, "sparse")]
+"""(name, regions, attention); ``sparse-0``: sparse keeping no keys and values; ``shared``:
+every region has the same prompt."""
 TOKENS = 77
 
 
@@ -113,9 +116,9 @@ def inputs(unet, size: int, blocks: int, device, dtype, seed: int = 0) -> tuple:
     return sample, text, added
 
 
-def run_case(unet, context, size, count, attention, device, dtype, repeat) -> dict[str, Any]:
+def run_case(unet, context, size, name, count, attention, device, dtype, repeat) -> dict[str, Any]:
     """Time one case: a first step, then ``repeat`` steady steps of the same call."""
-    layout = layout_for(count, False, size)
+    layout = layout_for(count, name.endswith("shared"), size)
     latent = (size // 8, size // 8)
     plan = plan_regions(layout, latent, grids=cross_attention_grids(unet.config, latent))
     blocks = len(plan.prompts)
@@ -146,7 +149,7 @@ def run_case(unet, context, size, count, attention, device, dtype, repeat) -> di
         busy = device_busy(step) if device.type == "cuda" else None
     row = {
         "size": size,
-        "case": "plain" if state is None else f"{count} distinct",
+        "case": name,
         "attention": attention or "plain",
         "blocks": blocks,
         "first_ms": first * 1000,
@@ -279,7 +282,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         dense_out: dict[str, torch.Tensor] = {}
         for name, count, attention in CASES:
             try:
-                row = run_case(unet, context, size, count, attention, device, dtype, args.repeat)
+                row = run_case(
+                    unet, context, size, name, count, attention, device, dtype, args.repeat
+                )
             except Exception as exc:  # one failing case must not hide the others
                 traceback.print_exc()
                 rows.append({"size": size, "case": name, "attention": attention, "error": str(exc)})

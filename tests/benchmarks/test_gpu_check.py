@@ -31,13 +31,17 @@ def test_tiny_run_prints_one_table_and_sparse_matches_dense(gpu_check, tmp_path,
     cases = [(r["case"], r["attention"]) for r in rows]
     assert cases == [
         ("plain", "plain"),
+        ("1 distinct", "dense"),
+        ("1 distinct", "sparse"),
         ("8 distinct", "dense"),
         ("8 distinct", "sparse"),
         ("100 distinct", "dense"),
         ("100 distinct", "sparse"),
         ("100 distinct", "sparse-0"),
+        ("100 shared", "dense"),
+        ("100 shared", "sparse"),
     ]
-    assert [r["blocks"] for r in rows] == [1, 10, 10, 102, 102, 102]
+    assert [r["blocks"] for r in rows] == [1, 3, 3, 10, 10, 102, 102, 102, 3, 3]
     for row in rows:
         assert row["step_ms"] > 0 and row["first_ms"] > 0
         if row["attention"].startswith("sparse"):
