@@ -344,7 +344,7 @@ class Server:
         request_id = None
         try:
             request = self._parse(line)
-            if request is None:
+            if request is _ANSWERED:
                 return True
             request_id = request.get("id") if isinstance(request, dict) else None
             if not _valid_id(request_id):
@@ -355,7 +355,7 @@ class Server:
             return True
 
     def _parse(self, line: str) -> Any:
-        """The decoded request, or None once a ``bad_json`` error has been sent for it."""
+        """The decoded request, or ``_ANSWERED`` once an error has been sent for it."""
         try:
             # NaN and Infinity are let through here so the checks can name the field.
             return json.loads(line)
@@ -381,7 +381,7 @@ class Server:
                     "JSON object per line",
                 }
             )
-        return None
+        return _ANSWERED
 
     def _dispatch(self, request: Any) -> bool:
         if not isinstance(request, dict):
@@ -654,6 +654,10 @@ class _Busy(EngineError):
     code = "busy"
 
 
+_ANSWERED = object()
+"""What a line that was already answered with an error parses to (``null`` is a request)."""
+
+
 def _valid_id(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
@@ -769,7 +773,10 @@ def protocol_streams() -> tuple[IO[str], IO[str]]:
     )
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    protocol_in = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    # Lines end at "\n" only: a stray "\r" inside a line must not split it into two requests.
+    protocol_in = io.TextIOWrapper(
+        sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n"
+    )
     return protocol_in, protocol_out
 
 
