@@ -175,7 +175,8 @@ def mutate(rng: random.Random, request: dict, files: dict[str, str], out_dir) ->
         request["options"] = {key: value}
     elif choice == 7:
         request["model"] = rng.choice(
-            ["/etc", "/dev/null", "../..", "acme/missing", files["text"], files["folder"]] + HOSTILE_VALUES
+            ["/etc", "/dev/null", "../..", "acme/missing", files["text"], files["folder"]]
+            + HOSTILE_VALUES
         )
     else:
         # Many regions, some past the limit, or the images in every role.
