@@ -78,6 +78,7 @@ from engine.conditions.object_images import (
 )
 from engine.loading.locate import ComponentLocation
 from engine.prompt_cache import PromptCache, encoder_identity
+from engine.prompt_length import check_prompt_tokens
 from engine.regional.attention import RegionalContext
 from engine.regional.latent import (
     DEFAULT_CROPS,
@@ -289,6 +290,8 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
                 f"mode {layout.mode!r} is not supported by this engine; use one of {list(_MODES)}",
                 "mode",
             )
+        # The text encoders would cut a prompt past their window with only a log line.
+        check_prompt_tokens(self, layout)
         kwargs = {k: v for k, v in arguments.items() if k not in _LAYOUT_OWNED}
         kwargs.update(extra)
         if (kwargs.get("cross_attention_kwargs") or {}).get("ip_adapter_masks") is not None:

@@ -1,7 +1,7 @@
 """Limits a generation is checked against with the model at hand: prompt tokens and time.
 
-- :func:`check_prompt_tokens`: a prompt longer than the model's token window would be cut by
-  the text encoders; it is refused instead, with its token count and the window.
+- :func:`~engine.prompt_length.check_prompt_tokens` (re-exported here): a prompt longer than
+  the model's token window would be cut by the text encoders; it is refused instead.
 - :class:`TimeBudget`: before the first step, the generation's operations (counted once per
   model on the meta device, so no memory is touched) are set against the device's measured
   matrix-multiply speed. That estimate is a lower bound, so a request is refused only when even
@@ -20,49 +20,15 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.errors import LimitExceededError
-from engine.wire.layout import MAX_PROMPT_TOKENS, Layout, LimitError
+from engine.prompt_length import check_prompt_tokens, prompt_fields
+from engine.wire.layout import MAX_PROMPT_TOKENS, Layout
+
+__all__ = ["TimeBudget", "check_prompt_tokens", "prompt_fields", "stop_inside_steps"]
 
 log = logging.getLogger(__name__)
 
 WARN_SECONDS = 600.0
 """Estimated generation time above which the engine log warns."""
-
-
-# -- Prompt tokens ------------------------------------------------------------------------------
-
-
-def prompt_fields(layout: Layout) -> list[tuple[str, str]]:
-    """Every prompt a Layout sends to the text encoders, with its field name."""
-    fields = [("prompt", layout.prompt), ("negative_prompt", layout.negative_prompt)]
-    if layout.background_prompt is not None:
-        fields.append(("background_prompt", layout.background_prompt))
-    fields += [(f"regions[{i}].prompt", r.prompt) for i, r in enumerate(layout.regions)]
-    return fields
-
-
-def check_prompt_tokens(pipe: Any, layout: Layout) -> None:
-    """Raise LimitError (``prompt_tokens``) for the first prompt longer than the window of
-    any of ``pipe``'s tokenizers, start and end tokens included; nothing is ever cut."""
-    tokenizers = [getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2")]
-    tokenizers = [t for t in tokenizers if t is not None]
-    seen: set[str] = set()
-    for field, text in prompt_fields(layout):
-        if text in seen:
-            continue
-        seen.add(text)
-        for tokenizer in tokenizers:
-            window = min(int(tokenizer.model_max_length), 100_000)
-            count = len(tokenizer(text, truncation=False).input_ids)
-            if count > window:
-                raise LimitError(
-                    f"'{field}' is {count} tokens long, start and end tokens included; the "
-                    f"model reads at most {window}, and the rest would be silently cut. "
-                    "Shorten it: describe the scene briefly and put each object's details in "
-                    "its region's prompt",
-                    field,
-                    "prompt_tokens",
-                    window,
-                )
 
 
 # -- Time ---------------------------------------------------------------------------------------

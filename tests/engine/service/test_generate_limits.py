@@ -108,3 +108,9 @@ def test_time_budget_refuses_early_and_stops_once_measured_steps_say_so(pipe, mo
     clock["now"] += 4.0
     with pytest.raises(LimitExceededError, match="would take 1.4 min"):
         budget.after_step(2)
+
+
+def test_the_pipeline_itself_refuses_what_it_would_cut(pipe):
+    with pytest.raises(LimitError, match="would be silently cut") as info:
+        pipe(layout=layout(regions=[Region("d" * 90, (0, 0, 1, 1))]), output_type="latent")
+    assert (info.value.field, info.value.limit) == ("regions[0].prompt", "prompt_tokens")
