@@ -274,8 +274,15 @@ def shapes_layouts(n: int, objects: int, seed: int = 0) -> list[BenchLayout]:
     return cases
 
 
+CAPTION_OBJECTS = 18
+"""Objects a caption can name within the text encoders' 77-token window (4 tokens each)."""
+
+
 def crowded_layouts(n: int, objects: int, size: int, seed: int = 0) -> list[BenchLayout]:
-    """``n`` crowded cases of ``objects`` small objects on a ``size`` canvas (colours repeat)."""
+    """``n`` crowded cases of ``objects`` small objects on a ``size`` canvas (colours repeat).
+
+    Their caption names as many objects as the prompt window holds (the engine refuses longer
+    prompts rather than cutting them)."""
     cases = []
     for i in range(n):
         case_seed = seed * 100_003 + objects * 10_007 + size * 101 + i
@@ -283,7 +290,7 @@ def crowded_layouts(n: int, objects: int, size: int, seed: int = 0) -> list[Benc
         objs = crowded_objects(rng, objects, min_size=16 / size, max_size=40 / size)
         cases.append(
             BenchLayout(
-                caption_for(objs),
+                caption_for(objs[:CAPTION_OBJECTS]),
                 [(o.phrase, o.box) for o in objs],
                 seed=case_seed,
                 kind="crowded",
