@@ -5,6 +5,10 @@ but Blender's extension builder skips symlinks and zips cannot carry them portab
 is first staged into a folder with every symlink replaced by the real file, then built and
 validated by Blender's own extension tool (``blender_ext.py``, shipped inside the bpy wheel and
 every Blender 4.2+), which writes ``layout_diffusion-<version>.zip``.
+
+The zip also carries the engine's source (``engine_source/``: ``engine/`` with the bundled shapes
+model, ``pyproject.toml`` and ``README.md``), so Set up engine installs the engine from the zip
+itself, with no checkout and no package name to look up.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ import subprocess
 import sys
 
 ADDON_DIR = os.path.dirname(os.path.abspath(__file__))
+PROJECT_DIR = os.path.dirname(ADDON_DIR)
 EXCLUDE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*", "*.zip", "build.py")
+ENGINE_SOURCE = "engine_source"
+"""The extension's folder with the engine's source (``engine_session.ENGINE_SOURCE_DIR``)."""
+ENGINE_EXCLUDE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*", "*.tmp", "*.old")
+ENGINE_FILES = ("pyproject.toml", "README.md")
+"""Project files pip needs to build the engine (the README is the package's description)."""
 
 
 def find_blender_ext() -> str:
@@ -41,11 +51,18 @@ def find_blender_ext() -> str:
     )
 
 
-def stage(dest: str, source: str = ADDON_DIR) -> str:
-    """Copy the add-on to ``dest`` with symlinks resolved to real files; returns ``dest``."""
+def stage(dest: str, source: str = ADDON_DIR, project: str = PROJECT_DIR) -> str:
+    """Copy the add-on to ``dest`` with symlinks resolved to real files, and the engine's
+    source into ``dest/engine_source``; returns ``dest``."""
     if os.path.exists(dest):
         shutil.rmtree(dest)
     shutil.copytree(source, dest, symlinks=False, ignore=EXCLUDE)
+    engine = os.path.join(dest, ENGINE_SOURCE)
+    shutil.copytree(
+        os.path.join(project, "engine"), os.path.join(engine, "engine"), ignore=ENGINE_EXCLUDE
+    )
+    for name in ENGINE_FILES:
+        shutil.copy2(os.path.join(project, name), os.path.join(engine, name))
     return dest
 
 

@@ -147,8 +147,12 @@ class EngineClient:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stderr_lines: int = 200,
+        fix: str = NOT_INSTALLED_HINT,
     ):
         self.python = python
+        self.fix = fix
+        """What to do when the engine cannot start, in the words of where this client runs: the
+        preferences in Blender, ``--engine-python`` in the batch command."""
         self.args = tuple(args)
         self.env = env
         self.cwd = cwd
@@ -182,8 +186,7 @@ class EngineClient:
         if not self.python or not os.path.isfile(self.python):
             raise EngineError(
                 NOT_INSTALLED,
-                f"The engine's Python interpreter {self.python!r} does not exist. "
-                + NOT_INSTALLED_HINT,
+                f"The engine's Python interpreter {self.python!r} does not exist. " + self.fix,
             )
         env = dict(os.environ if self.env is None else self.env)
         # Line-buffered pipes both ways; the engine's progress must not sit in a buffer.
@@ -210,8 +213,7 @@ class EngineClient:
         except OSError as exc:
             raise EngineError(
                 NOT_INSTALLED,
-                f"Cannot start the engine with {self.python!r}: {exc.strerror}. "
-                + NOT_INSTALLED_HINT,
+                f"Cannot start the engine with {self.python!r}: {exc.strerror}. " + self.fix,
             ) from None
         # Each process has its own log tail: a dying one's reader may still be reporting its
         # crash while its replacement starts.
@@ -445,7 +447,7 @@ class EngineClient:
         if "No module named" in tail and "engine" in tail:
             return EngineError(
                 NOT_INSTALLED,
-                f"The engine is not installed in {self.python!r}. " + NOT_INSTALLED_HINT,
+                f"The engine is not installed in {self.python!r}. " + self.fix,
                 tail,
             )
         detail = f" Last engine output:\n{tail}" if tail else ""

@@ -10,7 +10,10 @@ kept, so the panels can grey out the conditions (depth ControlNet, IP-Adapter) t
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,9 +26,7 @@ from .engine_client import (
     EngineClient,
     EngineError,
 )
-
-TORCH_SPEC = "torch>=2.1"
-"""What Set up engine installs first (the engine's own requirement)."""
+from .torch_choice import TorchChoice, choose_torch, probe_machine
 
 _client: EngineClient | None = None
 _client_lock = threading.Lock()
@@ -160,46 +161,167 @@ class Task:
         raise NotImplementedError
 
 
-def setup_commands(
-    base_python: str,
-    venv: str,
-    source: str,
-    torch_spec: str = TORCH_SPEC,
-    torch_index_url: str = "",
-):
-    """The commands that create ``venv`` and install the engine from ``source`` into it.
+class SetupError(RuntimeError):
+    """Set up engine cannot start or failed; the message says what to do."""
 
-    torch goes first, from ``torch_index_url`` if given (e.g. PyTorch's CPU-only index), so the
-    engine's open torch requirement is already met and pip does not pull another build;
-    ``source`` is a project folder or a pip requirement name.
+
+ENGINE_SOURCE_DIR = "engine_source"
+"""The folder inside the built extension that holds the engine's source (see ``build.py``)."""
+OLD_SOURCE_DEFAULT = "layout-diffusion"
+"""What Engine Source held before it named a folder: read as empty (the shipped engine)."""
+FREE_SPACE_MARGIN_GB = 1.0
+
+CHECK_SCRIPT = (
+    "import json, torch, engine, diffusers\n"
+    "mps = getattr(torch.backends, 'mps', None)\n"
+    "device = 'cuda' if torch.cuda.is_available() else "
+    "'mps' if mps is not None and mps.is_available() else 'cpu'\n"
+    "gpu = torch.cuda.get_device_name(0) if device == 'cuda' else ''\n"
+    "print(json.dumps({'torch': torch.__version__, 'device': device, 'gpu': gpu, "
+    "'cuda': torch.version.cuda, 'hip': getattr(torch.version, 'hip', None)}))\n"
+)
+"""Run by the new environment's Python last: the engine imports, and which device torch sees."""
+
+
+def is_engine_source(path: str) -> bool:
+    """Whether ``path`` is a folder pip can install the engine from."""
+    return os.path.isfile(os.path.join(path, "pyproject.toml")) and os.path.isfile(
+        os.path.join(path, "engine", "__init__.py")
+    )
+
+
+def shipped_engine_source() -> str | None:
+    """The engine source Set up engine installs by default: the copy shipped inside the
+    extension, else the checkout the add-on runs from; None when neither exists."""
+    shipped = os.path.join(addon_dir(), ENGINE_SOURCE_DIR)
+    if is_engine_source(shipped):
+        return shipped
+    return checkout_root()
+
+
+def resolve_engine_source(setting: str) -> str:
+    """The engine source folder for the Engine Source preference; empty: the shipped one.
+
+    Only a folder is accepted, never a package name: whatever a package index serves under a
+    name would run on this machine. Raises SetupError saying what to pick.
+    """
+    value = setting.strip()
+    if value == OLD_SOURCE_DEFAULT:
+        value = ""
+    if not value:
+        shipped = shipped_engine_source()
+        if shipped is None:
+            raise SetupError(
+                "This copy of the add-on carries no engine source: set Engine Source to the "
+                "folder of a Layout Diffusion checkout (it holds pyproject.toml and engine/), "
+                "or install the add-on from its full zip"
+            )
+        return shipped
+    path = os.path.abspath(os.path.expanduser(value))
+    if not is_engine_source(path):
+        raise SetupError(
+            f"Engine Source {value!r} is not an engine folder (it needs pyproject.toml and "
+            "engine/__init__.py): pick the folder of a Layout Diffusion checkout, or clear "
+            "Engine Source to install the engine shipped with the add-on"
+        )
+    return path
+
+
+def check_setup(venv: str, choice: TorchChoice, free_bytes: int | None = None) -> None:
+    """Refuse a set-up that cannot finish, before anything is downloaded: too little free
+    space for the chosen torch build where the environment goes. Raises SetupError."""
+    parent = os.path.dirname(os.path.abspath(venv)) or "."
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if free_bytes is None:
+        free_bytes = shutil.disk_usage(parent).free
+    need = choice.size_gb + FREE_SPACE_MARGIN_GB
+    if free_bytes < need * 1e9:
+        raise SetupError(
+            f"The engine with torch {choice.label} needs about {need:.1f} GB; {parent} has "
+            f"{free_bytes / 1e9:.1f} GB free. Free some space or choose another Environment "
+            "Folder (Preferences > Add-ons > Layout Diffusion)"
+        )
+
+
+def setup_commands(base_python: str, venv: str, source: str, choice: TorchChoice):
+    """The steps that create ``venv`` and install torch and the engine into it.
+
+    torch goes first, from the build's own index, so the engine's open torch requirement is
+    already met and pip pulls no other build. ``source`` is the engine folder (pip builds in a
+    temporary copy of it: the extension's own folder stays untouched). A step is ``(title,
+    argv)`` or ``(title, callable)``.
     """
     python = venv_python(venv)
-    target = f"{source}[engine]"
-    torch = [python, "-m", "pip", "install", torch_spec]
-    if torch_index_url.strip():
-        torch += ["--index-url", torch_index_url.strip()]
+    pip = [python, "-m", "pip", "install", "--progress-bar", "raw"]
+    torch = [*pip, choice.spec]
+    if choice.index_url:
+        torch += ["--index-url", choice.index_url]
+    build_dir = os.path.join(os.path.dirname(os.path.abspath(venv)), "engine-build")
+
+    def copy_source() -> None:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        shutil.copytree(
+            source,
+            build_dir,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*", "build", "*.egg-info"),
+        )
+
     return [
         ("Creating the engine's Python environment", [base_python, "-m", "venv", venv]),
         ("Updating pip", [python, "-m", "pip", "install", "--upgrade", "pip"]),
-        ("Installing torch (large download)", torch),
-        ("Installing the engine", [python, "-m", "pip", "install", target]),
-        ("Checking the engine", [python, "-c", "import engine, torch, diffusers"]),
+        (f"Installing torch, {choice.label} (about {choice.size_gb:.0f} GB)", torch),
+        ("Copying the engine source", copy_source),
+        ("Installing the engine and diffusers", [*pip, f"{build_dir}[engine]"]),
+        ("Checking the engine", [python, "-c", CHECK_SCRIPT]),
     ]
 
 
-class SetupTask(Task):
-    """Run :func:`setup_commands` one after the other, keeping the last output line as status."""
+_PIP_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
 
-    def __init__(self, commands, log_limit: int = 200):
+
+class SetupTask(Task):
+    """Run :func:`setup_commands` one after the other: the step and pip's download progress as
+    status and ``fraction``, every output line in ``log`` (the last ``log_limit``) and in the
+    file ``log_path``. ``result`` is what the check step printed (torch version, device)."""
+
+    def __init__(self, commands, log_limit: int = 200, log_path: str | None = None):
         super().__init__("Set up engine")
         self.commands = list(commands)
         self.log_limit = log_limit
+        self.log_path = log_path
+        self.fraction = 0.0
+        self._file = None
 
-    def work(self) -> None:
-        for number, (title, argv) in enumerate(self.commands, 1):
-            self.status = f"{number}/{len(self.commands)} {title}"
+    def _log(self, line: str) -> None:
+        self.log = (self.log + [line])[-self.log_limit :]
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def work(self) -> dict[str, Any] | None:
+        if self.log_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            self._file = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 -- kept open
+        try:
+            return self._run_steps()
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _run_steps(self) -> dict[str, Any] | None:
+        total = len(self.commands)
+        last = ""
+        for number, (title, step) in enumerate(self.commands, 1):
+            self.status = f"{number}/{total} {title}"
+            self.fraction = (number - 1) / total
+            self._log(f"== {self.status}")
+            if callable(step):
+                step()
+                continue
             proc = subprocess.Popen(
-                argv,
+                step,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -208,12 +330,73 @@ class SetupTask(Task):
             assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip()
+                progress = _PIP_PROGRESS.match(line)
+                if progress:
+                    done, size = int(progress.group(1)), int(progress.group(2)) or 1
+                    self.fraction = (number - 1 + min(done / size, 1.0)) / total
+                    self.status = (
+                        f"{number}/{total} {title}: {done / 1e6:.0f} of {size / 1e6:.0f} MB"
+                    )
+                    continue
                 if line:
-                    self.log = (self.log + [line])[-self.log_limit :]
-                    self.status = f"{number}/{len(self.commands)} {title}: {line[:80]}"
+                    last = line
+                    self._log(line)
+                    self.status = f"{number}/{total} {title}: {line[:80]}"
             if proc.wait():
                 tail = "\n".join(self.log[-5:])
-                raise RuntimeError(f"{title} failed (exit code {proc.returncode}):\n{tail}")
+                raise SetupError(f"{title} failed (exit code {proc.returncode}):\n{tail}")
+        self.fraction = 1.0
+        try:
+            return json.loads(last)
+        except ValueError:
+            return None
+
+
+class EngineSetupTask(SetupTask):
+    """Set up engine: look at the machine, choose the torch build, check the free space, then
+    run :func:`setup_commands`. Nothing is downloaded before the checks pass. ``choice`` holds
+    the torch build once chosen, for the preferences to show."""
+
+    def __init__(
+        self,
+        base_python: str,
+        venv: str,
+        source: str,
+        torch_build: str = "AUTO",
+        torch_index: str = "",
+        log_path: str | None = None,
+        probe=probe_machine,
+    ):
+        super().__init__([], log_path=log_path)
+        self.base_python, self.venv, self.source = base_python, venv, source
+        self.torch_build, self.torch_index = torch_build, torch_index
+        self.probe = probe
+        self.choice: TorchChoice | None = None
+
+    def _run_steps(self) -> dict[str, Any] | None:
+        self.status = "Looking at this machine's GPU"
+        machine = self.probe()
+        try:
+            self.choice = choose_torch(machine, self.torch_build, self.torch_index)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
+        self._log(f"== {machine}: torch {self.choice.label} from {self.choice.index_url or 'PyPI'}")
+        check_setup(self.venv, self.choice)
+        self.commands = setup_commands(self.base_python, self.venv, self.source, self.choice)
+        return super()._run_steps()
+
+
+def describe_setup(result: dict[str, Any] | None) -> str:
+    """One line on what Set up engine installed (from :data:`CHECK_SCRIPT`'s output)."""
+    if not result:
+        return "Engine installed"
+    device = {"cuda": "CUDA", "mps": "Apple Metal (MPS)", "cpu": "the CPU"}.get(
+        str(result.get("device")), str(result.get("device"))
+    )
+    if result.get("device") == "cuda" and result.get("hip"):
+        device = "ROCm"
+    gpu = f" ({result['gpu']})" if result.get("gpu") else ""
+    return f"Engine installed: torch {result.get('torch')}, runs on {device}{gpu}"
 
 
 _last_hello: dict[str, Any] | None = None

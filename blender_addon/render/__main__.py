@@ -27,6 +27,12 @@ from ..core import frames
 from ..core.errors import UserError
 from .batch import SEED_MODES, BatchRenderer, FrameOutcome, Watchdog
 
+ENGINE_PYTHON_FIX = (
+    "Pass --engine-python with the Python that has the engine: a checkout's .venv/bin/python "
+    "(bash run.sh creates it), or the one the add-on's Set up engine created."
+)
+"""What a missing engine tells the batch command's user (not Blender's preferences)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -171,7 +177,7 @@ def _main(args: argparse.Namespace) -> int:
     python = args.engine_python or engine_session.default_python() or sys.executable
     python = engine_session.resolve_python(python)
     seed_mode = args.seed_mode or scene_seed_mode(scene)
-    client = EngineClient(python, cwd=engine_session.checkout_root())
+    client = EngineClient(python, cwd=engine_session.checkout_root(), fix=ENGINE_PYTHON_FIX)
     renderer = BatchRenderer(
         scene,
         args.out,

@@ -6,7 +6,7 @@ import os
 import sys
 
 import bpy
-from bpy.props import StringProperty
+from bpy.props import EnumProperty, StringProperty
 
 from ..blender.models import model_spec
 from ..client import engine_session
@@ -46,8 +46,25 @@ def default_venv_dir() -> str:
         return os.path.join(bpy.utils.user_resource("DATAFILES", path="layout_diffusion"), "venv")
 
 
-def _default_source() -> str:
-    return engine_session.checkout_root() or "layout-diffusion"
+def setup_log_path(venv: str) -> str:
+    """Where Set up engine writes its full log: next to the environment it creates."""
+    return os.path.join(os.path.dirname(os.path.abspath(venv)), "setup.log")
+
+
+TORCH_BUILDS = (
+    (
+        "AUTO",
+        "Automatic",
+        "Detect the GPU: CUDA for NVIDIA, ROCm for AMD (Linux), Metal on Apple "
+        "Silicon, else the CPU-only build",
+    ),
+    ("CPU", "CPU Only", "The small CPU-only build (about 1 GB); slow, but runs everywhere"),
+    (
+        "CUSTOM",
+        "Custom Index",
+        "Torch from the package index below (a mirror, or a build not detected automatically)",
+    ),
+)
 
 
 class LayoutDiffusionPreferences(bpy.types.AddonPreferences):
@@ -66,14 +83,24 @@ class LayoutDiffusionPreferences(bpy.types.AddonPreferences):
     )
     engine_source: StringProperty(
         name="Engine Source",
-        description="What Set up engine installs: the project folder or a pip package name",
-        default=_default_source(),
+        description=(
+            "Folder with the engine's source that Set up engine installs (a Layout Diffusion "
+            "checkout); empty: the engine shipped inside this add-on"
+        ),
+        subtype="DIR_PATH",
+        default="",
+    )
+    torch_build: EnumProperty(
+        name="Torch Build",
+        description="Which build of torch Set up engine installs",
+        items=TORCH_BUILDS,
+        default="AUTO",
     )
     torch_index_url: StringProperty(
         name="Torch Index",
         description=(
-            "Package index for torch (empty: PyPI). For a CPU-only machine use "
-            "https://download.pytorch.org/whl/cpu to avoid the large CUDA build"
+            "Package index for torch when Torch Build is Custom Index, e.g. "
+            "https://download.pytorch.org/whl/cu126"
         ),
         default="",
     )
@@ -88,12 +115,22 @@ class LayoutDiffusionPreferences(bpy.types.AddonPreferences):
         layout = self.layout
         layout.prop(self, "python")
         box = layout.box()
-        box.label(text="Set up engine (downloads torch and diffusers, several GB)")
+        box.label(text="Set up engine: a Python environment with torch and the engine")
         box.prop(self, "engine_source")
-        box.prop(self, "torch_index_url")
+        if not self.engine_source.strip():
+            shipped = engine_session.shipped_engine_source()
+            box.label(
+                text=f"Installs the engine from {shipped}"
+                if shipped
+                else "No engine shipped: pick an Engine Source folder",
+                icon="INFO" if shipped else "ERROR",
+            )
+        box.prop(self, "torch_build")
+        if self.torch_build == "CUSTOM":
+            box.prop(self, "torch_index_url")
         box.prop(self, "venv_dir")
-        row = box.row(align=True)
         setup = _tasks["setup"]
+        row = box.row(align=True)
         row.enabled = not (setup and setup.running)
         row.operator("layout_diffusion.setup_engine", icon="IMPORT")
         _draw_task(box, setup)
@@ -116,13 +153,28 @@ def check_task() -> engine_session.Task | None:
 def _draw_task(layout, task) -> None:
     if task is None:
         return
+    setup = isinstance(task, engine_session.SetupTask)
+    choice = getattr(task, "choice", None)
+    if choice is not None:
+        layout.label(text=f"Torch build: {choice.label}", icon="SETTINGS")
     if task.error:
         for line in task.error.splitlines()[:6]:
             layout.label(text=line, icon="ERROR")
     elif not task.done:
-        layout.label(text=task.status, icon="SORTTIME")
-    elif task.title == "Set up engine":
-        layout.label(text="Engine installed", icon="CHECKMARK")
+        if setup:
+            layout.progress(factor=task.fraction, type="BAR", text=task.status)
+        else:
+            layout.label(text=task.status, icon="SORTTIME")
+    elif setup:
+        layout.label(text=engine_session.describe_setup(task.result), icon="CHECKMARK")
+    if setup and task.log:
+        col = layout.column(align=True)
+        for line in task.log[-6:]:
+            col.label(text=line[:120])
+        if task.log_path:
+            layout.operator(
+                "wm.path_open", text="Open Full Log", icon="TEXT"
+            ).filepath = task.log_path
 
 
 def _watch(task: engine_session.Task, on_done=None) -> None:
@@ -166,10 +218,19 @@ class LAYOUT_DIFFUSION_OT_setup_engine(bpy.types.Operator):
             self.report({"WARNING"}, "Set up engine is already running")
             return {"CANCELLED"}
         venv = bpy.path.abspath(prefs.venv_dir) if prefs.venv_dir else default_venv_dir()
-        commands = engine_session.setup_commands(
-            sys.executable, venv, prefs.engine_source, torch_index_url=prefs.torch_index_url
-        )
-        task = _tasks["setup"] = engine_session.SetupTask(commands).start()
+        try:
+            source = engine_session.resolve_engine_source(bpy.path.abspath(prefs.engine_source))
+        except engine_session.SetupError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        task = _tasks["setup"] = engine_session.EngineSetupTask(
+            sys.executable,
+            venv,
+            source,
+            torch_build=prefs.torch_build,
+            torch_index=prefs.torch_index_url,
+            log_path=setup_log_path(venv),
+        ).start()
         package = addon_package()
 
         def done(task):
@@ -179,7 +240,7 @@ class LAYOUT_DIFFUSION_OT_setup_engine(bpy.types.Operator):
                     addon.preferences.python = engine_session.venv_python(venv)
 
         _watch(task, done)
-        self.report({"INFO"}, f"Setting up the engine in {venv}")
+        self.report({"INFO"}, f"Setting up the engine in {venv} from {source}")
         return {"FINISHED"}
 
 

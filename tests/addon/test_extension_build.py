@@ -3,9 +3,11 @@ scenario interpreter's version: 5.0, or 4.2 in the oldest-version run)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
+import sys
 import zipfile
 
 import blender_scenario
@@ -65,6 +67,82 @@ def test_zip_carries_the_real_wire_package(built_zip):
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
 
 
+def test_zip_carries_the_engine_source_with_its_model(built_zip):
+    with zipfile.ZipFile(built_zip) as archive:
+        names = set(archive.namelist())
+    expected = {
+        "engine_source/pyproject.toml",
+        "engine_source/README.md",
+        "engine_source/engine/__init__.py",
+        "engine_source/engine/service/serve.py",
+        "engine_source/engine/models/shapes/model_index.json",
+        "engine_source/engine/models/shapes/unet/diffusion_pytorch_model.safetensors",
+    }
+    assert expected <= names
+    assert not [name for name in names if name.startswith("engine_source/training")]
+
+
+def test_the_shipped_engine_source_builds_an_engine_with_its_model(built_zip, tmp_path):
+    """What Set up engine installs from the zip alone: pip builds the engine package from the
+    shipped source (a copy of it), and the installed engine finds its bundled model outside
+    any checkout."""
+    with zipfile.ZipFile(built_zip) as archive:
+        archive.extractall(tmp_path / "ext")
+    from blender_addon.client import engine_session
+
+    source = str(tmp_path / "ext" / "engine_source")
+    assert engine_session.is_engine_source(source)
+    build_dir = tmp_path / "build"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(build_dir),
+            source,
+        ],
+        check=True,
+        capture_output=True,
+        cwd=str(tmp_path),
+    )
+    (wheel,) = list(build_dir.glob("layout_diffusion-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert "engine/models/shapes/unet/diffusion_pytorch_model.safetensors" in archive.namelist()
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    probe = (
+        "import json, engine; from engine.loading.defaults import describe_model; "
+        "print(json.dumps([engine.__file__, describe_model('shapes')]))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(target))
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    where, model = json.loads(done.stdout.strip().splitlines()[-1])
+    assert where.startswith(str(target)), "the installed engine, not the checkout's"
+    assert model["found"] is True and model["path"].startswith(str(target))
+
+
 def test_blender_validator_accepts_the_zip(built_zip):
     proc = build.run_blender_ext("validate", built_zip)
     assert "Success" in proc.stdout
@@ -83,7 +161,7 @@ def test_blender_validator_rejects_a_broken_manifest(tmp_path):
 
 
 INSTALL = """
-import sys, bpy
+import json, sys, bpy
 zip_path, = sys.argv[1:]
 bpy.ops.extensions.package_install_files(
     filepath=zip_path, repo="user_default", enable_on_install=True
@@ -91,8 +169,21 @@ bpy.ops.extensions.package_install_files(
 module = "bl_ext.user_default.layout_diffusion"
 prefs = bpy.context.preferences.addons[module].preferences
 package = sys.modules[module]
-print("INSTALLED", hasattr(bpy.types.Scene, "layout_diffusion"), repr(prefs.python),
-      package.__file__)
+session = sys.modules[module + ".client.engine_session"]
+refused = ""
+try:
+    session.resolve_engine_source("requests")
+except session.SetupError as exc:
+    refused = str(exc)
+print("INSTALLED", json.dumps({
+    "registered": hasattr(bpy.types.Scene, "layout_diffusion"),
+    "python": prefs.python,
+    "init": package.__file__,
+    "source_setting": prefs.engine_source,
+    "shipped": session.shipped_engine_source(),
+    "old_default": session.resolve_engine_source("layout-diffusion"),
+    "package_name_refused": refused,
+}))
 """
 
 
@@ -108,8 +199,15 @@ def test_zip_installs_and_enables_in_blender(built_zip, tmp_path):
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("INSTALLED")]
     assert lines, proc.stdout + proc.stderr
-    _, registered, python, init_file = lines[0].split(" ", 3)
-    assert registered == "True"
+    installed = json.loads(lines[0].split(" ", 1)[1])
+    assert installed["registered"] is True
     # Installed outside a checkout: no engine interpreter is guessed, Set up engine is needed.
-    assert python == "''"
-    assert init_file.startswith(str(tmp_path / "user"))
+    assert installed["python"] == ""
+    assert installed["init"].startswith(str(tmp_path / "user"))
+    # Set up engine installs the engine shipped inside the installed extension, never a package
+    # name looked up on an index.
+    extension = os.path.dirname(installed["init"])
+    assert installed["source_setting"] == ""
+    assert installed["shipped"] == os.path.join(extension, "engine_source")
+    assert installed["old_default"] == installed["shipped"]
+    assert "is not an engine folder" in installed["package_name_refused"]

@@ -4,10 +4,13 @@ what the panels read from it.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import threading
 
+import pytest
 from blender_scenario import ROOT
 
 
@@ -21,41 +24,100 @@ def test_default_python_is_the_checkout_venv():
     )
 
 
-def test_setup_installs_torch_before_the_engine(tmp_path):
+def test_setup_installs_torch_before_the_engine_from_a_copy_of_the_source(tmp_path):
+    from blender_addon.client import engine_session
+    from blender_addon.client.torch_choice import Machine, choose_torch
+
+    cpu = choose_torch(Machine("Linux", "x86_64"))
+    venv = str(tmp_path / "v")
+    commands = engine_session.setup_commands("/usr/bin/python3", venv, ROOT, cpu)
+    steps = [step for _, step in commands]
+    assert steps[0] == ["/usr/bin/python3", "-m", "venv", venv]
+    python = str(tmp_path / "v" / "bin" / "python")
+    installs = [
+        s for s in steps if isinstance(s, list) and s[:4] == [python, "-m", "pip", "install"]
+    ]
+    torch_step, engine_step = installs[-2:]
+    assert torch_step[-3:] == [cpu.spec, "--index-url", cpu.index_url]
+    copy = str(tmp_path / "engine-build")
+    assert engine_step[-1] == f"{copy}[engine]"
+    assert "--index-url" not in engine_step, "only torch comes from the torch index"
+    # pip builds in a copy: the extension's own folder gets no build/ or egg-info.
+    copy_step = next(s for s in steps if callable(s))
+    copy_step()
+    assert engine_session.is_engine_source(copy)
+    assert not os.path.exists(os.path.join(copy, ".venv"))
+
+
+def test_engine_source_is_a_folder_never_a_package_name(tmp_path):
     from blender_addon.client import engine_session
 
-    commands = engine_session.setup_commands("/usr/bin/python3", str(tmp_path / "v"), ROOT)
-    argvs = [argv for _, argv in commands]
-    assert argvs[0] == ["/usr/bin/python3", "-m", "venv", str(tmp_path / "v")]
-    venv_python = str(tmp_path / "v" / "bin" / "python")
-    installs = [argv[-1] for argv in argvs if argv[:4] == [venv_python, "-m", "pip", "install"]]
-    assert installs[-2:] == [engine_session.TORCH_SPEC, f"{ROOT}[engine]"]
+    assert engine_session.shipped_engine_source() == ROOT  # a checkout
+    assert engine_session.resolve_engine_source("") == ROOT
+    # What older versions stored as the default is read as "the shipped engine".
+    assert engine_session.resolve_engine_source("layout-diffusion") == ROOT
+    assert engine_session.resolve_engine_source(ROOT + os.sep) == ROOT
+    for wrong in ("requests", str(tmp_path)):
+        with pytest.raises(engine_session.SetupError, match="is not an engine folder"):
+            engine_session.resolve_engine_source(wrong)
 
-    cpu = engine_session.setup_commands(
-        "/usr/bin/python3", str(tmp_path / "v"), ROOT, torch_index_url="https://example.org/cpu"
+
+def test_setup_refuses_before_downloading_when_space_is_short(tmp_path):
+    from blender_addon.client import engine_session
+    from blender_addon.client.torch_choice import Machine
+
+    ran = []
+    task = engine_session.EngineSetupTask(
+        sys.executable,
+        str(tmp_path / "venv"),
+        ROOT,
+        log_path=str(tmp_path / "setup.log"),
+        probe=lambda: ran.append("probe") or Machine("Linux", "x86_64", nvidia_driver=550),
     )
-    torch_step = [argv for _, argv in cpu if engine_session.TORCH_SPEC in argv][0]
-    assert torch_step[-2:] == ["--index-url", "https://example.org/cpu"]
-    engine_step = [argv for _, argv in cpu if f"{ROOT}[engine]" in argv][0]
-    assert "--index-url" not in engine_step, "only torch comes from the torch index"
+    original = engine_session.check_setup
+
+    def little_space(venv, choice, free_bytes=None):
+        return original(venv, choice, free_bytes=2 * 10**9)
+
+    engine_session.check_setup = little_space
+    try:
+        task.start().join(30)
+    finally:
+        engine_session.check_setup = original
+    assert ran == ["probe"] and task.status == "failed"
+    assert task.choice.build == "cuda"
+    assert "needs about 6.5 GB" in task.error and "2.0 GB free" in task.error
+    assert "Environment Folder" in task.error
+    assert not os.path.exists(tmp_path / "venv"), "nothing may be created before the checks"
 
 
-def test_setup_task_runs_in_background_and_reports_the_failing_step():
+def test_setup_task_runs_in_background_and_reports_the_failing_step(tmp_path):
     from blender_addon.client import engine_session
 
     gate = threading.Event()
+    pip = "print('Progress 5000000 of 10000000'); print('Collecting torch')"
     commands = [
         ("Saying hello", [sys.executable, "-c", "print('hello from step one')"]),
+        ("Downloading", [sys.executable, "-c", pip]),
         ("Failing", [sys.executable, "-c", "import sys; print('no wheel'); sys.exit(4)"]),
     ]
-    task = engine_session.SetupTask(commands)
+    log = tmp_path / "setup.log"
+    task = engine_session.SetupTask(commands, log_path=str(log))
     original = task.work
+    seen = []
 
     def work():
         gate.wait(10)
         return original()
 
     task.work = work
+    original_log = task._log
+
+    def watch(line):
+        seen.append((round(task.fraction, 3), task.status))
+        original_log(line)
+
+    task._log = watch
     task.start()
     assert task.running and not task.done, "the task must not block its caller"
     gate.set()
@@ -64,6 +126,33 @@ def test_setup_task_runs_in_background_and_reports_the_failing_step():
     assert "Failing failed (exit code 4)" in task.error
     assert "no wheel" in task.error
     assert "hello from step one" in task.log
+    # pip's raw progress moves the bar within its step and says how much is downloaded.
+    assert (0.5, "2/3 Downloading: 5 of 10 MB") in seen
+    written = log.read_text()
+    assert "== 1/3 Saying hello" in written and "no wheel" in written
+
+
+def test_setup_says_which_torch_it_installed():
+    from blender_addon.client import engine_session
+
+    result = {"torch": "2.8.0+cu126", "device": "cuda", "gpu": "RTX 4090", "hip": None}
+    assert engine_session.describe_setup(result) == (
+        "Engine installed: torch 2.8.0+cu126, runs on CUDA (RTX 4090)"
+    )
+    cpu = {"torch": "2.8.0+cpu", "device": "cpu", "gpu": ""}
+    assert (
+        engine_session.describe_setup(cpu) == "Engine installed: torch 2.8.0+cpu, runs on the CPU"
+    )
+    # The check script prints exactly what describe_setup reads, with this venv's torch.
+    done = subprocess.run(
+        [sys.executable, "-c", engine_session.CHECK_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    reported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reported["device"] == "cpu" and reported["torch"]
 
 
 def test_health_check_reports_missing_interpreter(tmp_path):

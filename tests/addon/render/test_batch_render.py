@@ -26,7 +26,14 @@ def run_scenario(name: str, *args: str, timeout: float = 600) -> dict:
 
 def run_batch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "blender_addon.render", *args, "--engine-python", sys.executable],
+        [
+            blender_scenario.bpy_python(),
+            "-m",
+            "blender_addon.render",
+            *args,
+            "--engine-python",
+            blender_scenario.engine_python(),
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -223,7 +230,15 @@ def test_two_renderers_on_one_folder_one_killed_render_each_frame_once(long_blen
         with open(output, "wb") as sink:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, script, "farm", long_blend, str(out), "1-8", str(log)],
+                    [
+                        blender_scenario.bpy_python(),
+                        script,
+                        "farm",
+                        long_blend,
+                        str(out),
+                        "1-8",
+                        str(log),
+                    ],
                     env=env,
                     cwd=ROOT,
                     stdout=sink,
@@ -285,6 +300,29 @@ def test_command_line_errors_say_what_to_do(blend, tmp_path):
     assert f"error: model {missing!r} not found" in proc.stderr
     assert "Frames already written are kept" in proc.stderr
     assert not os.path.exists(tmp_path / "out" / "frame_0001.png")
+    # No engine: the fix named is the command's own option, not Blender's preferences.
+    proc = subprocess.run(
+        [
+            blender_scenario.bpy_python(),
+            "-m",
+            "blender_addon.render",
+            blend,
+            "--out",
+            str(tmp_path / "out"),
+            "--frames",
+            "1",
+            "--engine-python",
+            str(tmp_path / "no-python"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=blender_scenario.child_env(USER_DIR),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    assert "Pass --engine-python with the Python that has the engine" in proc.stderr
+    assert "press Set up engine" not in proc.stderr
 
 
 # -- Scenarios (run in a child process) ----------------------------------------------------------
@@ -317,17 +355,7 @@ def scenario_make_scene(path: str, model: str, frames: str = "3") -> dict:
 
 
 def _linear_keys(obj) -> None:
-    """Make every keyframe of ``obj`` linear (Blender 5 keeps F-curves in action channelbags)."""
-    action = obj.animation_data.action
-    curves = []
-    for layer in getattr(action, "layers", []):
-        for strip in layer.strips:
-            for bag in strip.channelbags:
-                curves.extend(bag.fcurves)
-    assert curves, "no F-curves found on the animated object"
-    for curve in curves:
-        for key in curve.keyframe_points:
-            key.interpolation = "LINEAR"
+    blender_scenario.linear_keys(obj)
 
 
 def scenario_batch(blend: str, out: str, spec: str, *options: str) -> dict:
@@ -345,7 +373,7 @@ def scenario_batch(blend: str, out: str, spec: str, *options: str) -> dict:
     stop_after = int(flags.get("--stop-after", 0)) or None
     blender_addon.register()
     bpy.ops.wm.open_mainfile(filepath=blend)
-    client = EngineClient(sys.executable, cwd=ROOT)
+    client = EngineClient(blender_scenario.engine_python(), cwd=ROOT)
 
     def on_frame(outcome) -> None:
         if outcome.status != "written":
@@ -387,7 +415,7 @@ def scenario_farm(blend: str, out: str, spec: str, log: str) -> dict:
 
     blender_addon.register()
     bpy.ops.wm.open_mainfile(filepath=blend)
-    client = EngineClient(sys.executable, cwd=ROOT)
+    client = EngineClient(blender_scenario.engine_python(), cwd=ROOT)
 
     def on_frame(outcome) -> None:
         with open(log, "a", encoding="utf-8") as handle:

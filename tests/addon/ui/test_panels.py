@@ -20,8 +20,22 @@ def test_panels_draw_with_existing_properties_and_operators(registration):
     assert {"prompt", "model", "show_overlay"} <= set(drawn["idle"]["props"])
     assert drawn["objects"]["labels"] == ["B"]  # only B is still labeled
     assert drawn["header"] == ["layout_diffusion.generate"]
-    assert {"python", "engine_source", "torch_index_url"} <= set(drawn["preferences"]["props"])
+    assert {"python", "engine_source", "torch_build"} <= set(drawn["preferences"]["props"])
     assert "layout_diffusion.setup_engine" in drawn["preferences"]["operators"]
+
+
+def test_preferences_show_where_the_engine_comes_from_and_the_set_up_progress(registration):
+    drawn = registration["drawn"]
+    assert any(
+        label.startswith("Installs the engine from ") for label in drawn["preferences"]["labels"]
+    )
+    running = drawn["setup_running"]
+    assert running["progress"] == [[0.4, "3/6 Installing torch: 900 of 2500 MB"]]
+    assert "Torch build: CUDA 12.6 (RTX, driver 550)" in running["labels"]
+    assert "Downloading torch-2.8.0+cu126.whl" in running["labels"]
+    assert "wm.path_open" in running["operators"]  # the full log, opened by Blender
+    done = drawn["setup_done"]
+    assert "Engine installed: torch 2.8.0+cu126, runs on CUDA (RTX)" in done["labels"]
 
 
 def test_health_check_greys_out_what_the_engine_lacks(guidance):
