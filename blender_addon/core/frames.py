@@ -657,6 +657,17 @@ def sweep_frame(claim: Claim, paths: FramePaths) -> list[str]:
         if os.path.isfile(path) and not path.endswith(f".stale-{claim.owner.token}"):
             _remove(path)
             removed.append(path)
+    # A renderer builds a frame's Layout into a staging folder only while it holds the claim,
+    # so another one's staging folder for this frame belongs to an owner whose claim was taken
+    # over: it will never be moved into place.
+    parent = os.path.dirname(paths.layout_dir)
+    prefix = f".{os.path.basename(paths.layout_dir)}.staging-"
+    ours = prefix + claim.owner.token[:12]
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(parent)):
+            if name.startswith(prefix) and not name.startswith(ours):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                removed.append(os.path.join(parent, name))
     return removed
 
 
