@@ -322,7 +322,8 @@ class BatchRenderer:
             settings=settings,
         )
         state = frames.frame_state(paths, fingerprint)
-        if state.complete and not self.overwrite:
+        # --overwrite renders again what was there before, not what another renderer just made.
+        if state.complete and (not self.overwrite or frame in self._waited_for):
             self._discard(built)
             frames.sweep_frame(claim, paths)
             self._let_go(claim)
