@@ -15,12 +15,14 @@ Requests:
 ``{"op": "hello", "id": 1, "model": "shapes"}``
     Answers ``{"id": 1, "event": "hello", "protocol": 1, "engine_version": "0.1.0",
     "device": "cuda", "dtype": "float16", "capabilities": ["attention", "cancel", ...],
-    "default_model": "shapes", "loaded_model": null, "conditions": {...}}``. ``capabilities``
-    lists the modes (``attention``, ``latent``), ``cancel`` and ``release``, and also
-    ``controlnet``, ``ip_adapter`` and ``gligen`` when a depth ControlNet / an IP-Adapter / a
-    GLIGEN model is configured and present; ``conditions`` says for each
+    "default_model": "shapes", "loaded_model": null, "conditions": {...}, "limits": {...}}``.
+    ``limits`` names every limit the engine enforces with its value (see Limits below).
+    ``capabilities`` lists the modes (``attention``, ``latent``), ``cancel`` and ``release``,
+    and also ``controlnet``, ``ip_adapter`` and ``gligen`` when a depth ControlNet / an
+    IP-Adapter / a GLIGEN model is configured and present; ``conditions`` says for each
     ``{"available": bool, "spec": ..., "message": ...}``, the message saying why one is
-    unavailable. With ``model`` (optional), it also reports whether that model is on this machine, without loading it:
+    unavailable. With ``model`` (optional), it also reports whether that model is on this
+    machine, without loading it:
     ``"model": {"spec": "shapes", "found": true, "path": "/...", "message": "...",
     "layout_defaults": {"reference_fraction": 0.4}}`` (the values the model chooses for Layout
     fields left null).
@@ -44,7 +46,8 @@ Requests:
     - ``{"id": "r1", "event": "queued", "position": 1}`` only if another generate is ahead;
     - ``{"id": "r1", "event": "loading", "model": "shapes", "path": "/..."}`` only if the model
       is not the one already loaded;
-    - ``{"id": "r1", "event": "progress", "step": k, "total": n}`` after each step, k = 1..n;
+    - ``{"id": "r1", "event": "progress", "step": k, "total": n, "seconds_left": 12.5}`` after
+      each step, k = 1..n (``seconds_left``: the estimate from the measured steps);
       when a first pass or GLIGEN makes the layout reference, its steps count too (n = both
       passes);
     - ``{"id": "r1", "event": "result", "path": "/abs/out.png", "seed": 7, "width": 1024,
