@@ -317,5 +317,6 @@ def test_fuzzed_requests_never_stop_the_engine(tmp_path, tiny_model_dir):
     assert growth < 400, f"engine memory grew by {growth:.0f} MB over {CASES} cases"
     seconds = time.monotonic() - started
     print(f"fuzz: {CASES} cases, {lines_sent} lines, {accepted} accepted, {codes}, {seconds:.0f} s")
+    print(f"engine memory: {rss_before:.0f} MB before, {growth:+.0f} MB after")
     print("slowest cases:", sorted(slow)[-3:])
     assert seconds < 170
