@@ -15,9 +15,11 @@ OLDEST_BPY=4.2.0
 OLDEST_VENV=${OLDEST_VENV:-.venv-bpy42}
 OLDEST_PY="$OLDEST_VENV/bin/python"
 # The add-on's tests that drive bpy; the pure core/ and client/ tests need no second run, nor
-# does the farm fault test (two batch renderers sharing a folder: claims, not Blender).
+# does the farm fault test (two batch renderers sharing a folder: claims, not Blender), nor the
+# Ray tests (the pool is Blender-free; the Ray batch is the local batch's Blender side).
 ADDON_SCENARIOS=(tests/addon/blender tests/addon/render tests/addon/ui
     tests/addon/test_extension_build.py tests/addon/test_registration.py
+    --ignore tests/addon/render/test_ray_pool.py --ignore tests/addon/render/test_ray_batch.py
     --deselect "tests/addon/render/test_batch_render.py::test_two_renderers_on_one_folder_one_killed_render_each_frame_once")
 
 setup() {
@@ -31,7 +33,7 @@ setup() {
         # torch first, pinned, so the open requirement below does not pull a multi-GB CUDA build
         # onto CPU-only machines; a torch that is already installed (e.g. a CUDA one) is kept.
         "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install --quiet "torch==2.13.0"
-        "$PY" -m pip install --quiet -e ".[engine,blender,test]"
+        "$PY" -m pip install --quiet -e ".[engine,blender,test,cluster]"
         echo "$want" > "$stamp"
     fi
 }

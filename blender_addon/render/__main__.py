@@ -2,13 +2,15 @@
 
     python -m blender_addon.render SCENE.blend --frames 1-48 --out DIR [--model shapes]
         [--engine-python PATH] [--step N] [--seed-mode shot|frame] [--overwrite]
-        [--init-previous STRENGTH] [--stall-seconds S]
+        [--init-previous STRENGTH] [--stall-seconds S] [--ray [ADDRESS] [--ray-workers N]]
 
 Needs only the ``bpy`` wheel on the Blender side; the engine runs in its own Python as one
 subprocess for the whole batch (:class:`~.batch.BatchRenderer`), so the model loads once.
 Running the same command again renders only the frames that are not complete, or whose Layout
 or settings changed (stale) or whose files are damaged. Several machines may run the same
-command on one shared folder: each frame is claimed and rendered once.
+command on one shared folder: each frame is claimed and rendered once. With ``--ray`` the
+frames are generated on a Ray cluster, one warm engine per GPU (:mod:`.ray_batch`), and
+written here as the local batch writes them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 import bpy
 
@@ -26,6 +29,8 @@ from ..client.engine_client import EngineClient
 from ..core import frames
 from ..core.errors import UserError
 from .batch import SEED_MODES, BatchRenderer, FrameOutcome, Watchdog
+from .ray_batch import RayBatchRenderer
+from .ray_pool import RayPool
 
 ENGINE_PYTHON_FIX = (
     "Pass --engine-python with the Python that has the engine: a checkout's .venv/bin/python "
@@ -82,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"and is replaced, the frame retried (default {Watchdog.stall_seconds:.0f}; "
         f"{Watchdog.load_seconds:.0f} while a model loads)",
     )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="generate on a Ray cluster: one warm engine per GPU (ADDRESS: the cluster's, e.g. "
+        "ray://head:10001 or auto; without it RAY_ADDRESS or a new local cluster). Needs "
+        "pip install -e .[cluster]",
+    )
+    parser.add_argument(
+        "--ray-workers",
+        type=int,
+        metavar="N",
+        help="with --ray: N engine actors (default: one per GPU, or 1 on a cluster without GPUs)",
+    )
     return parser
 
 
@@ -90,6 +110,8 @@ class _Progress:
 
     def __init__(self, total: int, stream=None):
         self.stream = stream or sys.stderr
+        self.detail: Callable[[], str] | None = None
+        """Extra text for each frame's line, e.g. the rate of each Ray worker."""
         try:
             from tqdm import tqdm
         except ImportError:
@@ -106,12 +128,15 @@ class _Progress:
             text = f"frame {outcome.frame} {outcome.message or 'already complete'}"
         else:
             text = f"frame {outcome.frame} FAILED: {outcome.message}"
+        detail = self.detail() if self.detail is not None else ""
         if self.bar is None:
-            print(f"[{done}/{total}] {text}", file=self.stream, flush=True)
+            extra = f" [{detail}]" if detail else ""
+            print(f"[{done}/{total}] {text}{extra}", file=self.stream, flush=True)
             return
         if outcome.status == "failed":
             self.bar.write(text, file=self.stream)
-        self.bar.set_postfix_str(f"frame {outcome.frame}", refresh=False)
+        postfix = f"frame {outcome.frame}" + (f"; {detail}" if detail else "")
+        self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(1)
 
     def notice(self, text: str) -> None:
@@ -177,19 +202,23 @@ def _main(args: argparse.Namespace) -> int:
     python = args.engine_python or engine_session.default_python() or sys.executable
     python = engine_session.resolve_python(python)
     seed_mode = args.seed_mode or scene_seed_mode(scene)
-    client = EngineClient(python, cwd=engine_session.checkout_root(), fix=ENGINE_PYTHON_FIX)
-    renderer = BatchRenderer(
-        scene,
-        args.out,
-        client,
-        model=args.model,
-        seed_mode=seed_mode,
-        overwrite=args.overwrite,
-        init_previous=args.init_previous,
-        watchdog=Watchdog(stall_seconds=args.stall_seconds),
-    )
+    options = {
+        "model": args.model,
+        "seed_mode": seed_mode,
+        "overwrite": args.overwrite,
+        "init_previous": args.init_previous,
+        "watchdog": Watchdog(stall_seconds=args.stall_seconds),
+    }
+    if args.ray is not None:
+        client = _ray_pool(args, python, options["watchdog"])
+        renderer = RayBatchRenderer(scene, args.out, client, **options)
+    else:
+        client = EngineClient(python, cwd=engine_session.checkout_root(), fix=ENGINE_PYTHON_FIX)
+        renderer = BatchRenderer(scene, args.out, client, **options)
     progress = renderer.progress = _Progress(len(frame_list))
     renderer.notify = progress.notice
+    if isinstance(renderer, RayBatchRenderer):
+        progress.detail = renderer.rates
     try:
         summary = renderer.run(frame_list)
     except KeyboardInterrupt:
@@ -221,6 +250,22 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: frames not written: {names} (reasons above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _ray_pool(args: argparse.Namespace, python: str, watchdog: Watchdog) -> RayPool:
+    """The Ray pool ``--ray`` asks for. Actors on a cluster of other machines use their own
+    Python unless ``--engine-python`` names one; a local cluster's use this batch's engine."""
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise UserError(f"--ray-workers must be 1 or more, got {args.ray_workers}")
+    local = not (args.ray or os.environ.get("RAY_ADDRESS"))
+    return RayPool.connect(
+        args.ray or None,
+        args.ray_workers,
+        engine_python=python if local or args.engine_python else None,
+        stall_seconds=watchdog.stall_seconds,
+        step_factor=watchdog.step_factor,
+        load_seconds=watchdog.load_seconds,
+    )
 
 
 if __name__ == "__main__":
