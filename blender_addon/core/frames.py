@@ -671,6 +671,32 @@ def sweep_frame(claim: Claim, paths: FramePaths) -> list[str]:
     return removed
 
 
+def clear_dead_claims(
+    frame_paths_list: Iterable[FramePaths], owner: Owner, stale_seconds: float = STALE_SECONDS
+) -> list[int]:
+    """Take over and give up the claims dead or silent renderers left on these frames, with
+    their temporary files and staging folders; the frames cleared.
+
+    A renderer killed while it held a frame that was already complete (it had claimed it only
+    to compare it) leaves a claim nobody else waits for: the renderers still running clear such
+    claims on their range when they finish, so the folder is left clean.
+    """
+    cleared = []
+    for paths in frame_paths_list:
+        found = read_claim(claim_path(paths))
+        if found is None or claim_is_live(found[0], found[1], stale_seconds):
+            continue
+        claim = try_claim(paths, owner, stale_seconds)
+        if claim is None:
+            continue
+        try:
+            sweep_frame(claim, paths)
+        finally:
+            release(claim)
+        cleared.append(paths.frame)
+    return cleared
+
+
 def replace_folder(staged: str, final: str) -> None:
     """Put the folder ``staged`` at ``final``, the old ``final`` (if any) removed."""
     if os.path.isdir(final):

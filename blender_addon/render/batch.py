@@ -230,6 +230,14 @@ class BatchRenderer:
                     )
                     waited = True
                 time.sleep(POLL_SECONDS)
+        if not summary.stopped:
+            # A renderer killed while it compared a frame this one had already written left
+            # its claim and staging folder there; nobody waits for that frame any more.
+            frames.clear_dead_claims(
+                (frames.frame_paths(self.out_dir, frame) for frame in ordered),
+                self.owner,
+                self.stale_seconds,
+            )
 
     # -- One pass -------------------------------------------------------------------------------
 

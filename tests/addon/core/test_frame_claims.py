@@ -63,12 +63,15 @@ def test_a_silent_owners_claim_is_taken_over_after_the_stale_time(tmp_path):
     assert frames.holds(claim)
 
 
-def _race(folder: str, start: float, results) -> None:
+def _race(folder: str, start: float, results, finished) -> None:
     while time.time() < start:
         time.sleep(0.001)
     owner = frames.Owner.current()
     won = [f for f in range(1, 31) if frames.try_claim(frames.frame_paths(folder, f), owner)]
     results.put((owner.token, won))
+    # Stay alive: an exited racer's claims are a dead owner's, which a slower racer (on a busy
+    # machine) would rightly take over, and the frame would count as won twice.
+    finished.wait(60)
 
 
 def test_three_renderers_racing_for_stale_claims_each_win_a_frame_once(tmp_path):
@@ -76,17 +79,17 @@ def test_three_renderers_racing_for_stale_claims_each_win_a_frame_once(tmp_path)
     for frame in range(1, 31):
         claim = frames.try_claim(paths(tmp_path, frame), frames.Owner("gone", 1, f"{frame:032x}"))
         os.utime(claim.path, (old, old))
-    results = multiprocessing.get_context("spawn").Queue()
+    context = multiprocessing.get_context("spawn")
+    results, finished = context.Queue(), context.Event()
     start = time.time() + 2.0
     procs = [
-        multiprocessing.get_context("spawn").Process(
-            target=_race, args=(str(tmp_path), start, results)
-        )
+        context.Process(target=_race, args=(str(tmp_path), start, results, finished))
         for _ in range(3)
     ]
     for proc in procs:
         proc.start()
     won = [results.get(timeout=60) for _ in procs]
+    finished.set()
     for proc in procs:
         proc.join(30)
     frames_won = sorted(f for _, fs in won for f in fs)
@@ -121,6 +124,32 @@ def test_temporary_files_are_swept_only_under_the_frames_claim(tmp_path):
     assert frames.sweep_frame(held_elsewhere, paths(tmp_path, 2)) == [
         str(tmp_path / ".frame_0002.partial-555.png")
     ]
+
+
+def test_claims_dead_renderers_left_on_finished_frames_are_cleared(tmp_path):
+    """A renderer killed while it compared a frame another one had written leaves its claim
+    and staging folder there; a renderer finishing its range clears them, and only them."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    host = frames.Owner.current().host
+    dead = frames.Owner(host, child.pid, "d" * 32)
+    silent = frames.Owner("render-node-7", 4242, "s" * 32)
+    live = frames.Owner("render-node-8", 4243, "l" * 32)
+    for frame, owner in ((1, dead), (2, silent), (3, live)):
+        finished_frame(tmp_path, frame)
+        assert frames.try_claim(paths(tmp_path, frame), owner) is not None
+        staging = tmp_path / "layout" / f".frame_000{frame}.staging-{owner.token[:12]}"
+        staging.mkdir(parents=True)
+    old = time.time() - 120
+    os.utime(frames.claim_path(paths(tmp_path, 2)), (old, old))
+    mine = frames.Owner.current()
+    every = [paths(tmp_path, frame) for frame in (1, 2, 3, 4)]
+    assert frames.clear_dead_claims(every, mine, stale_seconds=60) == [1, 2]
+    left = sorted(n for n in os.listdir(tmp_path) if n.startswith("."))
+    assert left == [".frame_0003.claim"]
+    staged = sorted(n for n in os.listdir(tmp_path / "layout") if n.startswith("."))
+    assert staged == [".frame_0003.staging-" + "l" * 12]
+    assert all(frames.frame_state(p).complete for p in every[:3])
 
 
 def test_frames_that_do_not_decode_are_damaged(tmp_path):
