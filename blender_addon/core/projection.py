@@ -284,19 +284,73 @@ def project_objects(
     return ProjectedBoxes(boxes=clipped, reasons=reasons)
 
 
+@dataclass(frozen=True)
+class SizeChange:
+    """The size a render resolution is generated at, and what changed on the way."""
+
+    requested: tuple[int, int]
+    size: tuple[int, int]
+    clamped: bool
+    """True when the size was scaled (both sides together) to fit the limits."""
+
+    @property
+    def changed(self) -> bool:
+        return self.size != self.requested
+
+    @property
+    def aspect_kept(self) -> bool:
+        """Whether the generated size shows the requested proportions to within one rounding step
+        (a side pinned at a limit by an extreme aspect cannot keep them)."""
+        (w0, h0), (w1, h1) = self.requested, self.size
+        return abs(w1 / h1 - w0 / h0) <= (w0 / h0) * 8.0 / min(w1, h1) + 1e-9
+
+    @property
+    def message(self) -> str:
+        """One line for the artist: ``1920 x 1080`` when nothing changed, else what did."""
+        (w0, h0), (w1, h1) = self.requested, self.size
+        if not self.changed:
+            return f"{w1} x {h1}"
+        if not self.clamped:
+            return f"Rounded {w0} x {h0} to {w1} x {h1} (multiples of 8)"
+        text = f"Scaled {w0} x {h0} to {w1} x {h1} to fit the engine's limits"
+        return text if self.aspect_kept else text + " (aspect not kept: too extreme)"
+
+
+def size_change(
+    width: int, height: int, multiple: int = 8, low: int = 64, high: int = 4096
+) -> SizeChange:
+    """The Layout size for a render size: both sides scaled by one factor into ``[low, high]``
+    (so the aspect is kept), then each rounded to the nearest multiple of ``multiple``.
+
+    Halves round up (100 -> 104), unlike Python's ``round``. Only an aspect more extreme than
+    ``high / low`` cannot be kept: the short side then stays at ``low``.
+    """
+    w, h = max(int(width), 1), max(int(height), 1)
+
+    def nearest(value: float) -> int:
+        return int((value + multiple / 2) // multiple) * multiple
+
+    def one(value: float) -> int:
+        return int(min(max(nearest(value), low), high))
+
+    scale = 1.0
+    if nearest(max(w, h)) > high:
+        scale = high / max(w, h)
+    elif nearest(min(w, h)) < low:
+        scale = min(low / min(w, h), high / max(w, h))
+
+    if scale == 1.0:
+        size = (one(w), one(h))
+    else:
+        size = (one(round(w * scale, 6)), one(round(h * scale, 6)))
+    return SizeChange(requested=(w, h), size=size, clamped=scale != 1.0)
+
+
 def layout_size(
     width: int, height: int, multiple: int = 8, low: int = 64, high: int = 4096
 ) -> tuple[int, int]:
-    """Round a render size to the nearest multiple of ``multiple`` within ``[low, high]``.
-
-    Halves round up (100 -> 104), unlike Python's ``round``.
-    """
-
-    def one(value: int) -> int:
-        nearest = (int(value) + multiple // 2) // multiple * multiple
-        return int(min(max(nearest, low), high))
-
-    return one(width), one(height)
+    """The Layout size for a render size (see :func:`size_change`, which also says what changed)."""
+    return size_change(width, height, multiple, low, high).size
 
 
 def square_pixel_size(camera: CameraModel, width: int, height: int) -> tuple[int, int]:

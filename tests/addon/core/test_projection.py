@@ -17,6 +17,7 @@ from blender_addon.core.projection import (
     layout_size,
     project_objects,
     projection_matrix,
+    size_change,
     square_pixel_size,
     view_plane,
     world_to_image,
@@ -472,3 +473,24 @@ def test_pure_modules_import_without_blender():
     root = __file__.rsplit("/tests/", 1)[0]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_layout_size_clamps_both_sides_together_keeping_the_aspect():
+    assert layout_size(8192, 2048) == (4096, 1024)
+    assert layout_size(7680, 4320) == (4096, 2304)
+    small = size_change(40, 30)  # scaled up to the 64 px minimum, 4:3 kept
+    assert small.size == (88, 64)
+    assert small.clamped and small.aspect_kept
+
+
+def test_size_change_says_what_changed():
+    same = size_change(1920, 1080)
+    assert not same.changed and same.message == "1920 x 1080"
+    rounded = size_change(100, 60)
+    assert rounded.size == (104, 64) and not rounded.clamped
+    assert rounded.message == "Rounded 100 x 60 to 104 x 64 (multiples of 8)"
+    scaled = size_change(8192, 2048)
+    assert scaled.message == "Scaled 8192 x 2048 to 4096 x 1024 to fit the engine's limits"
+    extreme = size_change(20, 9000)
+    assert extreme.size == (64, 4096) and not extreme.aspect_kept
+    assert extreme.message.endswith("(aspect not kept: too extreme)")
