@@ -168,6 +168,31 @@ def test_an_actor_killed_mid_frame_loses_nothing_and_a_rerun_renders_what_is_mis
         shutil.rmtree(shot.out, ignore_errors=True)
 
 
+def test_frames_that_start_from_the_one_before_get_it_as_bytes(shot, ray_cluster):
+    """With --init-previous each frame is sent once the frame before it is written, with that
+    image among its files: the Ray batch's frames are the local batch's."""
+    spec = ("--frames", "1-4", "--out", str(shot.out), "--init-previous", "0.6")
+    try:
+        proc = run_batch(shot.blend, *spec)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        local = {name: data for name, (_, data) in files_under(shot.out).items()}
+        shutil.rmtree(shot.out)
+        proc = run_batch(shot.blend, *spec, "--ray", ray_cluster.address, "--ray-workers", "2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "4 written, 0 already complete, 0 failed" in proc.stderr
+        rendered = {name: data for name, (_, data) in files_under(shot.out).items()}
+        assert sorted(rendered) == sorted(local)
+        for frame in range(1, 5):
+            png, sidecar = f"frame_{frame:04d}.png", f"frame_{frame:04d}.json"
+            assert rendered[png] == local[png], f"{png} differs from the local batch's"
+            record = comparable_sidecar(rendered[sidecar])
+            assert record == comparable_sidecar(local[sidecar])
+            if frame > 1:
+                assert record["layout"]["init_image"] == f"frame_{frame - 1:04d}.png"
+    finally:
+        shutil.rmtree(shot.out, ignore_errors=True)
+
+
 def test_ray_options_say_what_to_do(shot, tmp_path):
     # Without Ray in the renderer's Python, --ray names the extra to install.
     code = (
