@@ -401,6 +401,12 @@ class RayPool:
         pool._notices.append(
             f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {gpus} GPUs; rendering on {kind}"
         )
+        if gpus and count > gpus:
+            pool._notices.append(
+                f"{count - gpus} of the {count} workers wait for a GPU the cluster does not have "
+                f"yet; one not ready within {pool.load_seconds + pool.stall_seconds:.0f} s is "
+                "dropped"
+            )
         return pool
 
     # -- Actors -------------------------------------------------------------------------------

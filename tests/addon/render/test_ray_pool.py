@@ -117,6 +117,81 @@ def test_without_ray_the_pool_says_how_to_install_it(monkeypatch):
         RayPool.connect(None, 2)
 
 
+class FakeRay:
+    """Enough of ``ray`` for sizing a pool: a cluster of ``resources``, actors that answer
+    ``hello`` at once, and the options each actor was created with."""
+
+    class exceptions:  # noqa: N801 - mirrors ray.exceptions
+        RayError = RuntimeError
+        RayActorError = RuntimeError
+
+    def __init__(self, resources: dict):
+        self.resources = resources
+        self.created: list[dict] = []
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def cluster_resources(self) -> dict:
+        return self.resources
+
+    def remote(self, cls):
+        fake = self
+
+        class Ref:
+            value = {"event": "hello", "device": "cuda", "protocol": 1}
+
+        class Method:
+            def remote(self, *args):
+                return Ref()
+
+        class Handle:
+            hello = close = Method()
+
+        class ActorClass:
+            def options(self, **options):
+                fake.created.append(options)
+                return self
+
+            def remote(self, *args):
+                return Handle()
+
+        return ActorClass()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return list(refs), []
+
+    def get(self, ref):
+        return ref.value
+
+    def kill(self, handle):
+        pass
+
+
+def test_the_pool_has_one_actor_per_gpu_and_cpu_actors_only_without_gpus(monkeypatch):
+    fake = FakeRay({"CPU": 64.0, "GPU": 8.0})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    pool = RayPool.connect("ray://head:10001")
+    assert pool.start("shapes")["device"] == "cuda"
+    assert fake.created == [{"num_cpus": 1, "max_restarts": 0, "num_gpus": 1}] * 8
+    assert pool.capacity == 9
+    (notice,) = pool.take_notices()
+    assert notice == "Ray cluster: 64 CPUs, 8 GPUs; rendering on 8 GPU worker(s)"
+
+    pool = RayPool.connect("auto", 10)
+    assert pool.size == 10
+    assert "2 of the 10 workers wait for a GPU" in pool.take_notices()[1]
+
+    fake = FakeRay({"CPU": 2.0})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    for workers, expected in ((None, 1), (2, 2)):
+        pool = RayPool.connect(None, workers)
+        pool.start("shapes")
+        assert not pool.gpus and pool.size == expected
+        assert "CPU worker(s) (no GPUs)" in pool.take_notices()[0]
+    assert fake.created == [{"num_cpus": 1, "max_restarts": 0}] * 3
+
+
 def test_two_actors_match_a_local_engine_and_a_killed_actor_loses_no_frame(ray_cluster, tmp_path):
     """Six frames on two actors; frame 3 is slow and its actor is killed while it renders it.
     Every frame comes back once, frame 3 from another actor after one retry, and every PNG is
