@@ -17,7 +17,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError
-from engine.loading.locate import LoadOptions, default_model_spec, resolve_model
+from engine.loading.locate import LoadOptions, ModelLocation, default_model_spec, resolve_model
 from engine.wire.layout import Layout
 
 if TYPE_CHECKING:
@@ -91,11 +91,55 @@ def with_model_defaults(layout: Layout, defaults: dict[str, float]) -> Layout:
     return dataclasses.replace(layout, **missing) if missing else layout
 
 
+SDXL_NATIVE_SIZE = 1024
+"""The side SDXL models are trained at: the native size when a model's configs cannot be read."""
+
+
+def model_configs(location: ModelLocation) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The UNet's and the VAE's config of a located model, read from its folder (a single file:
+    its config folder) without loading weights; None when they cannot be read."""
+    folder = location.config if location.kind == "single_file" else location.path
+    if not folder:
+        return None
+    configs = []
+    for part in ("unet", "vae"):
+        try:
+            with open(os.path.join(folder, part, "config.json"), encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        configs.append(config)
+    return configs[0], configs[1]
+
+
+def vae_scale(vae_config: dict[str, Any]) -> int:
+    """Image pixels per latent pixel along a side (8 for SDXL)."""
+    return 2 ** (len(vae_config.get("block_out_channels") or [0, 0, 0, 0]) - 1)
+
+
+def native_size(location: ModelLocation) -> int:
+    """The side length the model was trained at: its UNet's sample size in image pixels (1024
+    for SDXL, 64 for the shipped shapes model)."""
+    configs = model_configs(location)
+    if configs is None:
+        return SDXL_NATIVE_SIZE
+    unet, vae = configs
+    sample = unet.get("sample_size")
+    if isinstance(sample, list | tuple):
+        sample = max(sample) if sample else None
+    if not isinstance(sample, int) or isinstance(sample, bool) or sample <= 0:
+        return SDXL_NATIVE_SIZE
+    return sample * vae_scale(vae)
+
+
 def describe_model(spec: str | None = None, options: LoadOptions | None = None) -> dict[str, Any]:
     """Whether a model spec is usable here, for health checks: never loads it.
 
     A usable model also says the values it chooses for Layout fields left null
-    (``layout_defaults``, see :func:`read_model_defaults`).
+    (``layout_defaults``, see :func:`read_model_defaults`) and its ``native_size``, the side
+    it was trained at (see :func:`native_size`).
     """
     spec = spec or default_model_spec()
     try:
@@ -112,4 +156,5 @@ def describe_model(spec: str | None = None, options: LoadOptions | None = None) 
         "path": location.path,
         "message": message,
         "layout_defaults": defaults,
+        "native_size": native_size(location),
     }

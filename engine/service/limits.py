@@ -23,7 +23,15 @@ from engine.errors import LimitExceededError
 from engine.prompt_length import check_prompt_tokens, prompt_fields
 from engine.wire.layout import MAX_PROMPT_TOKENS, Layout
 
-__all__ = ["TimeBudget", "check_prompt_tokens", "prompt_fields", "stop_inside_steps"]
+__all__ = [
+    "MEASURED_RATES",
+    "TimeBudget",
+    "check_prompt_tokens",
+    "measured_rate",
+    "prompt_fields",
+    "rate_key",
+    "stop_inside_steps",
+]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +166,22 @@ def step_flops(pipe: Any, layout: Layout) -> tuple[float, float]:
     return unet, c + a * p + b * p * p
 
 
+MEASURED_RATES: dict[tuple[str, str, str], float] = {}
+"""Seconds per UNet FLOP of the last generation's steps, by (UNet config key, device, dtype):
+what :mod:`engine.service.estimate` scales to other sizes."""
+
+
+def rate_key(unet_config: Any, device: str, dtype: str) -> tuple[str, str, str]:
+    """The key of :data:`MEASURED_RATES`: ``cuda:0`` counts as ``cuda``, ``torch.float16`` as
+    ``float16``."""
+    return config_key(unet_config), device.split(":")[0], dtype.removeprefix("torch.")
+
+
+def measured_rate(unet_config: Any, device: str, dtype: str) -> float | None:
+    """The measured seconds per UNet FLOP for a UNet config on a device; None before a run."""
+    return MEASURED_RATES.get(rate_key(unet_config, device, dtype))
+
+
 class TimeBudget:
     """Keeps one generation within ``max_seconds`` (0: no limit), as the module says."""
 
@@ -171,6 +195,8 @@ class TimeBudget:
         self.pipe = pipe
         self.estimate: float | None = None
         self._decode_share = 0.0
+        self._unet_flops = 0.0
+        self._rate_key: tuple[str, str, str] | None = None
 
     def check_before(self) -> float | None:
         """The lower-bound estimate of the whole run in seconds; raises LimitExceededError
@@ -184,6 +210,8 @@ class TimeBudget:
             return None
         seconds = (self.steps * unet + vae) / (speed * OPTIMISM)
         self._decode_share = vae / max(unet, 1.0)
+        self._unet_flops = unet
+        self._rate_key = rate_key(self.pipe.unet.config, device, str(self.pipe.unet.dtype))
         self.estimate = seconds
         what = f"{self.layout.width}x{self.layout.height}, {self.steps} steps"
         if self.max_seconds and seconds > self.max_seconds:
@@ -202,6 +230,10 @@ class TimeBudget:
         # The first step carries one-off warm-up; later ones are what the rest will cost.
         recent = self._step_seconds[1:] or self._step_seconds
         per_step = min(recent[-3:])
+        if self._rate_key is not None and len(self._step_seconds) >= 2:
+            # Overwritten every step: the last steps run at the Layout's size (a first pass
+            # making the reference runs smaller, before them).
+            MEASURED_RATES[self._rate_key] = per_step / max(self._unet_flops, 1.0)
         left = max(self.steps - done, 0) * per_step + self._decode_share * per_step
         total = now - self.started + left
         if self.max_seconds and done >= 2 and total > self.max_seconds:

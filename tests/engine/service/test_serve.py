@@ -58,9 +58,11 @@ def test_hello_reports_protocol_device_and_model_presence(engine, tiny_model_dir
         "path": os.path.abspath(tiny_model_dir),
         "message": found["message"],
         "layout_defaults": {"reference_fraction": 0.1},
+        "native_size": 64,
     }
     shapes = engine.request({"op": "hello", "id": "h4", "model": "shapes"})["model"]
     assert shapes["layout_defaults"] == {"reference_fraction": 0.4}
+    assert shapes["native_size"] == 64
     missing = str(tmp_path / "no-such-model")
     report = engine.request({"op": "hello", "id": "h3", "model": missing})["model"]
     assert report["found"] is False and report["path"] is None
