@@ -266,3 +266,31 @@ def test_an_engine_that_cannot_start_stops_the_pool_with_its_reason(ray_cluster,
         pool.close()
     assert caught.value.code == "not_installed"
     assert "Install the engine on every Ray node" in caught.value.message
+
+
+def test_an_engine_that_dies_inside_a_live_actor_is_restarted_and_its_frame_retried(ray_cluster):
+    import signal
+
+    pool = RayPool(ray_cluster.ray, 1, gpus=False, engine_python=sys.executable)
+    try:
+        pool.start("shapes")
+        pool.submit(FrameTask(1, *pack_layout(shapes_layout(1)), model="shapes"))
+        first = pool.next_result()
+        assert first.ok and first.engine_pid
+        pool.submit(FrameTask(2, *pack_layout(shapes_layout(2, steps=60)), model="shapes"))
+        deadline = time.monotonic() + 120
+        while not any(seconds > 1.0 for _, _, seconds, _ in pool.busy()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(first.engine_pid, signal.SIGKILL)
+        second = pool.next_result()
+        notices = pool.take_notices()
+    finally:
+        pool.close()
+    assert second.frame == 2 and second.ok and second.retries == 1
+    assert second.engine_pid != first.engine_pid and second.worker == first.worker
+    assert any(
+        text.startswith("frame 2: The engine stopped unexpectedly")
+        and "its engine restarts and the frame is sent again (retry 1 of 2)" in text
+        for text in notices
+    ), notices
