@@ -12,7 +12,7 @@ The client multiplies it out for any size and step count without asking again:
   a lower bound: convolutions and attention rarely reach it). ``step_seconds`` is what one step
   at the native size then takes.
 
-:func:`estimate_seconds` is the formula both sides use.
+:func:`engine.wire.cost.estimate_seconds` is the formula both sides use.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from engine.loading.defaults import model_configs, native_size, vae_scale
 from engine.loading.device import dtype_name, pick_device, pick_dtype
 from engine.loading.locate import LoadOptions, ModelLocation
 from engine.service.limits import config_key, device_flops_per_second, fitted_flops, measured_rate
+from engine.wire.cost import estimate_seconds
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,3 @@ def model_cost(location: ModelLocation, options: LoadOptions | None = None) -> d
     }
     cost["step_seconds"] = estimate_seconds(cost, native, native, 1, decode=False)
     return cost
-
-
-def estimate_seconds(
-    cost: dict[str, Any], width: int, height: int, steps: int, decode: bool = True
-) -> float:
-    """Seconds ``steps`` guided steps (and the decode) take at ``width`` x ``height``."""
-    factor = int(cost["latent_factor"])
-    p = float((width // factor) * (height // factor))
-
-    def flops(coefficients: list[float]) -> float:
-        c, a, b = coefficients
-        return c + a * p + b * p * p
-
-    total = steps * flops(cost["unet_flops"]) + (flops(cost["vae_flops"]) if decode else 0.0)
-    return total * float(cost["seconds_per_flop"])
