@@ -8,6 +8,14 @@ animation renderer, and in tests without bpy.
 ``job = client.generate(...)`` returns at once; a reader thread fills each job's event queue,
 so a UI timer polls ``job.poll()`` without waiting on the pipe, and a batch blocks on
 ``job.wait()`` or iterates the job.
+
+Instead of ``<python> -m engine serve`` the client can start any **engine command** that runs
+``engine serve`` and carries its stdin/stdout, e.g. ``ssh gpu-box /opt/ld/.venv/bin/python -m
+engine serve``: SSH carries the bytes, the engine binds no port. Such an engine does not see
+this machine's files, so the client sends the Layout's images inside the request and gets the
+PNG back inside the ``result`` event (protocol 2), then writes it atomically where a local
+engine would have. It does the same for a local engine whose ``hello`` probe shows that it does
+not see the client's files.
 """
 
 from __future__ import annotations
@@ -19,13 +27,26 @@ import json
 import os
 import queue
 import re
+import secrets
+import shlex
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..wire.protocol import PROGRESS_EVENTS
+from ..wire.files import atomic_open
+from ..wire.inline import InlineFileError, decode_file, encode_file, named_files
+from ..wire.protocol import (
+    INLINE_RESULT,
+    LIMIT_EXCEEDED,
+    MAX_INLINE_FILE_BYTES,
+    MAX_INLINE_REQUEST_BYTES,
+    OUTPUT_FAILED,
+    PROGRESS_EVENTS,
+    PROTOCOL_VERSION,
+)
 
 SERVE_ARGS: tuple[str, ...] = ("-m", "engine", "serve")
 """Arguments that start the engine's line-protocol server."""
@@ -36,6 +57,10 @@ ENGINE_GONE = "engine_crashed"
 NOT_INSTALLED = "not_installed"
 TIMEOUT = "timeout"
 BAD_REQUEST = "bad_request"
+RESULT_DAMAGED = "result_damaged"
+"""The PNG sent back inline did not match its size or SHA-256."""
+MAX_RESULT_BYTES = 1 << 30
+"""Bytes of a PNG sent back inline that the client accepts (a 4096x4096 RGB PNG is far less)."""
 
 # Terminal control sequences (colours, cursor moves) that progress bars write to stderr.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
@@ -47,6 +72,32 @@ def clean_log_line(line: str) -> str:
     line = line.rstrip("\r\n")
     line = line.rsplit("\r", 1)[-1] if "\r" in line.strip("\r") else line.strip("\r")
     return _ESCAPES.sub("", line)
+
+
+def parse_command(text: str) -> list[str]:
+    """An engine command line split into its arguments as a shell would (quotes kept together).
+
+    On Windows backslashes stay as they are (paths), and quotes around an argument are removed.
+    Raises ValueError (unbalanced quotes) with what to fix.
+    """
+    try:
+        if sys.platform == "win32":
+            return [_unquote(part) for part in shlex.split(text, posix=False)]
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"the engine command {text!r} cannot be read: {exc}") from None
+
+
+def _size(count: int) -> str:
+    if count >= 1_000_000:
+        return f"{count / 1e6:.1f} MB"
+    return f"{count / 1e3:.1f} kB" if count >= 1000 else f"{count} bytes"
+
+
+def _unquote(part: str) -> str:
+    if len(part) >= 2 and part[0] == part[-1] and part[0] in "\"'":
+        return part[1:-1]
+    return part
 
 
 class EngineError(RuntimeError):
@@ -79,6 +130,8 @@ class Job:
         self._done = threading.Event()
         self._deliver_lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None  # the process that owes the answer
+        self.out: str | None = None
+        """Where an inline result PNG is written (generates sent with inline files)."""
 
     def _deliver(self, event: dict[str, Any]) -> None:
         # The reader thread and a crash report (another thread) may race to end a job.
@@ -135,9 +188,11 @@ class Job:
 class EngineClient:
     """A warm engine child process and the requests sent to it.
 
-    ``python`` is the interpreter that has the engine installed. The process starts on
-    :meth:`start` (or the first request) and stays up between requests so the model stays
-    loaded; :meth:`restart` replaces a dead one.
+    ``python`` is the interpreter that has the engine installed; ``command`` (a command line or
+    its arguments), when given, is started instead of ``python -m engine serve``: any command
+    that runs ``engine serve`` and carries its stdin/stdout (``ssh host .../python -m engine
+    serve``). The process starts on :meth:`start` (or the first request) and stays up between
+    requests so the model stays loaded; a request after it died starts it again.
     """
 
     def __init__(
@@ -148,8 +203,18 @@ class EngineClient:
         cwd: str | None = None,
         stderr_lines: int = 200,
         fix: str = NOT_INSTALLED_HINT,
+        command: str | Sequence[str] | None = None,
     ):
         self.python = python
+        self.command: tuple[str, ...] = tuple(
+            parse_command(command) if isinstance(command, str) else command or ()
+        )
+        self.shares_files: bool | None = None
+        """Whether the engine reads this machine's files at their paths: from the last
+        ``hello`` probe; None before one (a local engine is then taken to share them)."""
+        self.limits: dict[str, Any] = {}
+        """The engine's limits from its last ``hello``."""
+        self._probe: tuple[str, str] | None = None
         self.fix = fix
         """What to do when the engine cannot start, in the words of where this client runs: the
         preferences in Blender, ``--engine-python`` in the batch command."""
@@ -179,15 +244,30 @@ class EngineClient:
         """The engine process id, or None before start."""
         return self._proc.pid if self._proc else None
 
+    @property
+    def inline_files(self) -> bool:
+        """True when generates carry their files inline and get the PNG back inline: always
+        for an engine command, and for an engine whose probe showed it does not see our files."""
+        return bool(self.command) or self.shares_files is False
+
+    def describe(self) -> str:
+        """The engine command line, or the interpreter, for messages."""
+        return shlex.join(self.command) if self.command else self.python
+
     def start(self) -> EngineClient:
         """Start the engine process if it is not running. Raises EngineError(not_installed)."""
         if self.alive:
             return self
+        if self.command:
+            return self._launch(list(self.command))
         if not self.python or not os.path.isfile(self.python):
             raise EngineError(
                 NOT_INSTALLED,
                 f"The engine's Python interpreter {self.python!r} does not exist. " + self.fix,
             )
+        return self._launch([self.python, *self.args])
+
+    def _launch(self, argv: list[str]) -> EngineClient:
         env = dict(os.environ if self.env is None else self.env)
         # Line-buffered pipes both ways; the engine's progress must not sit in a buffer.
         env["PYTHONUNBUFFERED"] = "1"
@@ -198,7 +278,7 @@ class EngineClient:
         flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
         try:
             proc = subprocess.Popen(
-                [self.python, *self.args],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -211,6 +291,13 @@ class EngineClient:
                 creationflags=flags,
             )
         except OSError as exc:
+            if self.command:
+                raise EngineError(
+                    NOT_INSTALLED,
+                    f"Cannot run the engine command {self.describe()!r}: {argv[0]!r}: "
+                    f"{exc.strerror}. Check the Engine Command (the program must be installed "
+                    "here, e.g. ssh).",
+                ) from None
             raise EngineError(
                 NOT_INSTALLED,
                 f"Cannot start the engine with {self.python!r}: {exc.strerror}. " + self.fix,
@@ -260,6 +347,10 @@ class EngineClient:
                     stream.close()
         self._fail_pending(proc)
         self._proc = None
+        if self._probe is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self._probe[0])
+            self._probe = None
 
     def kill(self) -> None:
         """Kill the engine process at once (what a crash looks like to the client)."""
@@ -281,6 +372,9 @@ class EngineClient:
 
     def request(self, op: str, **fields: Any) -> Job:
         """Send ``{"op": op, "id": ..., **fields}`` and return its Job (starting the engine)."""
+        return self._send(op, fields)
+
+    def _send(self, op: str, fields: dict[str, Any], out: str | None = None) -> Job:
         request_id = self._next_id()
         try:
             line = json.dumps({"op": op, "id": request_id, **fields}, allow_nan=False)
@@ -294,6 +388,7 @@ class EngineClient:
         self.start()
         job = Job(self, request_id, op)
         job._proc = self._proc
+        job.out = out
         with self._lock:
             self._jobs[job.id] = job
         try:
@@ -314,11 +409,36 @@ class EngineClient:
         ``options`` (e.g. ``{"controlnet": spec}``) are checked as a generate would use them:
         the reply's ``conditions`` say whether each is available and why not. Blocking. Raises
         EngineError if the engine cannot start or answers with an error.
+
+        It also asks whether the engine sees this machine's files (a probe file with a random
+        token); :attr:`shares_files` and :attr:`limits` keep the answer.
         """
         fields: dict[str, Any] = {"model": model} if model else {}
         if options:
             fields["options"] = options
-        return self._final(self.request("hello", **fields), timeout)
+        probe = self._probe_file()
+        if probe is not None:
+            fields["probe"] = {"path": probe[0], "token": probe[1]}
+        reply = self._final(self.request("hello", **fields), timeout)
+        if isinstance(reply.get("shares_files"), bool):
+            self.shares_files = reply["shares_files"]
+        if isinstance(reply.get("limits"), dict):
+            self.limits = reply["limits"]
+        return reply
+
+    def _probe_file(self) -> tuple[str, str] | None:
+        """The probe file (path, token) in this machine's temporary folder, written once."""
+        if self._probe is not None and os.path.isfile(self._probe[0]):
+            return self._probe
+        token = secrets.token_hex(16)
+        try:
+            fd, path = tempfile.mkstemp(prefix="ld-probe-", suffix=".txt")
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(token)
+        except OSError:
+            return None  # nothing to probe with: the engine is taken to share files
+        self._probe = (os.path.abspath(path), token)
+        return self._probe
 
     def generate(
         self,
@@ -330,14 +450,56 @@ class EngineClient:
         """Start generating ``layout`` (an inline Layout dict, absolute mask paths) into ``out``.
 
         ``options`` override the engine's start-up options for this request (``controlnet``,
-        ``ip_adapter``, ...; None values turn one off).
+        ``ip_adapter``, ...; None values turn one off). With :attr:`inline_files` the Layout's
+        images travel inside the request and the PNG comes back inside the result, written to
+        ``out`` here; the result event's ``path`` is ``out`` either way. Raises EngineError
+        (``limit_exceeded``, ``bad_request``) when the images cannot be sent inline.
         """
-        fields: dict[str, Any] = {"layout": layout, "out": os.path.abspath(out)}
+        out = os.path.abspath(out)
+        fields: dict[str, Any] = {"layout": layout}
         if model:
             fields["model"] = model
         if options:
             fields["options"] = options
-        return self.request("generate", **fields)
+        if not self.inline_files:
+            return self.request("generate", out=out, **fields)
+        fields.update(protocol=PROTOCOL_VERSION, files=self.pack_files(layout))
+        fields["result"] = INLINE_RESULT
+        return self._send("generate", fields, out=out)
+
+    def pack_files(self, layout: dict[str, Any]) -> list[dict[str, Any]]:
+        """The inline ``files`` entries for every image ``layout`` names that exists here,
+        checked against the engine's inline limits. Raises EngineError saying what to do."""
+        file_limit = int(self.limits.get("inline_file_bytes") or MAX_INLINE_FILE_BYTES)
+        request_limit = int(self.limits.get("inline_request_bytes") or MAX_INLINE_REQUEST_BYTES)
+        files, total = [], 0
+        for path in named_files(layout):
+            if not os.path.isfile(path):
+                continue  # the engine says which field names a missing file
+            size = os.path.getsize(path)
+            if size > file_limit:
+                raise EngineError(
+                    LIMIT_EXCEEDED,
+                    f"{path} is {_size(size)}; the engine ({self.describe()}) takes files "
+                    f"of at most {_size(file_limit)} with a request. Use a smaller image "
+                    "(lower resolution, 8-bit depth), or an engine on this machine.",
+                )
+            total += size
+            if total > request_limit:
+                raise EngineError(
+                    LIMIT_EXCEEDED,
+                    f"The Layout's images add up to more than {_size(request_limit)}, the "
+                    f"most one request to the engine ({self.describe()}) may carry. Use fewer or "
+                    "smaller images (object images, depth, reference).",
+                )
+            try:
+                with open(path, "rb") as handle:
+                    files.append({"path": path, **encode_file(handle.read())})
+            except OSError as exc:
+                raise EngineError(
+                    BAD_REQUEST, f"Cannot read {path} to send it: {exc.strerror or exc}."
+                ) from None
+        return files
 
     def cancel(self, target: str) -> None:
         """Ask the engine to stop request ``target``; answered on the target job (cancelled)."""
@@ -407,6 +569,8 @@ class EngineClient:
                 job = self._jobs.get(str(event.get("id")))
             if job is None:
                 continue
+            if job.out is not None and event.get("event") == "result":
+                event = self._land_result(event, job.out)
             job._deliver(event)
             if job.done:
                 with self._lock:
@@ -415,6 +579,32 @@ class EngineClient:
         proc.wait()
         stderr_reader.join(2.0)
         self._fail_pending(proc, tail)
+
+    def _land_result(self, event: dict[str, Any], out: str) -> dict[str, Any]:
+        """Write a result's inline PNG to ``out`` atomically, after checking its size and
+        SHA-256; the event with ``path`` set to ``out``, or an error event."""
+        try:
+            data = decode_file(event.get("png"), MAX_RESULT_BYTES, "the result's png")
+            with atomic_open(out, "wb") as handle:
+                handle.write(data)
+        except InlineFileError as exc:
+            return {
+                "id": event.get("id"),
+                "event": "error",
+                "code": RESULT_DAMAGED,
+                "message": f"The image the engine sent back is damaged ({exc}). Generate again.",
+            }
+        except OSError as exc:
+            return {
+                "id": event.get("id"),
+                "event": "error",
+                "code": OUTPUT_FAILED,
+                "message": f"Cannot write {out}: {exc.strerror or exc}; choose a folder you can "
+                "write to.",
+            }
+        landed = {key: value for key, value in event.items() if key != "png"}
+        landed["path"] = out
+        return landed
 
     def _read_stderr(self, proc: subprocess.Popen[str], tail: collections.deque[str]) -> None:
         assert proc.stderr is not None
@@ -444,13 +634,28 @@ class EngineClient:
     ) -> EngineError:
         tail = "\n".join(list(lines)[-8:])
         code = proc.poll() if proc is not None else None
+        detail = f" Last engine output:\n{tail}" if tail else ""
+        if self.command:
+            if "No module named" in tail and "engine" in tail:
+                return EngineError(
+                    NOT_INSTALLED,
+                    f"The engine command {self.describe()!r} runs a Python without the engine: "
+                    "install the engine there, or fix the Engine Command.",
+                    tail,
+                )
+            return EngineError(
+                ENGINE_GONE,
+                f"The connection to the engine ended (exit code {code} from "
+                f"{self.describe()!r}): the network dropped or the engine stopped. It starts "
+                f"again on the next request.{detail}",
+                tail,
+            )
         if "No module named" in tail and "engine" in tail:
             return EngineError(
                 NOT_INSTALLED,
                 f"The engine is not installed in {self.python!r}. " + self.fix,
                 tail,
             )
-        detail = f" Last engine output:\n{tail}" if tail else ""
         return EngineError(
             ENGINE_GONE,
             f"The engine stopped unexpectedly (exit code {code}); it restarts on the next "

@@ -25,6 +25,7 @@ from .engine_client import (
     NOT_INSTALLED_HINT,
     EngineClient,
     EngineError,
+    parse_command,
 )
 from .torch_choice import TorchChoice, choose_torch, probe_machine
 
@@ -78,25 +79,37 @@ def resolve_python(setting: str) -> str:
 # -- The warm client -----------------------------------------------------------------------------
 
 
-def get_client(python_setting: str) -> EngineClient:
-    """The shared engine client for this interpreter, started; a dead process is restarted.
+def get_client(python_setting: str, command_setting: str = "") -> EngineClient:
+    """The shared engine client, started; a dead process is restarted.
 
-    Raises EngineError(not_installed) with what to do when the interpreter is missing.
+    ``command_setting`` (the Engine Command preference), when set, is the command line started
+    instead of ``<python> -m engine serve``, e.g. ``ssh gpu-box /opt/ld/.venv/bin/python -m
+    engine serve``; it is split as a shell would. Raises EngineError(not_installed) with what to
+    do when neither is usable.
     """
     global _client
-    python = resolve_python(python_setting)
-    if not python:
-        raise EngineError(
-            NOT_INSTALLED, "No Python interpreter is set for the engine. " + NOT_INSTALLED_HINT
-        )
+    command: tuple[str, ...] = ()
+    if command_setting.strip():
+        try:
+            command = tuple(parse_command(command_setting.strip()))
+        except ValueError as exc:
+            raise EngineError(NOT_INSTALLED, f"{exc}; fix the Engine Command.") from None
+        python = ""
+    else:
+        python = resolve_python(python_setting)
+        if not python:
+            raise EngineError(
+                NOT_INSTALLED,
+                "No Python interpreter is set for the engine. " + NOT_INSTALLED_HINT,
+            )
     with _client_lock:
-        if _client is not None and _client.python != python:
+        if _client is not None and (_client.python, _client.command) != (python, command):
             _client.close()
             _client = None
-            forget_hello()  # another interpreter: what the old engine offered no longer holds
+            forget_hello()  # another engine: what the old one offered no longer holds
         if _client is None:
             # In a checkout the engine package is importable from the root even if not installed.
-            _client = EngineClient(python, cwd=checkout_root())
+            _client = EngineClient(python, cwd=checkout_root(), command=command)
         _client.start()
         return _client
 
@@ -417,16 +430,23 @@ class HealthCheckTask(Task):
     """Start (or reuse) the engine and ask ``hello`` with the model and the conditions' options,
     off the UI thread. The reply is remembered for :func:`condition_state`."""
 
-    def __init__(self, python_setting: str, model: str, options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        python_setting: str,
+        model: str,
+        options: dict[str, Any] | None = None,
+        command_setting: str = "",
+    ):
         super().__init__("Engine health check")
         self.python_setting = python_setting
+        self.command_setting = command_setting
         self.model = model
         self.options = options
 
     def work(self) -> dict[str, Any]:
         global _last_hello
         self.status = "starting the engine"
-        client = get_client(self.python_setting)
+        client = get_client(self.python_setting, self.command_setting)
         self.status = "asking the engine"
         reply = client.hello(model=self.model or None, options=self.options)
         _last_hello = reply
@@ -502,4 +522,9 @@ def describe_hello(reply: dict[str, Any]) -> list[str]:
             lines.append(f"{label}: available ({state.get('message') or state.get('spec')})")
         else:
             lines.append(f"{label}: unavailable: {state.get('message') or 'no reason given'}")
+    shares = reply.get("shares_files")
+    if shares is True:
+        lines.append("Files: the engine reads Blender's files where they are")
+    elif shares is False:
+        lines.append("Files: sent with each request (the engine does not see this machine's)")
     return lines

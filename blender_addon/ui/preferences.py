@@ -37,6 +37,13 @@ def engine_python(context=None) -> str:
     return prefs.python if prefs else engine_session.default_python()
 
 
+def engine_command(context=None) -> str:
+    """The Engine Command setting: a command line started instead of the Engine Python's
+    ``-m engine serve`` (e.g. over SSH); empty when unset."""
+    prefs = get_preferences(context)
+    return prefs.engine_command.strip() if prefs else ""
+
+
 def default_venv_dir() -> str:
     """Where Set up engine creates the engine's virtual environment."""
     try:
@@ -81,6 +88,16 @@ class LayoutDiffusionPreferences(bpy.types.AddonPreferences):
         subtype="FILE_PATH",
         default=engine_session.default_python(),
     )
+    engine_command: StringProperty(
+        name="Engine Command",
+        description=(
+            "A command line that starts the engine elsewhere and carries its input and output, "
+            "used instead of Engine Python, e.g. ssh gpu-box /opt/ld/.venv/bin/python -m engine "
+            "serve (split like a shell; quote paths with spaces). Images go with each request "
+            "and come back inline; empty: run the engine here with Engine Python"
+        ),
+        default="",
+    )
     engine_source: StringProperty(
         name="Engine Source",
         description=(
@@ -114,6 +131,12 @@ class LayoutDiffusionPreferences(bpy.types.AddonPreferences):
     def draw(self, context) -> None:
         layout = self.layout
         layout.prop(self, "python")
+        layout.prop(self, "engine_command")
+        if self.engine_command.strip():
+            layout.label(
+                text="The Engine Command runs the engine; Engine Python is not used",
+                icon="INFO",
+            )
         box = layout.box()
         box.label(text="Set up engine: a Python environment with torch and the engine")
         box.prop(self, "engine_source")
@@ -260,7 +283,7 @@ class LAYOUT_DIFFUSION_OT_check_engine(bpy.types.Operator):
         # The scene's ControlNet and IP-Adapter go along, so the reply says whether they exist.
         options = request.engine_options(settings, model_spec) if settings else None
         task = _tasks["check"] = engine_session.HealthCheckTask(
-            engine_python(context), model, options
+            engine_python(context), model, options, engine_command(context)
         )
         task.start()
         if bpy.app.background:

@@ -18,7 +18,7 @@ import inspect
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.conditions.depth import depth_unavailable
@@ -152,6 +152,24 @@ def _is_png_file(path: str) -> bool:
         return False
 
 
+def renamed_files(layout: Layout, names: dict[str, str]) -> Layout:
+    """``layout`` with each image path found in ``names`` replaced by its name there."""
+    if not names:
+        return layout
+
+    def rename(path: str | None) -> str | None:
+        return names.get(path, path) if path is not None else None
+
+    regions = [replace(r, mask=rename(r.mask), image=rename(r.image)) for r in layout.regions]
+    return replace(
+        layout,
+        depth=rename(layout.depth),
+        reference=rename(layout.reference),
+        init_image=rename(layout.init_image),
+        regions=regions,
+    )
+
+
 def conditions_used(pipe: RegionalSDXLPipeline, layout: Layout) -> dict[str, Any]:
     """Which optional conditions act on ``layout`` with ``pipe``, for results and provenance.
 
@@ -202,6 +220,7 @@ def run_generation(
     should_stop: Callable[[], bool] | None = None,
     max_seconds: float = 0.0,
     make_folders: bool = True,
+    recorded_paths: dict[str, str] | None = None,
 ) -> GenerationResult:
     """Generate ``layout`` with ``pipe`` and write it to ``out`` (PNG with provenance).
 
@@ -212,7 +231,9 @@ def run_generation(
     the run stops with CancelledError and no file is written. Prompts longer than the model's
     token window are refused (LimitError); with ``max_seconds``, so is a run estimated to take
     longer (LimitExceededError, before the first step or once the measured steps show it).
-    ``make_folders``: create ``out``'s folder if missing.
+    ``make_folders``: create ``out``'s folder if missing. ``recorded_paths`` maps image paths
+    of ``layout`` to the names its provenance records instead (files sent inline: the client's
+    own paths, so the PNG is the one a local engine writes).
     """
     check_layout_files(layout)
     # Provenance records the values actually used, model-chosen ones included.
@@ -264,7 +285,7 @@ def run_generation(
         path = save_png(
             image,
             out,
-            layout,
+            renamed_files(layout, recorded_paths or {}),
             model,
             sampler_name(pipe.scheduler),
             conditions=conditions,

@@ -13,7 +13,7 @@ and flushed one at a time.
 Requests:
 
 ``{"op": "hello", "id": 1, "model": "shapes"}``
-    Answers ``{"id": 1, "event": "hello", "protocol": 1, "engine_version": "0.1.0",
+    Answers ``{"id": 1, "event": "hello", "protocol": 2, "engine_version": "0.1.0",
     "device": "cuda", "dtype": "float16", "capabilities": ["attention", "cancel", ...],
     "default_model": "shapes", "loaded_model": null, "conditions": {...}, "limits": {...}}``.
     ``limits`` names every limit the engine enforces with its value (see Limits below).
@@ -25,7 +25,19 @@ Requests:
     machine, without loading it:
     ``"model": {"spec": "shapes", "found": true, "path": "/...", "message": "...",
     "layout_defaults": {"reference_fraction": 0.4}}`` (the values the model chooses for Layout
-    fields left null).
+    fields left null). With ``probe`` (protocol 2, optional): ``{"path": "/abs/file", "token":
+    "..."}``, a file the client wrote holding the token (16-256 bytes); ``shares_files`` then says
+    whether the engine read that token there (true: it sees the client's files at the client's
+    paths), else it is null. ``model`` also says the model's ``native_size`` (the side it was
+    trained at). With ``"cost": true`` (optional) the reply's ``cost`` tells what generating
+    with that model (default: the next generate's) costs on this device, without loading it:
+    ``{"spec", "available": true, "native_size": 1024, "latent_factor": 8, "unet_flops": [c, a,
+    b], "vae_flops": [c, a, b], "seconds_per_flop": ..., "source": "measured" |
+    "device_speed", "step_seconds": ..., "device", "dtype"}``: one guided step costs
+    ``c + a*p + b*p*p`` FLOPs for ``p`` latent pixels (the decode likewise), at
+    ``seconds_per_flop`` measured on the last generation with this UNet here, else from the
+    device's matrix-multiply speed (a lower bound); ``step_seconds`` is one step at the native
+    size (``engine.service.estimate``). ``{"available": false, "message": ...}`` when unknown.
 
 ``{"op": "generate", "id": "r1", "layout": {...}, "out": "/abs/out.png", "model": "shapes"}``
     ``layout`` is an inline Layout (``engine.wire.layout``; mask and depth paths absolute), ``out``
@@ -41,7 +53,17 @@ Requests:
     reference from the regions' prompts and boxes when ``reference_scale`` is above 0 and the Layout has
     no ``reference`` (otherwise a half-size first pass of the model makes it). Changing any of
     them keeps the base model loaded. The request is validated when it arrives (Layout, image
-    files, model presence) and errors come back at once. Events, in order:
+    files, model presence) and errors come back at once.
+
+    Protocol 2 adds inline files, for an engine that does not share the client's files (one
+    reached over SSH). ``files``: a list of ``{"path", "data", "bytes", "sha256"}``, each the
+    content of an image the Layout names by ``path`` (exactly as written there), as base64 with
+    its size and SHA-256. The engine decodes them into a private temporary folder for this
+    request, checks them like files it reads, records the client's paths in the PNG's
+    provenance, and removes the folder when the generate ends. Paths not sent inline are read
+    on the engine's machine. ``"result": "inline"`` (then without ``out``): the PNG comes back
+    in the ``result`` event as ``"png": {"data", "bytes", "sha256"}`` with ``"path": null``,
+    never through a shared path. Both sides check the size and digest. Events, in order:
 
     - ``{"id": "r1", "event": "queued", "position": 1}`` only if another generate is ahead;
     - ``{"id": "r1", "event": "loading", "model": "shapes", "path": "/..."}`` only if the model
@@ -76,7 +98,9 @@ Requests:
 ``{"op": "shutdown", "id": 7}``
     Cancels running and queued generates (each gets ``cancelled``), answers
     ``{"id": 7, "event": "ack", "op": "shutdown"}`` and exits with status 0. End of input on
-    stdin also exits with 0, after finishing the generates already queued.
+    stdin also exits with 0, after finishing the generates already queued. When replies can no
+    longer be written (stdout closed: the client or its SSH connection died), the running
+    generate stops within one block and the queued ones are dropped.
 
 Generates run one at a time, in the order received; up to 4 (``QUEUE_LIMIT``) may wait behind
 the running one, more are refused with ``busy``. Every generate ends with exactly one of
@@ -96,10 +120,12 @@ found near its start, if any), ``json_depth`` (nesting), ``id_chars``, ``queue``
 (``image_side``, ``regions``, ``steps``, ``prompt_chars``, ``path_chars``, ``name_chars``,
 ``input_pixels``: pixels of any image file a Layout names, read from its header, and
 ``prompt_tokens``: a prompt longer than the model's token window is refused, never cut), and
-``generate_seconds`` (``--max-seconds``): a generate whose estimated time on this device
-exceeds it is refused before its first step (the estimate counts the model's operations at the
-requested size against the device's measured speed) or stopped after a step once the measured
-step time shows it would; ``progress`` events then carry ``seconds_left``, the estimate.
+``inline_file_bytes`` and ``inline_request_bytes`` (decoded bytes of one file sent inline, and
+of all of one generate's together), ``generate_seconds`` (``--max-seconds``): a generate whose
+estimated time on this device exceeds it is refused before its first step (the estimate counts
+the model's operations at the requested size against the device's measured speed) or stopped
+after a step once the measured step time shows it would; ``progress`` events then carry
+``seconds_left``, the estimate.
 Non-finite numbers (``NaN``, ``Infinity``, ``1e999``) and text with unpaired surrogates are
 refused wherever they appear (``bad_layout`` inside ``layout``, else ``bad_request``).
 
@@ -128,7 +154,10 @@ import logging
 import math
 import os
 import re
+import shutil
+import stat
 import sys
+import tempfile
 import threading
 import traceback
 from collections.abc import Sequence
@@ -154,12 +183,14 @@ from engine.loading.locate import (
     describe_conditions,
     resolve_model,
 )
+from engine.service.estimate import model_cost
 from engine.service.generate import (
     check_layout_files,
     check_output_path,
     prepare_output_folder,
     run_generation,
 )
+from engine.wire.inline import InlineFileError, decode_file, encode_file, image_holders, named_files
 from engine.wire.layout import (
     LIMITS,
     MAX_JSON_DEPTH,
@@ -172,8 +203,12 @@ from engine.wire.layout import (
 )
 from engine.wire.protocol import (
     DEFAULT_MAX_SECONDS,
+    INLINE_RESULT,
     MAX_ID_CHARS,
+    MAX_INLINE_FILE_BYTES,
+    MAX_INLINE_REQUEST_BYTES,
     MAX_LINE_CHARS,
+    MAX_PROBE_BYTES,
     NULLABLE_OPTIONS,
     OPTION_TYPES,
     PROTOCOL_VERSION,
@@ -197,6 +232,17 @@ class _Job:
     options: LoadOptions | None = None
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     max_seconds: float = 0.0
+    folder: str | None = None
+    """The request's private temporary folder (inline files, inline result); removed after."""
+    names: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Each inline file's path in ``folder`` -> the path the client named it by."""
+    inline_result: bool = False
+
+    def discard(self) -> None:
+        """Remove the request's temporary folder, if it has one."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 class Server:
@@ -258,9 +304,26 @@ class Server:
             try:
                 self._out.write(line + "\n")
                 self._out.flush()
+                return
             except (BrokenPipeError, ValueError):
-                # The client went away; the reader sees end of input and shuts down.
                 pass
+        self._client_gone()
+
+    def _client_gone(self) -> None:
+        """Nobody reads the replies any more (the client or its SSH connection died): stop the
+        running generate and drop the queued ones rather than compute images no one receives.
+        The reader then sees end of input and the process exits."""
+        with self._cond:
+            if self._stopping and not self._jobs and self._running is None:
+                return
+            log.warning("the client stopped reading replies: dropping the work in flight")
+            self._stopping = True
+            if self._running is not None:
+                self._running.cancel.set()
+            for job in self._jobs:
+                job.discard()
+            self._jobs.clear()
+            self._cond.notify_all()
 
     def _error(self, request_id: Any, exc: BaseException) -> None:
         self.send(self._error_message(request_id, exc))
@@ -333,8 +396,8 @@ class Server:
                 "limit": "line_chars",
                 "max": self._max_line_chars,
                 "message": f"request line of {length} characters is longer than the limit of "
-                f"{self._max_line_chars}; it was skipped. Send images as files and paths, not "
-                "inline",
+                f"{self._max_line_chars}; it was skipped. Send smaller images inline, or run "
+                "the engine where it can read the files by path",
             }
         )
 
@@ -394,6 +457,13 @@ class Server:
         if "id" not in request or request["id"] is None or not _valid_id(request["id"]):
             raise BadRequestError("request needs an 'id' (a string or a finite number)", "id")
         check_request_values(request)
+        wanted = request.get("protocol", 1)
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > PROTOCOL_VERSION:
+            raise BadRequestError(
+                f"this engine speaks protocol {PROTOCOL_VERSION}, the request needs {wanted}: "
+                "update the engine (the same version as the add-on)",
+                "protocol",
+            )
         op = request.get("op")
         handler = (
             {
@@ -443,8 +513,20 @@ class Server:
         if "model" in request:
             spec = _optional_str(request, "model")
             reply["model"] = describe_model(spec or self._default_model, options)
+        reply["shares_files"] = _probe(request["probe"]) if "probe" in request else None
+        if request.get("cost") is True:
+            reply["cost"] = self._cost(_optional_str(request, "model"), options)
         self.send(reply)
         return True
+
+    def _cost(self, spec: str | None, options: LoadOptions) -> dict[str, Any]:
+        """``hello``'s ``cost`` for model ``spec`` (default: the next generate's model)."""
+        spec = spec or self._last_model or self._default_model
+        try:
+            location = resolve_model(spec, options)
+        except EngineError as exc:
+            return {"available": False, "spec": spec, "message": str(exc)}
+        return {"spec": spec, **model_cost(location, options)}
 
     def limits(self) -> dict[str, float]:
         """Every limit this engine enforces, by name (``hello``'s ``limits``)."""
@@ -454,13 +536,42 @@ class Server:
             "id_chars": MAX_ID_CHARS,
             "queue": QUEUE_LIMIT,
             "generate_seconds": self._max_seconds,
+            "inline_file_bytes": MAX_INLINE_FILE_BYTES,
+            "inline_request_bytes": MAX_INLINE_REQUEST_BYTES,
         }
 
     def _generate(self, request: dict) -> bool:
-        out = check_output_path(request.get("out"), self._out_roots)
+        inline_result = _result_mode(request)
+        if inline_result:
+            if "out" in request:
+                raise BadRequestError(
+                    "'out' names a path on the engine's machine; with result 'inline' the PNG "
+                    "comes back in the result event: leave 'out' out",
+                    "out",
+                )
+            out = ""
+        else:
+            out = check_output_path(request.get("out"), self._out_roots)
         if "layout" not in request:
             raise BadRequestError("generate needs 'layout': an inline Layout object", "layout")
-        layout = Layout.from_dict(request["layout"])
+        folder = None
+        try:
+            if inline_result or "files" in request:
+                folder = tempfile.mkdtemp(prefix="ld-request-")
+            return self._queue_generate(request, out, folder, inline_result)
+        except BaseException:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def _queue_generate(
+        self, request: dict, out: str, folder: str | None, inline_result: bool
+    ) -> bool:
+        layout_data, names = request["layout"], {}
+        if "files" in request:
+            assert folder is not None
+            layout_data, names = unpack_files(layout_data, request["files"], folder)
+        layout = Layout.from_dict(layout_data)
         check_layout_files(layout)
         options = self._request_options(request)
         pick_device(options.device)
@@ -470,6 +581,7 @@ class Server:
         check_conditions(layout, options.ip_adapter)
         job = _Job(request["id"], "generate", layout, out, model, options)
         job.max_seconds = self._max_seconds
+        job.folder, job.names, job.inline_result = folder, names, inline_result
         with self._cond:
             waiting = sum(1 for j in self._jobs if j.op == "generate")
             if waiting >= QUEUE_LIMIT:
@@ -506,6 +618,7 @@ class Server:
                 for job in list(self._jobs):
                     if job.op == "generate" and job.id == target:
                         self._jobs.remove(job)
+                        job.discard()
                         found = True
                         self.send({"id": job.id, "event": "cancelled"})
         self.send(
@@ -526,6 +639,7 @@ class Server:
                 self._running.cancel.set()
             for job in self._jobs:
                 if job.op == "generate":
+                    job.discard()
                     self.send({"id": job.id, "event": "cancelled"})
             self._jobs.clear()
             self._cond.notify_all()
@@ -589,6 +703,8 @@ class Server:
                 final = {"id": job.id, "event": "cancelled"}
             except Exception as exc:
                 final = self._error_message(job.id, exc)
+            finally:
+                job.discard()
             # Cleared before the final event goes out, so a client reacting to it never finds
             # this job still "running" (a late cancel must report found: false).
             with self._cond:
@@ -608,21 +724,31 @@ class Server:
         if job.cancel.is_set():
             raise CancelledError("cancelled before it started")
         pipe, load_seconds = self._cache.get(job.model, job.options, on_load=announce)
-        prepare_output_folder(job.out, self._out_roots)
+        if job.inline_result:
+            assert job.folder is not None
+            out = os.path.join(job.folder, "result.png")
+        else:
+            out = job.out
+            prepare_output_folder(out, self._out_roots)
         result = run_generation(
             pipe,
             job.layout,
-            job.out,
+            out,
             job.model,
             on_step=progress,
             should_stop=job.cancel.is_set,
             max_seconds=job.max_seconds,
             make_folders=False,
+            recorded_paths=job.names,
         )
-        return {
+        png = None
+        if job.inline_result:
+            with open(result.path, "rb") as handle:
+                png = encode_file(handle.read())
+        final = {
             "id": job.id,
             "event": "result",
-            "path": result.path,
+            "path": None if job.inline_result else result.path,
             "seed": result.seed,
             "width": result.width,
             "height": result.height,
@@ -631,6 +757,9 @@ class Server:
             "model": job.model,
             "conditions": result.conditions,
         }
+        if png is not None:
+            final["png"] = png
+        return final
 
 
 def engine_info(options: LoadOptions | None = None) -> dict[str, Any]:
@@ -748,6 +877,114 @@ def check_request_values(request: dict) -> None:
             raise BadRequestError(
                 f"'{field}': {problem}; send finite numbers and UTF-8 text", field
             )
+
+
+def _result_mode(request: dict) -> bool:
+    """Whether a generate asks for its PNG inline (``"result": "inline"``)."""
+    mode = request.get("result")
+    if mode is None:
+        return False
+    if mode != INLINE_RESULT:
+        raise BadRequestError(
+            f"'result' must be {INLINE_RESULT!r} (the PNG comes back in the result event) or "
+            f"left out (the engine writes 'out'), got {short(mode)}",
+            "result",
+        )
+    return True
+
+
+def unpack_files(layout: Any, files: Any, folder: str) -> tuple[Any, dict[str, str]]:
+    """Write a generate's inline ``files`` into ``folder``; the Layout naming them there instead.
+
+    Returns ``(layout, names)``: a copy of the Layout dict whose image paths sent inline name
+    the written files, and each written path -> the path the client named it by. Every file
+    must be one the Layout names, each once; sizes are checked against the inline limits before
+    anything is decoded. Raises BadRequestError or LimitExceededError naming the field.
+    """
+    if not isinstance(files, list):
+        raise BadRequestError(
+            "'files' must be a list of {'path', 'data', 'bytes', 'sha256'} objects", "files"
+        )
+    if not isinstance(layout, dict):
+        return layout, {}  # the Layout's own check says what is wrong with it
+    layout = {**layout}
+    if isinstance(layout.get("regions"), list):
+        layout["regions"] = [
+            {**region} if isinstance(region, dict) else region for region in layout["regions"]
+        ]
+    wanted, sent = set(named_files(layout)), set()
+    total = 0
+    for i, entry in enumerate(files):
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(path, str) or path not in wanted:
+            raise BadRequestError(
+                f"files[{i}].path must be an image path the Layout names (mask, image, depth, "
+                f"reference or init_image), got {short(path)}",
+                f"files[{i}].path",
+            )
+        if path in sent:
+            raise BadRequestError(
+                f"files[{i}] sends {short(path)} a second time; send each file once",
+                f"files[{i}].path",
+            )
+        sent.add(path)
+        size = entry.get("bytes")
+        total += size if isinstance(size, int) and size > 0 else 0
+    if total > MAX_INLINE_REQUEST_BYTES:
+        raise LimitExceededError(
+            f"the files sent inline are {total} bytes together; one generate may carry at most "
+            f"{MAX_INLINE_REQUEST_BYTES}. Send fewer or smaller images (lower resolution, 8-bit "
+            "depth, fewer object images), or run the engine where it can read them by path",
+            "inline_request_bytes",
+            MAX_INLINE_REQUEST_BYTES,
+            "files",
+        )
+    written: dict[str, str] = {}
+    for i, entry in enumerate(files):
+        try:
+            data = decode_file(entry, MAX_INLINE_FILE_BYTES, f"files[{i}]")
+        except InlineFileError as exc:
+            if exc.limit is not None:
+                raise LimitExceededError(str(exc), exc.limit, exc.maximum, exc.field) from None
+            raise BadRequestError(str(exc), exc.field) from None
+        suffix = os.path.splitext(entry["path"].replace("\\", "/"))[1]
+        suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
+        target = os.path.join(folder, f"{i}{suffix}")
+        with open(target, "wb") as handle:
+            handle.write(data)
+        written[entry["path"]] = target
+    for holder, key in image_holders(layout):
+        value = holder.get(key)
+        if isinstance(value, str) and value in written:
+            holder[key] = written[value]
+    return layout, {target: path for path, target in written.items()}
+
+
+def _probe(probe: Any) -> bool:
+    """Whether the file ``probe["path"]`` holds ``probe["token"]``: this engine then reads the
+    client's files where the client wrote them. Reads at most ``MAX_PROBE_BYTES`` of a regular
+    file, never blocking on a pipe or device."""
+    if not isinstance(probe, dict):
+        raise BadRequestError("'probe' must be an object with 'path' and 'token'", "probe")
+    path, token = probe.get("path"), probe.get("token")
+    if not isinstance(path, str) or not path or len(path) > LIMITS["path_chars"] or "\x00" in path:
+        raise BadRequestError("'probe.path' must be the absolute path of a file", "probe.path")
+    if not isinstance(token, str) or not 16 <= len(token.encode()) <= MAX_PROBE_BYTES:
+        raise BadRequestError(
+            f"'probe.token' must be text of 16 to {MAX_PROBE_BYTES} bytes", "probe.token"
+        )
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, ValueError):
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return os.read(fd, MAX_PROBE_BYTES + 1) == token.encode()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _optional_str(request: dict, key: str) -> str | None:

@@ -6,8 +6,10 @@ both sides must agree on, so neither retypes them.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
-"""Version of the ``engine serve`` line protocol (newline-delimited JSON)."""
+PROTOCOL_VERSION = 2
+"""Version of the ``engine serve`` line protocol (newline-delimited JSON). Version 2 adds inline
+files (a generate's ``files`` and ``result: "inline"``) and ``hello``'s file-sharing probe; every
+version 1 request still means what it meant."""
 
 OPS = ("hello", "generate", "cancel", "release", "shutdown")
 """Requests the engine answers."""
@@ -21,8 +23,17 @@ FINAL_EVENTS = frozenset({"result", "cancelled", "error"})
 QUEUE_LIMIT = 4
 """Generates that may wait behind the running one before ``busy`` is answered."""
 
-MAX_LINE_CHARS = 16 * 1024 * 1024
-"""Characters of one request line; a longer line is skipped and answered ``limit_exceeded``."""
+MAX_INLINE_FILE_BYTES = 16 * 1024 * 1024
+"""Bytes of one file carried inline in a generate (decoded size)."""
+MAX_INLINE_REQUEST_BYTES = 32 * 1024 * 1024
+"""Bytes of all the files one generate carries inline, together (decoded size)."""
+MAX_LINE_CHARS = 48 * 1024 * 1024
+"""Characters of one request line; a longer line is skipped and answered ``limit_exceeded``.
+Leaves room for ``MAX_INLINE_REQUEST_BYTES`` as base64 (4 characters per 3 bytes) and the Layout."""
+MAX_PROBE_BYTES = 256
+"""Bytes of ``hello``'s probe file the engine reads to compare with the token."""
+INLINE_RESULT = "inline"
+"""A generate's ``result`` value asking for the PNG back inside the ``result`` event."""
 MAX_ID_CHARS = 256
 """Characters of a request ``id`` string."""
 DEFAULT_MAX_SECONDS = 3600.0

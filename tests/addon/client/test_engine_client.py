@@ -64,7 +64,8 @@ def client():
 def test_hello_reports_engine_and_model(client, tiny_model_dir):
     reply = client.hello(model=tiny_model_dir)
     assert reply["event"] == "hello"
-    assert reply["protocol"] == 1
+    assert reply["protocol"] == 2
+    assert reply["shares_files"] is True, "a local engine reads the probe file"
     assert reply["device"] == "cpu" and reply["dtype"] == "float32"
     assert "cancel" in reply["capabilities"]
     assert reply["model"]["found"] is True

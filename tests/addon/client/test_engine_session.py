@@ -173,7 +173,8 @@ def test_health_check_asks_the_real_engine(tiny_model_dir):
         lines = engine_session.describe_hello(task.result)
     finally:
         engine_session.shutdown()
-    assert lines[0].startswith("Engine 0.1.0 (protocol 1) on cpu, float32")
+    assert lines[0].startswith("Engine 0.1.0 (protocol 2) on cpu, float32")
+    assert lines[-1] == "Files: the engine reads Blender's files where they are"
     assert lines[1] == f"Model '{tiny_model_dir}' found: {tiny_model_dir}"
     assert engine_session.current_client() is None
 
