@@ -1,11 +1,14 @@
 """Render an animation headless, frame by frame, resumable: ``python -m blender_addon.render``.
 
     python -m blender_addon.render SCENE.blend --frames 1-48 --out DIR [--model shapes]
-        [--engine-python PATH] [--step N] [--seed-mode shot|frame] [--overwrite]
-        [--init-previous STRENGTH] [--stall-seconds S] [--ray [ADDRESS] [--ray-workers N]]
+        [--engine-python PATH | --engine-command CMD] [--step N] [--seed-mode shot|frame]
+        [--overwrite] [--init-previous STRENGTH] [--stall-seconds S]
+        [--ray [ADDRESS] [--ray-workers N]]
 
 Needs only the ``bpy`` wheel on the Blender side; the engine runs in its own Python as one
-subprocess for the whole batch (:class:`~.batch.BatchRenderer`), so the model loads once.
+subprocess for the whole batch (:class:`~.batch.BatchRenderer`), so the model loads once; with
+``--engine-command`` that subprocess is any command running ``engine serve`` elsewhere (``ssh
+gpu-box .../python -m engine serve``), the frames' images sent with each request.
 Running the same command again renders only the frames that are not complete, or whose Layout
 or settings changed (stale) or whose files are damaged. Several machines may run the same
 command on one shared folder: each frame is claimed and rendered once. With ``--ray`` the
@@ -25,7 +28,7 @@ import bpy
 from .. import register
 from ..blender.frame_request import scene_seed_mode
 from ..client import engine_session
-from ..client.engine_client import EngineClient
+from ..client.engine_client import EngineClient, parse_command
 from ..core import frames
 from ..core.errors import UserError
 from .batch import SEED_MODES, BatchRenderer, FrameOutcome, Watchdog
@@ -61,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-python",
         help="Python interpreter with the engine installed (default: the checkout's .venv, "
         "else this interpreter)",
+    )
+    parser.add_argument(
+        "--engine-command",
+        metavar="CMD",
+        help="a command line that starts the engine elsewhere and carries its input and output, "
+        'instead of --engine-python, e.g. "ssh gpu-box /opt/ld/.venv/bin/python -m engine '
+        "serve\" (split like a shell); each frame's images travel with its request and the PNG "
+        "comes back the same way",
     )
     parser.add_argument(
         "--seed-mode",
@@ -201,6 +212,7 @@ def _main(args: argparse.Namespace) -> int:
         raise UserError(f"scene {scene.name!r} has an empty frame range; pass --frames")
     python = args.engine_python or engine_session.default_python() or sys.executable
     python = engine_session.resolve_python(python)
+    command = _engine_command(args)
     seed_mode = args.seed_mode or scene_seed_mode(scene)
     options = {
         "model": args.model,
@@ -213,7 +225,9 @@ def _main(args: argparse.Namespace) -> int:
         client = _ray_pool(args, python, options["watchdog"])
         renderer = RayBatchRenderer(scene, args.out, client, **options)
     else:
-        client = EngineClient(python, cwd=engine_session.checkout_root(), fix=ENGINE_PYTHON_FIX)
+        client = EngineClient(
+            python, cwd=engine_session.checkout_root(), fix=ENGINE_PYTHON_FIX, command=command
+        )
         renderer = BatchRenderer(scene, args.out, client, **options)
     progress = renderer.progress = _Progress(len(frame_list))
     renderer.notify = progress.notice
@@ -250,6 +264,27 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: frames not written: {names} (reasons above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _engine_command(args: argparse.Namespace) -> list[str]:
+    """The ``--engine-command`` arguments (empty when not given); a UserError when it cannot be
+    read or is combined with an option it excludes."""
+    if args.engine_command is None:
+        return []
+    if args.ray is not None:
+        raise UserError(
+            "--engine-command and --ray exclude each other: Ray actors start their own engines "
+            "(use --engine-python for the Python they run)"
+        )
+    if args.engine_python:
+        raise UserError("pass either --engine-python or --engine-command, not both")
+    try:
+        command = parse_command(args.engine_command)
+    except ValueError as exc:
+        raise UserError(f"--engine-command: {exc}") from None
+    if not command:
+        raise UserError("--engine-command is empty: give the command line that starts the engine")
+    return command
 
 
 def _ray_pool(args: argparse.Namespace, python: str, watchdog: Watchdog) -> RayPool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -82,7 +83,7 @@ def test_batch_renders_the_moving_cube_with_one_engine(blend, tmp_path):
         assert record["frame"] == frame
         assert record["image_size"] == [64, 64]
         assert record["seed"] == 7 and record["settings"]["seed_mode"] == "shot"
-        assert record["engine"]["version"] and record["engine"]["protocol"] == 1
+        assert record["engine"]["version"] and record["engine"]["protocol"] == 2
         with open(out / f"frame_{frame:04d}.png", "rb") as handle:
             head = handle.read(24)
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
@@ -323,6 +324,51 @@ def test_command_line_errors_say_what_to_do(blend, tmp_path):
     assert proc.returncode == 1
     assert "Pass --engine-python with the Python that has the engine" in proc.stderr
     assert "press Set up engine" not in proc.stderr
+
+
+def test_engine_command_renders_through_a_remote_engine_the_pixels_of_a_local_one(blend, tmp_path):
+    from PIL import Image
+
+    local = tmp_path / "local"
+    proc = run_batch(blend, "--frames", "1-2", "--out", str(local))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    # The renderer's files (output, layouts, temporary files) are hidden from the engine.
+    client = tmp_path / "client"
+    (client / "tmp").mkdir(parents=True)
+    wrapper = os.path.join(ROOT, "tests", "fixtures", "remote_engine.py")
+    command = [sys.executable, wrapper, "--home", str(tmp_path / "remote"), "--hide", str(client)]
+    remote = client / "frames"
+    env = blender_scenario.child_env(USER_DIR)
+    env["TMPDIR"] = str(client / "tmp")
+
+    def batch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [blender_scenario.bpy_python(), "-m", "blender_addon.render", blend, *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=ROOT,
+        )
+
+    proc = batch("--frames", "1-2", "--out", str(remote), "--engine-command", shlex.join(command))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 written" in proc.stderr
+    for frame in (1, 2):
+        name = f"frame_{frame:04d}"
+        with Image.open(local / f"{name}.png") as a, Image.open(remote / f"{name}.png") as b:
+            assert a.size == b.size == (64, 64)
+            assert list(a.getdata()) == list(b.getdata()), f"frame {frame} differs"
+        mine, theirs = read_json(local / f"{name}.json"), read_json(remote / f"{name}.json")
+        assert mine["layout"] == theirs["layout"] and mine["seed"] == theirs["seed"]
+    requests = os.listdir(tmp_path / "remote" / "tmp")
+    assert [n for n in requests if n.startswith("ld-request-")] == []
+
+    proc = batch("--out", str(remote), "--engine-command", "ssh 'gpu-box")
+    assert proc.returncode == 2 and "--engine-command: the engine command" in proc.stderr
+    proc = batch("--out", str(remote), "--engine-command", "ssh gpu", "--ray")
+    assert proc.returncode == 2 and "exclude each other" in proc.stderr
 
 
 # -- Scenarios (run in a child process) ----------------------------------------------------------
