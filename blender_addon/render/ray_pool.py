@@ -387,12 +387,11 @@ class RayPool:
         the pool: one actor per GPU, else ``workers`` CPU actors (default 1)."""
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(
-                address=address or None,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level="WARNING",
-            )
+            options_init: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING"}
+            if not address and not os.environ.get("RAY_ADDRESS"):
+                # A cluster of its own, for this batch only: no dashboard to serve.
+                options_init["include_dashboard"] = False
+            ray.init(address=address or None, **options_init)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         count = workers or gpus or 1
