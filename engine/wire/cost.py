@@ -53,8 +53,10 @@ def far_above_native(width: int, height: int, native: int) -> bool:
 
 def native_area_size(width: int, height: int, native: int) -> tuple[int, int]:
     """A size of about ``native``² pixels with the aspect of ``width`` x ``height`` (sides
-    multiples of 8, within the Layout's limits, never above the given size)."""
+    multiples of 8, never above the given size); a short side that would fall under the
+    Layout's minimum is raised to it, the long side with it, so the aspect holds."""
     scale = min(1.0, native / math.sqrt(width * height))
+    scale = min(1.0, max(scale, MIN_SIZE / min(width, height)))
 
     def side(value: int) -> int:
         scaled = int((value * scale + SIZE_MULTIPLE / 2) // SIZE_MULTIPLE) * SIZE_MULTIPLE
