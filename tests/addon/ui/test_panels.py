@@ -20,7 +20,9 @@ def test_panels_draw_with_existing_properties_and_operators(registration):
     assert {"prompt", "model", "show_overlay"} <= set(drawn["idle"]["props"])
     assert drawn["objects"]["labels"] == ["B"]  # only B is still labeled
     assert drawn["header"] == ["layout_diffusion.generate"]
-    assert {"python", "engine_source", "torch_build"} <= set(drawn["preferences"]["props"])
+    assert {"python", "engine_command", "engine_source", "torch_build"} <= set(
+        drawn["preferences"]["props"]
+    )
     assert "layout_diffusion.setup_engine" in drawn["preferences"]["operators"]
 
 
