@@ -51,18 +51,32 @@ def far_above_native(width: int, height: int, native: int) -> bool:
     return width * height > HIGH_RES_AREA_RATIO * native * native
 
 
+ASPECT_TOLERANCE = 0.01
+"""How far the first pass's aspect may differ from the Layout's: its masks, made for the full
+size, must fit it (the engine refuses masks more than 2% off)."""
+
+
 def native_area_size(width: int, height: int, native: int) -> tuple[int, int]:
-    """A size of about ``native``² pixels with the aspect of ``width`` x ``height`` (sides
-    multiples of 8, never above the given size); a short side that would fall under the
-    Layout's minimum is raised to it, the long side with it, so the aspect holds."""
-    scale = min(1.0, native / math.sqrt(width * height))
-    scale = min(1.0, max(scale, MIN_SIZE / min(width, height)))
-
-    def side(value: int) -> int:
-        scaled = int((value * scale + SIZE_MULTIPLE / 2) // SIZE_MULTIPLE) * SIZE_MULTIPLE
-        return min(value, MAX_SIZE, max(MIN_SIZE, scaled))
-
-    return side(width), side(height)
+    """A size of about ``native``² pixels with the aspect of ``width`` x ``height``: sides
+    multiples of 8, at least the Layout's minimum, never above the given size, the aspect
+    within :data:`ASPECT_TOLERANCE` (the closest area to ``native``² among such sizes; the
+    given size itself when none is smaller)."""
+    aspect = width / height
+    target = float(native * native)
+    best = (width, height)
+    best_miss = abs(math.log(width * height / target))
+    for short in range(MIN_SIZE, min(width, height) + 1, SIZE_MULTIPLE):
+        scaled = short * (aspect if width >= height else 1.0 / aspect)
+        long = int((scaled + SIZE_MULTIPLE / 2) // SIZE_MULTIPLE) * SIZE_MULTIPLE
+        w, h = (long, short) if width >= height else (short, long)
+        if w > width or h > height or w < MIN_SIZE or h < MIN_SIZE:
+            continue
+        if abs((w / h) / aspect - 1.0) > ASPECT_TOLERANCE:
+            continue
+        miss = abs(math.log(w * h / target))
+        if miss < best_miss:
+            best, best_miss = (w, h), miss
+    return best
 
 
 def second_pass_steps(steps: int, strength: float) -> int:

@@ -7,11 +7,13 @@ import os
 import struct
 import sys
 
+import numpy as np
 import pytest
 from blender_scenario import ROOT
 
 from blender_addon.client.engine_client import EngineClient
 from blender_addon.client.high_res import HighResJob, start_generate, uses_high_res
+from blender_addon.core.png import write_gray_png
 from engine.service.provenance import layout_from_png
 
 REGIONS = [
@@ -44,11 +46,25 @@ def client():
     engine.close()
 
 
+def with_masks(data: dict, folder) -> dict:
+    """``data`` with a full-size mask for each region (its box filled)."""
+    regions = []
+    for region in data["regions"]:
+        mask = np.zeros((data["height"], data["width"]), dtype=np.uint8)
+        x0, y0, x1, y1 = region["box"]
+        mask[round(y0 * data["height"]) : round(y1 * data["height"]),
+             round(x0 * data["width"]) : round(x1 * data["width"])] = 255  # fmt: skip
+        path = str(folder / f"{region['name']}.png")
+        write_gray_png(path, mask)
+        regions.append({**region, "mask": path})
+    return {**data, "regions": regions}
+
+
 def test_far_above_native_runs_two_passes_the_second_from_the_first(client, tmp_path):
     out = str(tmp_path / "result.png")
-    job = start_generate(
-        client, layout(160, 96), out, "shapes", native=64, high_res=True, strength=0.5
-    )
+    # Full-size masks fit the first pass too: its aspect is kept within the engine's tolerance.
+    sent = with_masks(layout(160, 96), tmp_path)
+    job = start_generate(client, sent, out, "shapes", native=64, high_res=True, strength=0.5)
     assert isinstance(job, HighResJob)
     final = job.wait(600)
     assert final["event"] == "result", final
@@ -56,25 +72,26 @@ def test_far_above_native_runs_two_passes_the_second_from_the_first(client, tmp_
 
     first, second = job.requests
     # The first pass: the same Layout at about the native area, the aspect kept.
-    assert (first["width"], first["height"]) == (104, 64)
+    assert (first["width"], first["height"]) == (120, 72)
     assert first["regions"] == second["regions"] and first["seed"] == second["seed"]
-    assert [r["box"] for r in second["regions"]] == [r["box"] for r in REGIONS]
+    keys = ("prompt", "box", "mask", "name")
+    assert [{k: r[k] for k in keys} for r in second["regions"]] == sent["regions"]
     assert first["init_image"] is None and first["strength"] == 1.0
     # The second pass: full size, from the first pass's image at the chosen strength.
     assert (second["width"], second["height"]) == (160, 96)
     assert second["init_image"] == job.first_out and second["strength"] == 0.5
     assert second["steps"] == 3
-    assert png_size(job.first_out) == (104, 64)
+    assert png_size(job.first_out) == (120, 72)
 
     # What the engine received, from the final image's provenance.
     assert png_size(out) == (160, 96) and final["path"] == out
     received = layout_from_png(out)
     assert received.init_image == job.first_out and received.strength == 0.5
-    assert [(r.prompt, list(r.box)) for r in received.regions] == [
-        (r["prompt"], r["box"]) for r in REGIONS
+    assert [(r.prompt, list(r.box), r.mask) for r in received.regions] == [
+        (r["prompt"], r["box"], r["mask"]) for r in sent["regions"]
     ]
     assert final["high_res"]["first_pass"]["path"] == job.first_out
-    assert (final["high_res"]["first_pass"]["width"], final["width"]) == (104, 160)
+    assert (final["high_res"]["first_pass"]["width"], final["width"]) == (120, 160)
     assert final["seconds"] >= final["high_res"]["first_pass"]["seconds"]
 
     # Progress counts over both passes, one total throughout.

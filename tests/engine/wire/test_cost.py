@@ -45,7 +45,8 @@ def test_far_above_native_is_more_than_one_and_a_half_times_its_area():
 def test_native_area_size_keeps_the_aspect():
     assert native_area_size(1920, 1080, 1024) == (1368, 768)
     assert native_area_size(3840, 2160, 1024) == (1368, 768)
-    assert native_area_size(1920, 1080, 64) == (112, 64)  # 85 x 48: under the minimum side
+    assert native_area_size(1920, 1080, 64) == (128, 72)  # 85 x 48: under the minimum side
+    assert native_area_size(160, 96, 64) == (120, 72)  # 104 x 64 would be 2.5% off
     assert native_area_size(512, 512, 1024) == (512, 512)  # never above the given size
     width, height = native_area_size(4096, 1024, 1024)
     assert width % 8 == 0 and height % 8 == 0 and width / height == pytest.approx(4, rel=0.05)
