@@ -1,7 +1,7 @@
 """Frames per minute of the Ray batch with 1 and 2 actors on this machine, and on paper for 8 GPUs.
 
     .venv/bin/python benchmarks/ray_batch.py [--frames 16] [--size 64] [--steps 20]
-        [--step-ms 70] [--build-seconds 0.75]
+        [--step-ms 87] [--build-seconds 0.75]
 
 Starts a local Ray cluster with one CPU per core of this machine, builds a labeled cube crossing
 the view on the bundled shapes model, and renders the same frames with
@@ -12,10 +12,9 @@ Blender's side (frame change, projection, mask render, writing) runs in this pro
 real batch. Prints frames per minute, each worker's rate and the ratio of the two pools.
 
 Then, on paper, a 240-frame 1024x1024 shot at 30 steps on 8 GPUs: ``--step-ms`` is one CFG step
-of SDXL at 1024² on one GPU (the README measures H200 steps only relative to plain SDXL, so the
-default 70 ms is an assumption: public SDXL figures for H100-class GPUs in fp16, which an H200
-matches in compute; ``benchmarks/gpu_check.py`` prints the measured "step ms" of a plain 1024²
-step on a GPU); ``--build-seconds`` is Blender's side per frame at 1024² (the README measures
+of SDXL at 1024² on one GPU (default 87 ms: the median plain step ``benchmarks/gpu_check.py``
+measured on an H200 in fp16, wall time, 42 ms of it in kernels; run it on your GPU for yours);
+``--build-seconds`` is Blender's side per frame at 1024² (the README measures
 0.65-0.88 s for scene to Layout on this machine).
 """
 
@@ -90,8 +89,8 @@ def on_paper(step_ms: float, build_seconds: float, gpus: int = 8, frames: int = 
     rate = min(gpu_rate, blender_rate)
     print(f"\nOn paper: {frames} frames at 1024x1024, {steps} steps, on {gpus} GPUs")
     print(
-        f"  one frame on one GPU: {steps} x {step_ms:g} ms (assumed CFG step, fp16, H100-class; "
-        f"see --step-ms) + {DECODE_SECONDS:g} s decode and PNG = {frame:.2f} s"
+        f"  one frame on one GPU: {steps} x {step_ms:g} ms (CFG step, fp16, H200 "
+        f"as measured by gpu_check.py; see --step-ms) + {DECODE_SECONDS:g} s decode and PNG = {frame:.2f} s"
     )
     print(
         f"  {gpus} GPUs: {gpu_rate:.0f} frames/min; {frames} frames in "
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--step-ms", type=float, default=70.0)
+    parser.add_argument("--step-ms", type=float, default=87.0)
     parser.add_argument("--build-seconds", type=float, default=0.75)
     args = parser.parse_args(argv)
 
