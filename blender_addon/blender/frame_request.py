@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import request
+from ..core import places, request
 from ..core.composite import Layer, composite_layers
 from ..core.errors import UserError
 from ..core.frames import seed_for_frame
@@ -28,7 +28,7 @@ from .scene_layout import LabeledObject, layout_from_camera
 
 NO_LABELS = (
     "No labeled objects: select proxy objects and press Label Selected "
-    "(3D View sidebar > Layout), or tick Layout in Object properties"
+    f"({places.sidebar(places.REGIONS)}), or tick {places.object_panel()}"
 )
 
 
@@ -113,10 +113,10 @@ def build_request(
     rendered = init is None and not regenerate and source in request.RENDERED_SOURCES
     if rendered and not masks:
         raise UserError(
-            f"Init Image is {request.RENDERED_SOURCES[source]}, but an interactive F12 "
-            "sends boxes only (the mask and proxy render cannot run in its render thread): "
-            "use Generate from Camera, render in the background (blender -b), or set "
-            "another Init Image"
+            f"Init Image is {request.RENDERED_SOURCES[source]}, but this render sends boxes "
+            "only (with Render > Lock Interface on, the proxy render cannot run during an "
+            "interactive render): turn Lock Interface off, render in the background "
+            "(blender -b), or set another Init Image"
         )
     if init is None and not regenerate and (source == "IMAGE" or (still and source == "RESULT")):
         # Last Result belongs to Generate from Camera; animations use --init-previous.
@@ -181,14 +181,14 @@ def init_image(settings, folder: str, layout: Layout | None = None, objects=None
         if not os.path.isfile(result):
             raise UserError(
                 "Init Image is Last Result, but there is no result yet: generate once first, "
-                "or set Init Image to None (Layout sidebar > Guidance)"
+                f"or set Init Image to None ({places.sidebar(places.GUIDANCE)})"
             )
         shutil.copyfile(result, path)
         return path
     if settings.init_image is None:
         raise UserError(
-            "Init Image is Image, but no image is chosen: pick one under Layout sidebar > "
-            "Guidance, or set Init Image to None"
+            "Init Image is Image, but no image is chosen: pick one under "
+            f"{places.sidebar(places.GUIDANCE)}, or set Init Image to None"
         )
     try:
         return save_png(settings.init_image, path)
@@ -220,9 +220,9 @@ def rendered_init(source: str, folder: str, layout: Layout | None, objects) -> s
     if not layers:
         raise UserError(
             "Init Image is Object Layers, but no labeled object in the image has a Reference "
-            "Image: give objects an image of themselves (Object properties > Layout > Reference "
-            "Image; an RGBA image's alpha cuts it out), or set Init Image to Proxy Render "
-            "(Layout sidebar > Guidance)"
+            "Image: give objects an image of themselves ("
+            f"{places.object_panel('Reference Image')}; an RGBA image's alpha cuts it out), or "
+            f"set Init Image to Proxy Render ({places.sidebar(places.GUIDANCE)})"
         )
     write_rgb_png(path, composite_layers(read_rgb_png(proxies), layers))
     return path
@@ -302,7 +302,7 @@ def apply_objects(
         raise UserError(
             f"{names} {'has' if len(with_images) == 1 else 'have'} a reference image, but no "
             f"IP-Adapter is set to apply it: set IP-Adapter under {request.CONDITIONS_PANEL}, or clear "
-            "the reference image (Object properties > Layout)"
+            f"the reference image ({places.object_panel()})"
         )
     if init is not None:
         data["init_image"] = init

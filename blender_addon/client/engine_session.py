@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any
 
-from ..core.request import CONDITION_LABELS
+from ..core.request import CONDITION_LABELS, addon_words
 from .engine_client import (
     NOT_INSTALLED,
     NOT_INSTALLED_HINT,
@@ -472,7 +472,7 @@ def condition_state(
         return None, f"Press Check engine to see whether the {label} is available"
     if state.get("available"):
         return True, f"{label} found: {state.get('message') or spec}"
-    return False, f"{label} unavailable: {state.get('message') or 'no reason given'}"
+    return False, f"{label} unavailable: {addon_words(state.get('message') or 'no reason given')}"
 
 
 def model_default(name: str, spec: str, reply: dict[str, Any] | None = None) -> float | None:
@@ -507,12 +507,13 @@ def describe_hello(reply: dict[str, Any]) -> list[str]:
             lines.append(f"Model '{model.get('spec')}' found: {model.get('path')}")
         else:
             lines.append(
-                f"Model '{model.get('spec')}' not found: {model.get('message') or 'no message'}"
+                f"Model '{model.get('spec')}' not found: "
+                + addon_words(model.get("message") or "no message")
             )
     capabilities = reply.get("capabilities")
     if isinstance(capabilities, list):
         modes = [mode for mode in ("attention", "latent") if mode in capabilities]
-        lines.append("Guidance modes: " + (", ".join(modes) or "none reported"))
+        lines.append("Region modes: " + (", ".join(modes) or "none reported"))
     conditions = reply.get("conditions")
     for name, label in CONDITION_LABELS.items():
         state = conditions.get(name) if isinstance(conditions, dict) else None
@@ -521,7 +522,8 @@ def describe_hello(reply: dict[str, Any]) -> list[str]:
         if state.get("available"):
             lines.append(f"{label}: available ({state.get('message') or state.get('spec')})")
         else:
-            lines.append(f"{label}: unavailable: {state.get('message') or 'no reason given'}")
+            reason = addon_words(state.get("message") or "no reason given")
+            lines.append(f"{label}: unavailable: {reason}")
     shares = reply.get("shares_files")
     if shares is True:
         lines.append("Files: the engine reads Blender's files where they are")

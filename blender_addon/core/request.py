@@ -18,6 +18,7 @@ from typing import Any
 
 from ..wire.edits import regenerate_layout
 from ..wire.layout import Layout, LayoutError
+from . import places
 from .errors import UserError
 from .png import png_size
 
@@ -42,7 +43,7 @@ CONDITION_LABELS = {
 }
 """The optional models a request's ``options`` name, by option, with the artist's word for each."""
 
-CONDITIONS_PANEL = "3D View sidebar > Layout > Conditions"
+CONDITIONS_PANEL = places.sidebar(places.CONDITIONS)
 
 
 def number(value: float) -> float:
@@ -97,7 +98,8 @@ def check_settings(settings) -> None:
 
 def engine_options(settings, spec=None) -> dict[str, Any]:
     """The request's ``options``: the scene's depth ControlNet, IP-Adapter and GLIGEN model,
-    None when unset.
+    None when unset, and ``config`` (a single-file model's configs) only when Model Config is
+    set, so an engine started with its own ``--config`` keeps it otherwise.
 
     ``spec(settings, name)`` turns a setting into what the engine reads (blend-relative paths
     made absolute); without it the setting is sent as typed.
@@ -106,6 +108,11 @@ def engine_options(settings, spec=None) -> dict[str, Any]:
     for name in CONDITION_LABELS:
         value = spec(settings, name) if spec else getattr(settings, name).strip()
         options[name] = value or None
+    config = getattr(settings, "model_config", "")
+    config = spec(settings, "model_config") if spec and config.strip() else config.strip()
+    if config:
+        # A folder picked in the file browser ends in a separator; the engine wants the folder.
+        options["config"] = config.rstrip("/\\") or config
     return options
 
 
@@ -161,14 +168,49 @@ def validated(data: dict[str, Any]) -> Layout:
 _REGION_FIELD = re.compile(r"^(?:layout\.)?regions\[(\d+)\]")
 
 
+MODEL_CONFIG = f"Model Config ({places.sidebar()})"
+"""Where a single-file model's configs are set, as messages name it."""
+
+_UNSET_CONDITION = re.compile(
+    r"start the engine with --[\w-]+ or send options\.(\w+)(?: with a request)?"
+)
+_PASS_CONFIG = re.compile(r"\b([Pp])ass --config(?: with)?")
+_AS_CONFIG = re.compile(r"\bas --config\b")
+_ALLOW_PICKLE = re.compile(
+    r",? or (?:re)?(?:start the engine with|pass) --allow-pickle"
+    r"(?: \(request field allow_pickle\))?(?: if you trust [\w ]+)?"
+)
+
+
+def addon_words(message: str) -> str:
+    """An engine message in the add-on's terms: the engine's command-line flags and request
+    fields (``--controlnet``, ``options.controlnet``, ``--config``) become the add-on's fields
+    and where they are. Pickle weights are refused by the add-on's engine, so the flag that
+    would allow them is left out."""
+
+    def unset(match: re.Match) -> str:
+        label = CONDITION_LABELS.get(match.group(1), match.group(1))
+        return f"set {label} under {CONDITIONS_PANEL}"
+
+    message = _UNSET_CONDITION.sub(unset, message)
+    message = _PASS_CONFIG.sub(
+        lambda match: ("S" if match.group(1) == "P" else "s") + f"et {MODEL_CONFIG} to", message
+    )
+    message = _AS_CONFIG.sub("as Model Config", message)
+    return _ALLOW_PICKLE.sub("", message)
+
+
 def explain_error(event: dict[str, Any], layout: dict[str, Any] | None) -> str | None:
-    """The artist's wording of an engine error about a condition or an object, else None.
+    """The artist's wording of an engine error about a condition, the model's configs or an
+    object, or of one naming the engine's flags; else None.
 
     ``layout`` is the Layout dict that was sent (its regions name the objects).
     """
-    message = str(event.get("message") or "")
+    message = addon_words(str(event.get("message") or ""))
     field = str(event.get("field") or "")
     condition = field.removeprefix("options.")
+    if condition == "config":
+        return message if "Model Config" in message else f"Model Config: {message}"
     if condition in CONDITION_LABELS:
         label = CONDITION_LABELS[condition]
         return (
@@ -180,4 +222,4 @@ def explain_error(event: dict[str, Any], layout: dict[str, Any] | None) -> str |
     if match and int(match.group(1)) < len(regions):
         name = regions[int(match.group(1))].get("name") or f"region {match.group(1)}"
         return f"Object {name!r}: {message}"
-    return None
+    return message if message != str(event.get("message") or "") else None

@@ -18,6 +18,7 @@ from bpy.props import (
     StringProperty,
 )
 
+from ..wire.cost import HIGH_RES_STRENGTH
 from ..wire.layout import Layout, Region
 
 _DEFAULTS = Layout(prompt="")
@@ -111,7 +112,7 @@ class LayoutDiffusionObjectSettings(bpy.types.PropertyGroup):
         name="Reference Image",
         type=bpy.types.Image,
         description=(
-            "What this object should look like (needs an IP-Adapter, Scene > Conditions); "
+            "What this object should look like (needs an IP-Adapter, sidebar > Conditions); "
             "applied inside the object's mask only. With Init Image set to Object Layers it is "
             "also the object's layer in the init image (an RGBA image's alpha cuts it out)"
         ),
@@ -146,7 +147,9 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
     """Scene-wide generation settings; the image size comes from the render settings."""
 
     prompt: StringProperty(
-        name="Prompt", description="The whole scene, e.g. 'a street at dusk, photo'", default=""
+        name="Scene Prompt",
+        description="The whole scene, e.g. 'a street at dusk, photo'",
+        default="",
     )
     negative_prompt: StringProperty(
         name="Negative Prompt", description="What the image should not show", default=""
@@ -167,27 +170,73 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
     model: StringProperty(
         name="Model",
         description=(
-            "SDXL model: a diffusers folder, a cached Hugging Face repo id, a .safetensors "
-            "file (// paths are relative to the blend file), or 'shapes' (the small bundled "
-            "model)"
+            "SDXL model: a diffusers folder or a .safetensors file (browse, or type a path; // "
+            "paths are relative to the blend file), a cached Hugging Face repo id, or 'shapes' "
+            "(the small bundled model)"
         ),
         default="shapes",
+        subtype="FILE_PATH",
     )
-    seed: IntProperty(name="Seed", default=_DEFAULTS.seed, min=0)
+    model_config: StringProperty(
+        name="Model Config",
+        description=(
+            "For a single .safetensors model file: a diffusers folder or a cached Hugging Face "
+            "repo id with the configs and tokenizers of the same architecture; empty: the "
+            "repo the file's weights point to (SDXL base for most fine-tunes), from the cache"
+        ),
+        default="",
+        subtype="DIR_PATH",
+    )
+    seed: IntProperty(
+        name="Seed",
+        description="Starting noise: the same seed and settings give the same image",
+        default=_DEFAULTS.seed,
+        min=0,
+    )
+    use_random_seed: BoolProperty(
+        name="Random Seed",
+        description=(
+            "Each Generate from Camera draws a new seed (shown as the last result's seed, so "
+            "it can be reproduced). Renders (F12, Ctrl-F12, the batch renderer) always use Seed "
+            "and Animation Seeds, so every frame can be rendered again"
+        ),
+        default=False,
+    )
     seed_mode: EnumProperty(
-        name="Seed Mode",
-        description="How animation frames pick their seed",
+        name="Animation Seeds",
+        description="How rendered animation frames pick their seed from Seed",
         items=(
-            ("SHOT", "Per Shot", "Every frame uses the seed: steadier animations"),
-            ("FRAME", "Per Frame", "Frame N uses seed + N: each frame varies"),
+            ("SHOT", "Same Every Frame", "Every frame uses Seed: steadier animations"),
+            ("FRAME", "Per Frame", "Frame N uses Seed + N: each frame varies"),
         ),
         default="SHOT",
     )
     steps: IntProperty(
         name="Steps", description="Denoising steps", default=_DEFAULTS.steps, min=1, max=1000
     )
+    use_high_res_fix: BoolProperty(
+        name="High-res Fix",
+        description=(
+            "Far above the model's native size (more than 1.5 times its area): generate at "
+            "about the native size first, then at the full size from that image, upscaled, at "
+            "High-res Strength, the regions kept. Composes like the model was trained and "
+            "costs fewer full-size steps"
+        ),
+        default=True,
+    )
+    high_res_strength: FloatProperty(
+        name="High-res Strength",
+        description=(
+            "How freely the full-size pass of the High-res Fix repaints the upscaled first "
+            "pass: low keeps its composition, high adds more detail (and runs more steps)"
+        ),
+        default=HIGH_RES_STRENGTH,
+        min=0.05,
+        max=1.0,
+        subtype="FACTOR",
+    )
     guidance_scale: FloatProperty(
-        name="Guidance",
+        name="CFG Scale",
         description="Classifier-free guidance scale: how literally prompts are followed",
         default=_DEFAULTS.guidance_scale,
         min=0.0,
@@ -195,7 +244,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         soft_max=15.0,
     )
     mode: EnumProperty(
-        name="Guidance",
+        name="Region Mode",
         description="How each object's prompt is held to its area",
         items=(
             (
@@ -221,7 +270,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         default=False,
     )
     reference_source: EnumProperty(
-        name="Toward",
+        name="Pull Toward",
         description="The image whose layout the first steps are pulled toward",
         items=(
             (
@@ -240,7 +289,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         default="PROXIES",
     )
     reference_scale: FloatProperty(
-        name="Pull",
+        name="Pull Strength",
         description=(
             "Strength of the pull toward the proxy render: 0.25 goes halfway each step, 0.5 "
             "all the way"
@@ -251,7 +300,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         soft_max=1.0,
     )
     use_model_fraction: BoolProperty(
-        name="Model's Steps",
+        name="Model's Pull Fraction",
         description=(
             "Let the model choose how many steps the proxy render pulls (0.1 of them for "
             "SDXL; a model can recommend its own, the shipped shapes model 0.4)"
@@ -259,7 +308,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         default=_DEFAULTS.reference_fraction is None,
     )
     reference_fraction: _factor(
-        name="Steps",
+        name="Pull Fraction",
         description="Fraction of the steps, from the first, during which the proxy render pulls",
         default=0.1,
     )
@@ -282,6 +331,23 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         ),
         default=_DEFAULTS.strength,
     )
+    use_init_previous: BoolProperty(
+        name="Start From Previous Frame",
+        description=(
+            "Rendered animations (Ctrl-F12): each frame after the first starts from the "
+            "previous frame's image, to reduce flicker, as the batch renderer's --init-previous "
+            "does; it replaces the Init Image for those frames"
+        ),
+        default=False,
+    )
+    init_previous_strength: _factor(
+        name="Previous Frame Strength",
+        description=(
+            "With Start From Previous Frame: how freely each frame is regenerated from the "
+            "previous one (0 keeps it, 1 ignores it)"
+        ),
+        default=0.6,
+    )
     controlnet: StringProperty(
         name="Depth ControlNet",
         description=(
@@ -290,6 +356,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
             "to the blend file); empty: no depth conditioning"
         ),
         default="",
+        subtype="FILE_PATH",
     )
     depth_scale: FloatProperty(
         name="Depth Scale",
@@ -300,12 +367,12 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         soft_max=2.0,
     )
     depth_start: _factor(
-        name="Start",
+        name="Depth Start",
         description="Fraction of the steps after which depth conditioning starts",
         default=_DEFAULTS.depth_start,
     )
     depth_end: _factor(
-        name="End",
+        name="Depth End",
         description="Fraction of the steps after which depth conditioning stops",
         default=_DEFAULTS.depth_end,
     )
@@ -317,18 +384,20 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
             "cannot be used"
         ),
         default="",
+        subtype="FILE_PATH",
     )
     gligen: StringProperty(
         name="GLIGEN",
         description=(
             "GLIGEN model (SD 1.x, boxes and phrases) that makes the reference for the pull when "
-            "Toward is Engine Pass: a diffusers folder or a cached repo id such as "
+            "Pull Toward is Engine Pass: a diffusers folder or a cached repo id such as "
             "masterful/gligen-1-4-generation-text-box; empty: a half-size regional pass makes it"
         ),
         default="",
+        subtype="DIR_PATH",
     )
     regenerate_seed: EnumProperty(
-        name="New Seed",
+        name="Re-generate Seed",
         description="Which seed Re-generate Object uses",
         items=(
             ("NEXT", "Next", "The last result's seed + 1"),
@@ -351,6 +420,17 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         name="Camera Background",
         description="Show the generated image as the active camera's background image",
         default=False,
+    )
+    history_size: IntProperty(
+        name="Keep Results",
+        description=(
+            "How many of the last results Generate keeps, each a PNG with how it was made "
+            "(older ones are deleted)"
+        ),
+        default=10,
+        min=1,
+        max=1000,
+        soft_max=100,
     )
 
 

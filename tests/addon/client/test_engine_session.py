@@ -239,7 +239,34 @@ def test_condition_state_reads_the_last_health_check():
     assert has_capability("latent", {"capabilities": ["attention"]}) is False
     assert has_capability("latent", {}) is None
     assert describe_hello(reply)[1:] == [
-        "Guidance modes: attention, latent",
+        "Region modes: attention, latent",
         "Depth ControlNet: available (/m/cn)",
         "IP-Adapter: unavailable: no weights in /m/ip",
+    ]
+
+
+def test_check_engine_names_the_addons_fields_not_the_engines_flags():
+    from blender_addon.client.engine_session import describe_hello
+
+    reply = {
+        "model": {
+            "spec": "/m/x.safetensors",
+            "found": False,
+            "message": "building it needs configs; Pass --config with a diffusers folder",
+        },
+        "conditions": {
+            "gligen": {
+                "available": False,
+                "spec": None,
+                "message": "no GLIGEN model configured; start the engine with --gligen or send "
+                "options.gligen with a request",
+            },
+        },
+    }
+    lines = describe_hello(reply)[1:]
+    assert lines == [
+        "Model '/m/x.safetensors' not found: building it needs configs; Set Model Config "
+        "(3D View sidebar > Layout Diffusion) to a diffusers folder",
+        "GLIGEN: unavailable: no GLIGEN model configured; set GLIGEN under 3D View sidebar > "
+        "Layout Diffusion > Conditions",
     ]

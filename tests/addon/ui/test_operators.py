@@ -136,8 +136,8 @@ def test_unavailable_conditions_read_as_actions(guidance):
     errors = guidance["errors"]
     assert errors["no_ip_adapter"] == (
         "'red_box' has a reference image, but no IP-Adapter is set to apply it: set IP-Adapter "
-        "under 3D View sidebar > Layout > Conditions, or clear the reference image (Object "
-        "properties > Layout)"
+        "under 3D View sidebar > Layout Diffusion > Conditions, or clear the reference image "
+        "(Object properties > Proxy Label)"
     )
     assert errors["missing_controlnet"].startswith("Depth ControlNet is not available: ")
     assert "no-such-controlnet" in errors["missing_controlnet"]
