@@ -57,6 +57,8 @@ ENGINE_GONE = "engine_crashed"
 NOT_INSTALLED = "not_installed"
 TIMEOUT = "timeout"
 BAD_REQUEST = "bad_request"
+ENGINE_TOO_OLD = "engine_too_old"
+"""The engine's protocol lacks what the request needs (inline files: protocol 2)."""
 RESULT_DAMAGED = "result_damaged"
 """The PNG sent back inline did not match its size or SHA-256."""
 MAX_RESULT_BYTES = 1 << 30
@@ -214,6 +216,8 @@ class EngineClient:
         ``hello`` probe; None before one (a local engine is then taken to share them)."""
         self.limits: dict[str, Any] = {}
         """The engine's limits from its last ``hello``."""
+        self.protocol: int | None = None
+        """The engine's protocol version from its last ``hello``."""
         self._probe: tuple[str, str] | None = None
         self.fix = fix
         """What to do when the engine cannot start, in the words of where this client runs: the
@@ -424,6 +428,8 @@ class EngineClient:
             self.shares_files = reply["shares_files"]
         if isinstance(reply.get("limits"), dict):
             self.limits = reply["limits"]
+        if isinstance(reply.get("protocol"), int):
+            self.protocol = reply["protocol"]
         return reply
 
     def _probe_file(self) -> tuple[str, str] | None:
@@ -463,6 +469,12 @@ class EngineClient:
             fields["options"] = options
         if not self.inline_files:
             return self.request("generate", out=out, **fields)
+        if self.protocol is not None and self.protocol < 2:
+            raise EngineError(
+                ENGINE_TOO_OLD,
+                f"The engine ({self.describe()}) speaks protocol {self.protocol}, which cannot "
+                "take files with a request; update the engine there to this add-on's version.",
+            )
         fields.update(protocol=PROTOCOL_VERSION, files=self.pack_files(layout))
         fields["result"] = INLINE_RESULT
         return self._send("generate", fields, out=out)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from blender_addon.client.engine_client import (
     ENGINE_GONE,
+    ENGINE_TOO_OLD,
     NOT_INSTALLED,
     RESULT_DAMAGED,
     EngineClient,
@@ -97,6 +98,7 @@ def test_remote_engine_gives_the_pixels_of_a_local_one(tmp_path, client_dir, tin
     try:
         hello = remote.hello()
         assert hello["shares_files"] is False, "the wrapper hides the client's files"
+        assert remote.protocol == 2
         assert remote.inline_files
         remote_out = os.path.join(client_dir, "out", "remote.png")
         os.makedirs(os.path.dirname(remote_out))
@@ -178,6 +180,10 @@ def test_inline_limits_and_a_damaged_result_are_clear_errors(tmp_path, client_di
     assert "init.png is" in info.value.message and "at most 100 bytes" in info.value.message
     assert "smaller image" in info.value.message
     assert not remote.alive, "nothing is sent (or started) for a request over the limits"
+    remote.limits, remote.protocol = {}, 1
+    with pytest.raises(EngineError) as info:
+        remote.generate(layout(client_dir), os.path.join(client_dir, "x.png"))
+    assert info.value.code == ENGINE_TOO_OLD and "update the engine" in info.value.message
 
     out = os.path.join(client_dir, "damaged.png")
     png = encode_file(b"\x89PNG not really")
