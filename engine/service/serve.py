@@ -572,7 +572,15 @@ class Server:
             assert folder is not None
             layout_data, names = unpack_files(layout_data, request["files"], folder)
         layout = Layout.from_dict(layout_data)
-        check_layout_files(layout)
+        try:
+            check_layout_files(layout)
+        except LayoutError as exc:
+            # Name the client's file, not this request's temporary copy of it.
+            message = str(exc)
+            for copy, path in names.items():
+                message = message.replace(copy, path)
+            exc.args = (message,)
+            raise
         options = self._request_options(request)
         pick_device(options.device)
         model = _optional_str(request, "model") or self._last_model or self._default_model

@@ -142,6 +142,16 @@ def test_inline_file_errors_name_the_field_and_keep_the_engine_up(
 
     assert refused("twice", files=[files[0], files[0]])["field"] == "files[1].path"
 
+    # The engine's own checks of the files name the client's path, not its temporary copy.
+    broken = os.path.join(os.path.dirname(images["mask"]), "broken.png")
+    with open(broken, "wb") as handle:
+        handle.write(b"not an image")
+    data = layout(images)
+    data["regions"][0]["mask"] = broken
+    reply = refused("broken", layout=data, files=inline_files(broken, images["init"]))
+    assert (reply["code"], reply["field"]) == ("bad_layout", "layout.regions[0].mask")
+    assert "broken.png" in reply["message"] and "ld-request-" not in reply["message"]
+
     reply = refused("out", files=files, out="/tmp/x.png")
     assert reply["field"] == "out" and "leave 'out' out" in reply["message"]
 
