@@ -5,6 +5,7 @@ serve``), on the tiny model."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -23,7 +24,12 @@ from blender_addon.client.engine_client import (
     EngineError,
     parse_command,
 )
-from blender_addon.client.engine_session import get_client, shutdown
+from blender_addon.client.engine_session import (
+    HealthCheckTask,
+    describe_hello,
+    get_client,
+    shutdown,
+)
 from engine.wire.inline import encode_file
 from engine.wire.protocol import LIMIT_EXCEEDED
 
@@ -221,5 +227,18 @@ def test_session_uses_the_engine_command_when_set(tmp_path, client_dir):
         assert client.inline_files
         assert get_client("", command) is client
         assert get_client(sys.executable, "").command == ()
+    finally:
+        shutdown()
+
+
+def test_check_engine_through_the_engine_command(tmp_path, client_dir, tiny_model_dir):
+    command = shlex.join(remote_command(tmp_path, client_dir))
+    try:
+        task = HealthCheckTask("", tiny_model_dir, None, command).start()
+        task.join(300)
+        assert task.done and task.error is None, task.error
+        assert task.result["model"]["found"] is True
+        lines = describe_hello(task.result)
+        assert lines[-1] == "Files: sent with each request (the engine does not see this machine's)"
     finally:
         shutdown()
