@@ -26,11 +26,13 @@ from collections.abc import Callable
 import bpy
 
 from .. import register
+from ..blender.camera import render_resolution
 from ..blender.frame_request import scene_seed_mode
 from ..client import engine_session
 from ..client.engine_client import EngineClient, parse_command
 from ..core import frames
 from ..core.errors import UserError
+from ..core.projection import size_change
 from .batch import SEED_MODES, BatchRenderer, FrameOutcome, Watchdog
 from .ray_batch import RayBatchRenderer
 from .ray_pool import RayPool
@@ -202,6 +204,8 @@ def _main(args: argparse.Namespace) -> int:
         raise UserError(f"no such .blend file: {args.blend}")
     _register_addon()
     scene = _open_scene(args.blend, args.scene)
+    # The size generated at, and what rounding or the engine's limits changed.
+    print(f"size: {size_change(*render_resolution(scene)).message}", file=sys.stderr)
     step = args.step or scene.frame_step
     # A frame list that cannot be read raises FrameSpecError, a UserError: exit status 2.
     if args.frames:

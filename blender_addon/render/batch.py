@@ -38,7 +38,9 @@ import bpy
 
 from ..blender.frame_request import FrameRequest, build_request
 from ..blender.models import model_spec
+from ..client import cost
 from ..client.engine_client import ENGINE_GONE, NOT_INSTALLED, EngineClient, EngineError, Job
+from ..client.high_res import HighResJob, start_generate
 from ..core import frames
 from ..core.errors import UserError
 from ..wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
@@ -123,7 +125,7 @@ class BatchSummary:
 class _Pending:
     paths: frames.FramePaths
     claim: frames.Claim
-    job: Job
+    job: Job | HighResJob
     tmp: str
     layout: dict[str, Any]
     model: str | None
@@ -145,6 +147,10 @@ class BatchRenderer:
     waited for). ``watchdog``, ``stale_seconds`` (a silent renderer's claims) and
     ``heartbeat_seconds`` set the time bounds.
     """
+
+    high_res = True
+    """Whether frames far above the model's native size go through the high-res fix (the
+    scene's High-res Fix setting)."""
 
     def __init__(
         self,
@@ -193,6 +199,9 @@ class BatchRenderer:
         self._slowest_step: float | None = None
         self._warm_pid: int | None = None
         self._total = 0
+        self._native: int | None = None
+        """The model's native side (from the engine), for the high-res fix."""
+        self._cost_said = False
 
     def run(self, frame_list: list[int]) -> BatchSummary:
         """Render every frame of ``frame_list`` that is not complete yet; never raises for a frame."""
@@ -385,6 +394,8 @@ class BatchRenderer:
             summary.stopped = str(model.get("message") or f"model {self.model!r} not found")
             return False
         self.engine = engine_details(hello)
+        if isinstance(model, dict) and isinstance(model.get("native_size"), int):
+            self._native = model["native_size"]
         return True
 
     def _send(self, pending: _Pending, summary: BatchSummary, retry: bool = False) -> None:
@@ -398,11 +409,44 @@ class BatchRenderer:
                 + (f" (its last output: {tail})" if tail else "")
                 + "; starting a new one",
             )
-        pending.job = self.client.generate(
-            pending.layout, pending.tmp, pending.model, options=pending.options
+        settings = self.scene.layout_diffusion
+        if not self._cost_said:
+            self._cost_said = True
+            self._say_cost(pending, summary)
+        pending.job = start_generate(
+            self.client,
+            pending.layout,
+            pending.tmp,
+            pending.model,
+            pending.options,
+            native=self._native,
+            high_res=self.high_res and settings.use_high_res_fix,
+            strength=settings.high_res_strength,
         )
         if self.client.pid is not None and self.client.pid not in known:
             known.append(self.client.pid)
+
+    def _say_cost(self, pending: _Pending, summary: BatchSummary) -> None:
+        """Tell what each frame will cost (native size, size, estimate, high-res fix), once."""
+        spec = pending.model or model_spec(self.scene.layout_diffusion)
+        try:
+            known = cost.ask(self.client, spec, timeout=300.0)
+        except (EngineError, TimeoutError):
+            known = None
+        if known is None:
+            return
+        self._native = int(known["native_size"])
+        settings = self.scene.layout_diffusion
+        layout = pending.layout
+        lines = cost.describe(
+            known,
+            int(layout["width"]),
+            int(layout["height"]),
+            int(layout["steps"]),
+            settings.use_high_res_fix,
+            settings.high_res_strength,
+        )
+        self._notice(summary, "each frame: " + "; ".join(text for text, _ in lines))
 
     def _previous_paths(self, frame: int) -> frames.FramePaths | None:
         """With ``init_previous``: the frame whose image ``frame`` starts from (the one before).
@@ -419,6 +463,8 @@ class BatchRenderer:
         paths = pending.paths
         while True:
             event = self._wait(pending)
+            if isinstance(pending.job, HighResJob):
+                _remove(pending.job.first_out)  # the second pass has read it
             code = str(event.get("code") or event.get("event"))
             if event.get("event") == "result":
                 break
@@ -544,6 +590,10 @@ class BatchRenderer:
     def _settings(self) -> dict[str, Any]:
         settings = render_settings(self.scene, self.seed_mode)
         settings["init_previous"] = self.init_previous
+        scene = self.scene.layout_diffusion
+        if self.high_res and scene.use_high_res_fix:
+            # Part of the fingerprint: a changed strength renders the frames again.
+            settings["high_res_strength"] = round(float(scene.high_res_strength), 6)
         return settings
 
     def _discard(self, built: tuple[Any, str, str, float]) -> None:

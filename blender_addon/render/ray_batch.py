@@ -27,6 +27,9 @@ class RayBatchRenderer(BatchRenderer):
     Takes the same keyword arguments as the local batch, with ``pool`` instead of a client.
     """
 
+    high_res = False
+    """Actors run one generate per frame: the high-res fix is the local batch's only."""
+
     def __init__(self, scene, out_dir: str, pool: RayPool, **options: Any):
         super().__init__(scene, out_dir, None, **options)  # type: ignore[arg-type]
         self.pool = pool
