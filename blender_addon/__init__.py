@@ -22,6 +22,7 @@ _MODULES = (
     "ui.preferences",
     "ui.operators",
     "ui.panels",
+    "ui.results",
     "ui.overlay",
     "render.engine",
 )

@@ -17,7 +17,7 @@ from typing import Any
 from ..core import places, request
 from ..core.composite import Layer, composite_layers
 from ..core.errors import UserError
-from ..core.frames import seed_for_frame
+from ..core.frames import frame_paths, seed_for_frame
 from ..core.masks import DEPTH_MAX
 from ..core.names import safe_name
 from ..core.png import read_gray_png, read_rgb_png, write_rgb_png
@@ -51,6 +51,24 @@ def scene_seed_mode(scene) -> str:
     return str(value).lower()
 
 
+def previous_frame_init(scene, frame: int, folder: str) -> tuple[str | None, float | None]:
+    """With Start From Previous Frame: ``(image, strength)`` for animation frame ``frame`` to
+    start from the frame rendered before it (``frame`` minus the scene's Frame Step) in
+    ``folder``, as the batch renderer's ``--init-previous`` sends it; ``(None, None)`` for the
+    first frame, when the setting is off, or when that frame's image is not there (it was not
+    rendered in this folder): the frame then starts as any other."""
+    settings = scene.layout_diffusion
+    if not getattr(settings, "use_init_previous", False):
+        return None, None
+    previous = frame - max(1, scene.frame_step)
+    if previous < scene.frame_start:
+        return None, None
+    image = frame_paths(folder, previous).image
+    if not os.path.isfile(image):
+        return None, None
+    return image, request.number(settings.init_previous_strength)
+
+
 def labeled_objects(scene, depsgraph=None) -> list[LabeledObject]:
     """The scene's labeled objects with prompt and weight; with ``depsgraph``, as evaluated at
     its frame (keyframes on the label's weight and enabled switch are honoured in render threads
@@ -79,9 +97,9 @@ def build_request(
     """Project the labeled objects through the camera into a request, writing its files.
 
     A still (``frame`` None; Generate from Camera) reads the settings and labels as edited and
-    writes into the scene's output folder, where Last Result may be its init image; with
-    ``regenerate`` (an object name) it re-generates that object of the last result with
-    ``seed``, keeping every other pixel. An animation frame reads them as evaluated at the
+    writes into the scene's output folder, where Last Result may be its init image; ``seed``
+    replaces the scene's Seed (Random Seed), and with ``regenerate`` (an object name) it
+    re-generates that object of the last result with ``seed``, keeping every other pixel. An animation frame reads them as evaluated at the
     depsgraph's frame (keyframes honoured), starts from an emptied ``folder``, takes its seed
     from ``seed_mode`` and ``init`` (with ``strength``) replaces the scene's init image when
     given. Proxy Render and Object Layers init images come from the request's own proxy render;
@@ -103,6 +121,8 @@ def build_request(
     fields = request.layout_settings(settings)
     if not still:
         fields["seed"] = seed_for_frame(int(fields["seed"]), frame, seed_mode)
+    elif seed is not None:
+        fields["seed"] = seed  # Random Seed's draw; a re-generate sets its own below
     options = request.engine_options(settings, model_spec)
     model = model_spec(settings) or None
     reference = masks and request.sends_proxy_reference(settings)

@@ -15,13 +15,13 @@ import glob
 import os
 import shutil
 import sys
-import threading
 
 import bpy
 import numpy as np
 
 from ..core.errors import UserError
 from ..core.png import png_size, write_rgb_png
+from . import main_thread
 
 
 def _file_path(image) -> str | None:
@@ -98,7 +98,7 @@ def read_image_rgb(path: str) -> np.ndarray:
     """An 8-bit image file (the engine's PNG) as (H, W, 3) float32 in [0, 1], row 0 at the top.
 
     Read with OpenImageIO where Blender bundles it (any thread); else through a temporary image
-    datablock, which only the main thread may create.
+    datablock, which only the main thread may create (a render thread waits for it there).
     """
     try:
         oiio = import_oiio()
@@ -119,11 +119,11 @@ def read_image_rgb(path: str) -> np.ndarray:
 
 
 def _read_through_datablock(path: str) -> np.ndarray:
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError(
-            "this Blender build has no OpenImageIO module to read the generated image in the "
-            "render thread: render in the background (blender -b) or use Generate from Camera"
-        )
+    # Only the main thread may create a datablock: a render thread hands the read over to it.
+    return main_thread.call(lambda: _read_on_main(path))
+
+
+def _read_on_main(path: str) -> np.ndarray:
     image = bpy.data.images.load(path, check_existing=False)
     try:
         width, height = image.size

@@ -13,22 +13,26 @@ Placeholders, the compositor, multilayer EXR. Three more passes carry the layout
 
 The engine process is the add-on's shared one (:mod:`..client.engine_session`): it starts with the
 first frame and stays loaded for every following one. Each frame's PNG, sidecar and masks are
-kept next to the blend file (``layout_diffusion/<scene>/render/``) so any frame can be
-reproduced. Esc cancels the running generation; the model stays loaded.
+kept under the Output path, in the folder ``layout_diffusion`` beside Blender's own frames
+(:func:`..blender.outputs.render_dir`), so any frame can be reproduced. Esc cancels the running
+generation; the model stays loaded.
 
 The generated image is display-referred (sRGB). It is stored linear in Combined; with the
-Standard view transform a saved PNG gives back the engine's pixels.
+Standard view transform a saved PNG gives back the engine's pixels. Any other view warns once
+and offers Use Standard View (Color Management panel, the sidebar's Render View panel).
 
-Masks, depth and the reference image come from a nested Cycles render, which is only safe on
-the main thread: background renders (``blender -b``, the tests) have them; an interactive F12,
-rendered in a worker thread, sends boxes only (use Generate from Camera for masks there).
+Masks, depth and the proxy render come from a nested Cycles render, which only the main thread
+may start. Background renders (``blender -b``) run on the main thread; an interactive F12 or
+Ctrl-F12 renders in a worker thread, which hands the frame's request to the main thread and
+waits (:mod:`..blender.main_thread`), so it sends what Generate sends. With Render > Lock
+Interface on, the main thread runs nothing during a render: frames then go out with boxes only,
+and the render says so.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import threading
 import time
 import traceback
 
@@ -36,17 +40,21 @@ import bpy
 import numpy as np
 from bl_ui import properties_output, properties_render
 
+from ..blender import main_thread
 from ..blender.camera import render_resolution
-from ..blender.frame_request import build_request, scene_seed_mode
+from ..blender.frame_request import build_request, previous_frame_init, scene_seed_mode
 from ..blender.images import read_image_rgb
 from ..blender.outputs import render_dir
+from ..blender.view import view_changes
 from ..client import engine_session
 from ..client.engine_client import EngineError
-from ..core import frames
+from ..core import frames, places
 from ..core.errors import UserError
 from ..core.masks import box_pixels, resample_nearest
 from ..core.png import read_gray_png
 from ..ui import preferences
+from ..wire.layout import Layout
+from . import farm
 from .publish import engine_details, publish_frame, render_settings
 
 ENGINE_ID = "LAYOUT_DIFFUSION"
@@ -73,6 +81,9 @@ PALETTE = np.array(
 
 _hello: dict[int, dict] = {}
 """``hello`` replies by engine process id: asked once per process, not once per frame."""
+
+_warned: set[tuple] = set()
+"""Warnings already given this session (by scene and what they said): once, not every frame."""
 
 
 class RenderCancelled(Exception):
@@ -186,25 +197,42 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         seed_mode = scene_seed_mode(depsgraph.scene_eval)
         paths = frames.frame_paths(render_dir(scene), frame)
         started = time.perf_counter()
+        # Farms running Blender on one range: the frame is held from here until its file is
+        # written (see farm.py).
+        try:
+            waited_since = farm.claim_output(
+                scene, frame, self.is_animation, self.test_break, paths
+            )
+        except farm.WaitCancelled:
+            raise RenderCancelled from None
+        if waited_since is not None:
+            record = farm.made_elsewhere(paths, waited_since)
+            if record is not None:
+                base = os.path.dirname(paths.sidecar)
+                self._write_result(
+                    paths.image, Layout.from_dict(record["layout"], base_dir=base), width, height
+                )
+                self.update_stats("", f"Layout Diffusion: frame {frame} made by another renderer")
+                return
         self.update_stats("", f"Layout Diffusion: frame {frame}, building the layout")
-        # The mask render is a nested Cycles render: only safe on the main thread (background
-        # renders); interactive F12 runs in a render thread and uses boxes only.
-        on_main = threading.current_thread() is threading.main_thread()
-        made = build_request(
-            scene, depsgraph, paths.layout_dir, frame=frame, seed_mode=seed_mode, masks=on_main
-        )
+        init, strength = self._previous_frame(scene, frame)
+        made = self._build(scene, depsgraph, paths.layout_dir, frame, seed_mode, init, strength)
         layout_seconds = time.perf_counter() - started
         if self.test_break():
             raise RenderCancelled
-        if scene.view_settings.view_transform != "Standard":
-            self.report(
-                {"WARNING"},
-                "Layout Diffusion: the view transform is "
-                f"{scene.view_settings.view_transform!r}; set Color Management > View Transform "
-                "to Standard to see and save the generated image unchanged",
+        changes = view_changes(scene)
+        if changes:
+            self._warn_once(
+                scene,
+                "Layout Diffusion: Color Management changes the generated image ("
+                + ", ".join(changes)
+                + "): press Use Standard View (Render properties > Color Management, or "
+                f"{places.sidebar('Render View')}) to see and save the engine's pixels",
             )
 
-        client = engine_session.get_client(preferences.engine_python())
+        client = engine_session.get_client(
+            preferences.engine_python(), preferences.engine_command()
+        )
         if client.pid not in _hello:
             _hello[client.pid] = engine_details(client.hello())
         layout = made.layout.to_dict()
@@ -212,6 +240,9 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         event = self._generate(client, layout, tmp, made, frame)
         settings = render_settings(scene, seed_mode)
         settings["skipped"] = made.skipped
+        # As the batch records --init-previous: the frame can be made again from its sidecar.
+        settings["init_previous"] = strength
+        settings["renderer"] = {"host": farm.owner().host, "pid": farm.owner().pid}
         publish_frame(
             paths,
             tmp,
@@ -225,6 +256,78 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         self._write_result(paths.image, made.layout, width, height)
         seconds = event.get("seconds") or 0.0
         self.update_stats("", f"Layout Diffusion: frame {frame} generated in {seconds:.1f} s")
+
+    def _previous_frame(self, scene, frame: int) -> tuple[str | None, float | None]:
+        """Start From Previous Frame in an animation render: the image of the frame before and
+        the strength to start from it, as the batch's ``--init-previous``; ``(None, None)``
+        otherwise. A frame whose predecessor is not in the render folder starts from the
+        scene's Init Image, and the render says so once."""
+        if not self.is_animation:
+            return None, None
+        init, strength = previous_frame_init(scene, frame, render_dir(scene))
+        if init is None and scene.layout_diffusion.use_init_previous and frame > scene.frame_start:
+            self._warn_once(
+                scene,
+                f"Layout Diffusion: frame {frame} cannot start from the previous frame (not "
+                "rendered into this Output path yet); it starts as the first frame does",
+            )
+        return init, strength
+
+    def _build(
+        self,
+        scene,
+        depsgraph,
+        folder: str,
+        frame: int,
+        seed_mode: str,
+        init: str | None = None,
+        strength: float | None = None,
+    ):
+        """The frame's request with masks, depth and proxy render, as Generate builds it;
+        ``init`` (with ``strength``) replaces the scene's init image (the previous frame).
+
+        Their id render is a nested render that only the main thread may start: a render in a
+        worker thread (interactive F12) hands the whole build to the main thread and waits.
+        """
+
+        def build(masks: bool = True):
+            return build_request(
+                scene,
+                depsgraph,
+                folder,
+                frame=frame,
+                seed_mode=seed_mode,
+                masks=masks,
+                init=init,
+                strength=strength,
+            )
+
+        if main_thread.on_main_thread():
+            return build()
+        why = None
+        if scene.render.use_lock_interface:
+            # A locked interface refuses the main thread's render operator during a render.
+            why = "Render > Lock Interface is on (turn it off to send them)"
+        else:
+            try:
+                return main_thread.call(build, self.test_break)
+            except main_thread.Cancelled:
+                raise RenderCancelled from None
+            except main_thread.MainThreadBusy as exc:
+                why = str(exc)
+        self._warn_once(
+            scene,
+            "Layout Diffusion: frames go out with boxes only, without object masks, depth "
+            f"and proxy render: {why}",
+        )
+        return build(masks=False)
+
+    def _warn_once(self, scene, message: str) -> None:
+        """Report ``message`` as a warning the first time this session, not on every frame."""
+        key = (scene.name, message)
+        if key not in _warned:
+            _warned.add(key)
+            self.report({"WARNING"}, message)
 
     def _generate(self, client, layout: dict, tmp: str, made, frame: int) -> dict:
         """Run one generate request, showing progress and honouring Esc."""
@@ -301,10 +404,15 @@ def register() -> None:
     bpy.utils.register_class(LayoutDiffusionRenderEngine)
     for panel in _compatible_panels():
         panel.COMPAT_ENGINES.add(ENGINE_ID)
+    farm.register()
+    main_thread.register()
 
 
 def unregister() -> None:
+    main_thread.unregister()
+    farm.unregister()
     for panel in _compatible_panels():
         panel.COMPAT_ENGINES.discard(ENGINE_ID)
     bpy.utils.unregister_class(LayoutDiffusionRenderEngine)
     _hello.clear()
+    _warned.clear()

@@ -10,10 +10,12 @@ from typing import Any
 import bpy
 
 from ..blender.frame_request import build_request
+from ..blender.models import model_spec
 from ..blender.outputs import output_dir
-from ..client import engine_session
+from ..client import cost, engine_session
 from ..client.engine_client import ENGINE_GONE, EngineError, Job
-from ..core import request
+from ..client.high_res import HighResJob, start_generate
+from ..core import history, places, request
 from ..core.errors import UserError
 from . import overlay, preferences
 
@@ -26,7 +28,7 @@ class GenerationRun:
 
     def __init__(
         self,
-        job: Job,
+        job: Job | HighResJob,
         scene_name: str,
         out: str,
         width: int,
@@ -49,6 +51,8 @@ class GenerationRun:
         self.cancel_requested_at: float | None = None
         self.skipped: list = []
         self.started = time.monotonic()
+        self.cost_lines: list[tuple[str, str]] = []
+        """What the generation costs (``client.cost.describe``), reported when it starts."""
 
     @property
     def fraction(self) -> float:
@@ -68,6 +72,8 @@ class GenerationRun:
             self.status = "Loading the model"
         elif kind == "progress":
             self.status = f"Step {self.step}/{self.total}"
+            if event.get("passes") == 2:
+                self.status += " (High-res Fix: full size)" if event.get("pass") == 2 else ""
 
     def cancel(self) -> None:
         """First call: ask the engine to stop (model stays loaded). Second: kill the engine."""
@@ -96,7 +102,9 @@ def start_generation(
     """Build the Layout, save it, and send it to the (warm) engine. Raises UserError/EngineError.
 
     With ``regenerate`` (an object name): re-generate that object of the last result with
-    ``seed`` (see :func:`~..blender.frame_request.build_request`).
+    ``seed`` (see :func:`~..blender.frame_request.build_request`). Otherwise ``seed`` replaces
+    the scene's Seed; with Random Seed on, a new one is drawn (the result event reports it and
+    :func:`finish` keeps it as the result's seed, so the image can be reproduced).
     """
     global _run
     if current_run() is not None:
@@ -104,8 +112,19 @@ def start_generation(
     scene = context.scene
     # The engine first: a missing one fails before the mask render, and a cold one imports
     # torch while the masks render.
-    client = engine_session.get_client(preferences.engine_python(context))
+    client = engine_session.get_client(
+        preferences.engine_python(context), preferences.engine_command(context)
+    )
+    settings = scene.layout_diffusion
+    spec = model_spec(settings)
+    # Asked before the mask render, so a cold engine answers while the masks render; asked
+    # every time, so the estimate follows the engine's last measured steps.
+    asked = client.request("hello", model=spec or None, cost=True)
+    if seed is None and regenerate is None and scene.layout_diffusion.use_random_seed:
+        seed = request.next_seed(scene.layout_diffusion, "RANDOM")
     folder = output_dir(scene)
+    # Files of the last request (masks of objects since unlabeled) must not sit beside these.
+    history.clean_intermediates(folder)
     made = build_request(
         scene, context.evaluated_depsgraph_get(), folder, regenerate=regenerate, seed=seed
     )
@@ -114,11 +133,40 @@ def start_generation(
     overlay.set_layout(scene.name, layout.to_dict())
     out = os.path.join(folder, request.RESULT_NAME)
     sent = layout.to_dict()
-    job = client.generate(sent, out, made.model, options=made.options)
+    known = cost.answer(asked, spec, COST_WAIT_SECONDS)
+    # Re-generate Object keeps every other pixel of the last result: one pass at full size.
+    high_res = settings.use_high_res_fix and regenerate is None
+    strength = settings.high_res_strength
+    job = start_generate(
+        client,
+        sent,
+        out,
+        made.model,
+        made.options,
+        native=cost.native_size(spec),
+        high_res=high_res,
+        strength=strength,
+    )
     what = f"Re-generated {regenerate!r}" if regenerate else "Generated"
     _run = GenerationRun(job, scene.name, out, layout.width, layout.height, sent, what)
     _run.skipped = list(made.skipped)
+    _run.cost_lines = cost.describe(
+        known, layout.width, layout.height, layout.steps, high_res, strength
+    )
     return _run
+
+
+COST_WAIT_SECONDS = 60.0
+"""How long Generate waits for the engine's cost before it sends the request without it (a
+cold engine answers once torch is imported)."""
+
+
+def report_cost(run: GenerationRun, report) -> None:
+    """Say what the generation just sent will cost: one line, a warning when it is long."""
+    lines = getattr(run, "cost_lines", [])
+    if lines:
+        warn = any(icon == "ERROR" for _, icon in lines)
+        report({"WARNING" if warn else "INFO"}, "; ".join(text for text, _ in lines))
 
 
 def regenerate_target(context, name: str = ""):
@@ -180,7 +228,9 @@ def finish(run: GenerationRun, report) -> set[str]:
     kind = event.get("event")
     if kind == "result":
         scene = bpy.data.scenes.get(run.scene_name)
-        image = load_result(event.get("path") or run.out, scene)
+        path = event.get("path") or run.out
+        _keep_result(run, path, scene, report)
+        image = load_result(path, scene)
         seed = event.get("seed")
         if scene is not None and isinstance(seed, int) and 0 <= seed <= request.MAX_SEED:
             scene.layout_diffusion.result_seed = seed
@@ -212,6 +262,20 @@ def finish(run: GenerationRun, report) -> set[str]:
 
     report({"ERROR"}, message)
     return {"CANCELLED"}
+
+
+def _keep_result(run: GenerationRun, path: str, scene, report) -> str | None:
+    """Add the result to the scene's history and remove the request's intermediate files; the
+    history entry's path, None when it could not be written (reported as a warning)."""
+    folder = os.path.dirname(run.out)
+    keep = scene.layout_diffusion.history_size if scene is not None else history.DEFAULT_KEEP
+    try:
+        entry = history.record(folder, path, keep)
+    except OSError as exc:
+        report({"WARNING"}, f"The result could not be added to the history: {exc}")
+        return None
+    history.clean_intermediates(folder)
+    return entry
 
 
 def _condition_warnings(event: dict[str, Any], scene) -> list[str]:
@@ -269,6 +333,7 @@ class _GenerationOperator:
         run = self._start(context)
         if run is None:
             return {"CANCELLED"}
+        report_cost(run, self.report)
         for event in run.job:
             run.update(event)
         return finish(run, self.report)
@@ -279,6 +344,7 @@ class _GenerationOperator:
         run = self._start(context)
         if run is None:
             return {"CANCELLED"}
+        report_cost(run, self.report)
         self._run = run
         wm = context.window_manager
         wm.progress_begin(0, 100)
@@ -366,18 +432,25 @@ class LAYOUT_DIFFUSION_OT_regenerate_object(_GenerationOperator, bpy.types.Opera
 
     @classmethod
     def poll(cls, context) -> bool:
-        if context.scene is None or current_run() is not None:
+        # Permissive: poll cannot see object_name, and a script naming a labeled object must
+        # not be refused for the active one. An unlabeled target is refused in _start, saying
+        # why; buttons grey themselves out for the object they act on.
+        if context.scene is None:
             return False
-        obj = regenerate_target(context)
-        return obj is not None and obj.layout_diffusion.enabled
+        if current_run() is not None:
+            cls.poll_message_set("A generation is running: wait for it or press Cancel")
+            return False
+        return True
 
     def _start(self, context) -> GenerationRun | None:
         obj = regenerate_target(context, self.object_name)
         try:
+            if obj is None and self.object_name:
+                raise UserError(f"There is no object {self.object_name!r} in this scene")
             if obj is None or not obj.layout_diffusion.enabled:
-                what = repr(self.object_name) if self.object_name else "The active object"
+                what = repr(obj.name) if obj is not None else "The active object"
                 raise UserError(
-                    f"{what} is not a labeled object: label it (Object properties > Layout) "
+                    f"{what} is not a labeled object: label it ({places.object_panel()}) "
                     "and generate the whole image first"
                 )
             settings = context.scene.layout_diffusion
@@ -465,8 +538,36 @@ class LAYOUT_DIFFUSION_OT_show_result(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class LAYOUT_DIFFUSION_OT_estimate_cost(bpy.types.Operator):
+    """Ask the engine what generating at the render size costs with the scene's model: its
+    native size and the time per step on its device (starts the engine)"""
+
+    bl_idname = "layout_diffusion.estimate_cost"
+    bl_label = "Estimate Cost"
+
+    def execute(self, context):
+        spec = model_spec(context.scene.layout_diffusion)
+        task = cost.check(
+            preferences.engine_python(context), spec, preferences.engine_command(context)
+        )
+
+        def redraw_when_done() -> float | None:
+            if task.running:
+                return 0.5
+            for window in getattr(bpy.context.window_manager, "windows", ()):
+                for area in window.screen.areas:
+                    if area.type == "VIEW_3D":
+                        area.tag_redraw()
+            return None
+
+        if not bpy.app.background:
+            bpy.app.timers.register(redraw_when_done, first_interval=0.5)
+        return {"FINISHED"}
+
+
 CLASSES = (
     LAYOUT_DIFFUSION_OT_generate,
+    LAYOUT_DIFFUSION_OT_estimate_cost,
     LAYOUT_DIFFUSION_OT_regenerate_object,
     LAYOUT_DIFFUSION_OT_cancel,
     LAYOUT_DIFFUSION_OT_label_selected,

@@ -129,8 +129,9 @@ def test_init_from_render_refusals_and_hints(rendered_init):
     )
     assert "set Init Image to Proxy Render" in errors["layers_without_images"]
     assert errors["interactive_f12"].startswith(
-        "Init Image is Object Layers, but an interactive F12 sends boxes only"
+        "Init Image is Object Layers, but this render sends boxes only"
     )
+    assert "turn Lock Interface off" in errors["interactive_f12"]
     drawn = rendered_init["drawn"]
     assert drawn["errors"] == []
     assert "No labeled object has a Reference Image" in drawn["without_images"]

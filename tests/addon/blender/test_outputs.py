@@ -13,6 +13,8 @@ def test_blend_relative_model_paths_become_absolute(registration):
     assert spec == expected
 
 
-def test_outputs_go_next_to_the_blend_file_or_to_temp(registration):
+def test_outputs_go_next_to_the_blend_file_or_to_the_users_own_temp_folder(registration):
     unsaved, saved, expected_unsaved, expected_saved = registration["output_dirs"]
     assert (unsaved, saved) == (expected_unsaved, expected_saved)
+    # An unsaved file's outputs are readable by their user alone.
+    assert registration["private_temp_mode"] == 0o700

@@ -89,7 +89,8 @@ def test_pixel_helpers(report):
     assert helpers["bilinear_same_size_is_identity"]
     assert helpers["bilinear_corners"] == [0.0, 11.0]
     assert helpers["bilinear_middle"] == pytest.approx(5.5)
-    # Without masks (interactive F12 renders boxes only) the region pass fills each box.
+    # Without masks (a render with Lock Interface on sends boxes only) the region pass fills
+    # each box.
     assert helpers["box_region_rows"] == [4, 5, 6, 7]
     assert helpers["box_region_cols"] == [2, 3, 4, 5]
     assert helpers["box_depth_max"] == 0.0
@@ -156,7 +157,8 @@ def scenario_render(folder: str, model: str) -> dict:
     scene = bpy.context.scene
     scene.render.engine = "LAYOUT_DIFFUSION"
     scene.view_settings.view_transform = "Standard"
-    render_dir = os.path.join(folder, "layout_diffusion", "Scene", "render")
+    # The engine's per-frame files go under the Output path's folder.
+    render_dir = os.path.join(folder, "layout_diffusion")
 
     # F12 at frame 2, written as a multilayer EXR.
     scene.frame_set(2)
@@ -244,13 +246,14 @@ def scenario_render(folder: str, model: str) -> dict:
     scene.render.filepath = os.path.join(out, "img_####")
     scene.render.use_overwrite = False
     bpy.ops.render.render(animation=True)
-    names = sorted(os.listdir(out))
+    names = sorted(n for n in os.listdir(out) if n.endswith(".png"))
     before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in names}
     pid = engine_session.current_client().pid
     bpy.ops.render.render(animation=True)
     rewritten = [n for n in names if os.stat(os.path.join(out, n)).st_mtime_ns != before[n]]
     sidecars = [
-        frames.read_sidecar(os.path.join(render_dir, f"frame_000{f}.json")) for f in (1, 2, 3)
+        frames.read_sidecar(os.path.join(out, "layout_diffusion", f"frame_000{f}.json"))
+        for f in (1, 2, 3)
     ]
     animation = {
         "files": names,
