@@ -1,5 +1,6 @@
-"""Panels: the object's label (Object properties), the Layout sidebar tab, the camera header,
-and Re-generate Object in the 3D View's object context menu."""
+"""Panels: the object's label (Object properties), the sidebar tab with Generate and the scene's
+settings in the artist's order (prompt, image, regions, guidance, conditions, output), the camera
+header, and Re-generate Object in the 3D View's object context menu."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import bpy
 
 from ..blender.camera import render_resolution
 from ..blender.models import model_spec
-from ..client import engine_session
-from ..core import request
+from ..client import cost, engine_session
+from ..core import places, request
+from ..core.projection import size_change
+from ..wire.cost import far_above_native
 from . import operators, preferences
 
 MAX_LISTED = 40
@@ -16,11 +19,11 @@ MAX_LISTED = 40
 
 
 class OBJECT_PT_layout_diffusion(bpy.types.Panel):
-    """Object properties > Layout: whether the object is labeled, its prompt and weight, how much
-    of an init image it keeps, its reference image, how closely it follows the proxy's depth,
-    and Re-generate Object."""
+    """Object properties > Proxy Label: whether the object is labeled, its prompt and weight, how
+    much of an init image it keeps, its reference image, how closely it follows the proxy's
+    depth, and Re-generate Object."""
 
-    bl_label = "Layout"
+    bl_label = places.OBJECT_PANEL
     bl_space_type = "PROPERTIES"
     bl_region_type = "WINDOW"
     bl_context = "object"
@@ -62,7 +65,9 @@ class OBJECT_PT_layout_diffusion(bpy.types.Panel):
         sub = row.row()
         sub.active = settings.use_depth_scale
         sub.prop(settings, "depth_scale", text="")
-        layout.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+        # Named: the panel's object may be pinned, not the active one.
+        op = layout.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+        op.object_name = context.object.name
 
 
 def _image_field(layout, data, prop: str, text: str) -> None:
@@ -77,11 +82,20 @@ def _image_field(layout, data, prop: str, text: str) -> None:
 class _SidebarPanel:
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
-    bl_category = "Layout"
+    bl_category = places.SIDEBAR_TAB
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+"""Model files that are one checkpoint: only these need a Model Config."""
+
+
+def is_single_file(spec: str) -> bool:
+    """Whether model ``spec`` names one checkpoint file (not a folder, repo id or alias)."""
+    return spec.strip().lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
 class VIEW3D_PT_layout_diffusion(_SidebarPanel, bpy.types.Panel):
-    """Generate, its progress, and the scene's prompts."""
+    """Generate, its progress, the model, and a line naming the guidance in use."""
 
     bl_label = "Layout Diffusion"
 
@@ -98,21 +112,34 @@ class VIEW3D_PT_layout_diffusion(_SidebarPanel, bpy.types.Panel):
             row.operator("layout_diffusion.cancel", text="", icon="X")
         if scene.camera is None:
             layout.label(text="No camera: add one and set it as scene camera", icon="ERROR")
-        width, height = render_resolution(scene)
-        layout.label(text=f"{width} x {height} px (Output properties)", icon="IMAGE_DATA")
-        layout.prop(settings, "prompt", text="")
+        for text, icon in cost_lines(scene):
+            if icon == "ERROR":  # a long run is said before the Image panel is opened
+                layout.label(text=text, icon=icon)
         col = layout.column()
         col.use_property_split = True
-        col.prop(settings, "negative_prompt", text="Negative")
-        col.prop(settings, "background_prompt", text="Background")
         col.prop(settings, "model")
+        sub = col.column()
+        # Configs matter only when the model is one checkpoint file.
+        sub.active = is_single_file(settings.model)
+        sub.prop(settings, "model_config")
         summary = guidance_summary(scene)
         if summary:
             layout.label(text=summary, icon="MODIFIER")
-        row = layout.row(align=True)
-        row.prop(settings, "show_overlay", toggle=True, icon="SELECT_SET")
-        row.prop(settings, "use_as_camera_background", toggle=True, icon="IMAGE_BACKGROUND")
-        row.operator("layout_diffusion.show_result", text="", icon="IMAGE")
+
+
+class VIEW3D_PT_layout_diffusion_prompt(_SidebarPanel, bpy.types.Panel):
+    """The scene's prompts: the whole picture, what to avoid, and what is outside the objects."""
+
+    bl_label = places.PROMPT
+    bl_parent_id = "VIEW3D_PT_layout_diffusion"
+
+    def draw(self, context) -> None:
+        settings = context.scene.layout_diffusion
+        layout = self.layout
+        layout.use_property_split = True
+        layout.prop(settings, "prompt")
+        layout.prop(settings, "negative_prompt")
+        layout.prop(settings, "background_prompt")
 
 
 def guidance_summary(scene) -> str:
@@ -140,20 +167,71 @@ def guidance_summary(scene) -> str:
 
 
 class VIEW3D_PT_layout_diffusion_settings(_SidebarPanel, bpy.types.Panel):
-    """Sampling settings."""
+    """The image: its size (from the render settings), seed and sampling."""
 
-    bl_label = "Settings"
+    bl_label = places.IMAGE
     bl_parent_id = "VIEW3D_PT_layout_diffusion"
-    bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context) -> None:
-        settings = context.scene.layout_diffusion
+        scene = context.scene
+        settings = scene.layout_diffusion
         layout = self.layout
         layout.use_property_split = True
-        layout.prop(settings, "seed")
+        draw_size_and_cost(layout, scene)
+        col = layout.column()
+        col.active = not settings.use_random_seed
+        col.prop(settings, "seed")
+        layout.prop(settings, "use_random_seed")
+        if settings.use_random_seed and settings.result_seed >= 0:
+            layout.label(text=f"Last result: seed {settings.result_seed}", icon="INFO")
+        layout.prop(settings, "seed_mode")
         layout.prop(settings, "steps")
         layout.prop(settings, "guidance_scale")
-        layout.prop(settings, "base_ratio")
+
+
+def cost_lines(scene) -> list[tuple[str, str]]:
+    """``(text, icon)`` lines on what generating the scene costs: native and generated size,
+    the estimate and the high-res fix (see ``client.cost.describe``)."""
+    settings = scene.layout_diffusion
+    width, height = size_change(*render_resolution(scene)).size
+    known = cost.known(model_spec(settings))
+    return cost.describe(
+        known,
+        width,
+        height,
+        settings.steps,
+        settings.use_high_res_fix,
+        settings.high_res_strength,
+    )
+
+
+def draw_size_and_cost(layout, scene) -> None:
+    """The size generated at (and how it differs from the render resolution), the model's
+    native size, the estimate, and the high-res fix when the size is far above native."""
+    settings = scene.layout_diffusion
+    change = size_change(*render_resolution(scene))
+    width, height = change.size
+    if change.changed:
+        layout.label(text=change.message, icon="INFO")
+    layout.label(text=f"{width} x {height} px (Output properties)", icon="IMAGE_DATA")
+    spec = model_spec(settings)
+    known = cost.known(spec)
+    for text, icon in cost_lines(scene):
+        layout.label(text=text, icon=icon)
+    if known is None:
+        task = cost.checking(spec)
+        if task is not None and task.running:
+            layout.label(text=f"Estimating: {task.status}", icon="SORTTIME")
+        else:
+            if task is not None and task.error:
+                layout.label(text=f"No estimate: {task.error}", icon="ERROR")
+            layout.operator("layout_diffusion.estimate_cost", icon="TIME")
+        return
+    if far_above_native(width, height, int(known["native_size"])):
+        layout.prop(settings, "use_high_res_fix")
+        sub = layout.column()
+        sub.active = settings.use_high_res_fix
+        sub.prop(settings, "high_res_strength")
 
 
 def latent_cost(regions: int, base_ratio: float = 0.2) -> float:
@@ -173,10 +251,69 @@ def layer_count(scene) -> int:
     )
 
 
-class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
-    """Guidance mode, the pull toward the proxy render, the init image and Re-generate."""
+class VIEW3D_PT_layout_diffusion_objects(_SidebarPanel, bpy.types.Panel):
+    """The labeled objects (prompts and weights editable in place), how each prompt is held to
+    its region, and Re-generate Object."""
 
-    bl_label = "Guidance"
+    bl_label = places.REGIONS
+    bl_parent_id = "VIEW3D_PT_layout_diffusion"
+
+    def draw(self, context) -> None:
+        scene = context.scene
+        settings = scene.layout_diffusion
+        layout = self.layout
+        row = layout.row(align=True)
+        row.operator("layout_diffusion.label_selected", icon="ADD")
+        row.operator("layout_diffusion.unlabel_selected", icon="REMOVE")
+        labeled = [ob for ob in scene.objects if ob.layout_diffusion.enabled]
+        if not labeled:
+            layout.label(text="Select proxy objects and press Label Selected", icon="INFO")
+        col = layout.column(align=True)
+        for ob in labeled[:MAX_LISTED]:
+            row = col.row(align=True)
+            row.label(text=ob.name, icon="OBJECT_DATA")
+            row.prop(ob.layout_diffusion, "prompt", text="")
+            sub = row.row(align=True)
+            sub.ui_units_x = 3
+            sub.prop(ob.layout_diffusion, "weight", text="")
+        if len(labeled) > MAX_LISTED:
+            layout.label(text=f"... and {len(labeled) - MAX_LISTED} more")
+
+        layout.separator()
+        col = layout.column()
+        col.use_property_split = True
+        col.prop(settings, "mode", expand=True)
+        if settings.mode == "LATENT":
+            # Objects sharing a prompt share its model call.
+            count = len({ob.layout_diffusion.prompt for ob in labeled})
+            col.label(
+                text=(
+                    f"Up to {latent_cost(count, settings.base_ratio):.1f}x the time of "
+                    f"Attention ({count} prompts)"
+                ),
+                icon="TIME",
+            )
+            if engine_session.has_capability("latent") is False:
+                col.label(text="This engine has no latent mode: update it", icon="ERROR")
+        col.prop(settings, "base_ratio")
+
+        layout.separator()
+        col = layout.column()
+        col.use_property_split = True
+        col.prop(settings, "regenerate_seed")
+        if settings.result_seed >= 0:
+            text = f"Last result: seed {settings.result_seed}"
+            if settings.regenerate_seed == "NEXT":
+                text += f", next {request.next_seed(settings)}"
+            col.label(text=text, icon="INFO")
+        layout.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+
+
+class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
+    """The pull toward the proxy render, the init image, and animations starting each frame from
+    the one before."""
+
+    bl_label = places.GUIDANCE
     bl_parent_id = "VIEW3D_PT_layout_diffusion"
     bl_options = {"DEFAULT_CLOSED"}
 
@@ -185,21 +322,6 @@ class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
         settings = scene.layout_diffusion
         layout = self.layout
         layout.use_property_split = True
-        layout.prop(settings, "mode", expand=True)
-        if settings.mode == "LATENT":
-            # Objects sharing a prompt share its model call.
-            count = len(
-                {ob.layout_diffusion.prompt for ob in scene.objects if ob.layout_diffusion.enabled}
-            )
-            layout.label(
-                text=(
-                    f"Up to {latent_cost(count, settings.base_ratio):.1f}x the time of "
-                    f"Attention ({count} prompts)"
-                ),
-                icon="TIME",
-            )
-            if engine_session.has_capability("latent") is False:
-                layout.label(text="This engine has no latent mode: update it", icon="ERROR")
         layout.prop(settings, "use_reference")
         col = layout.column()
         col.active = settings.use_reference
@@ -225,25 +347,22 @@ class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
                 layout.label(text=text, icon="RENDERLAYERS")
             else:
                 layout.label(text="No labeled object has a Reference Image", icon="ERROR")
-                layout.label(text="Set one in Object properties > Layout")
+                layout.label(text="Set one in " + places.object_panel("Reference Image"))
         col = layout.column()
         col.active = settings.init_source != "NONE"
         col.prop(settings, "strength")
         layout.separator()
-        layout.prop(settings, "regenerate_seed")
-        if settings.result_seed >= 0:
-            text = f"Last result: seed {settings.result_seed}"
-            if settings.regenerate_seed == "NEXT":
-                text += f", next {request.next_seed(settings)}"
-            layout.label(text=text, icon="INFO")
-        layout.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+        layout.prop(settings, "use_init_previous")
+        col = layout.column()
+        col.active = settings.use_init_previous
+        col.prop(settings, "init_previous_strength")
 
 
 class VIEW3D_PT_layout_diffusion_conditions(_SidebarPanel, bpy.types.Panel):
     """Depth ControlNet, IP-Adapter and GLIGEN: which models, how strong, and whether the
     engine has them (from the last health check)."""
 
-    bl_label = "Conditions"
+    bl_label = places.CONDITIONS
     bl_parent_id = "VIEW3D_PT_layout_diffusion"
     bl_options = {"DEFAULT_CLOSED"}
 
@@ -304,31 +423,20 @@ def _state_label(layout, available: bool | None, message: str) -> None:
     layout.label(text=message, icon=icon)
 
 
-class VIEW3D_PT_layout_diffusion_objects(_SidebarPanel, bpy.types.Panel):
-    """The labeled objects, with their prompts and weights editable in place."""
+class VIEW3D_PT_layout_diffusion_output(_SidebarPanel, bpy.types.Panel):
+    """Where the result shows: the boxes in the camera view, the camera background, the image."""
 
-    bl_label = "Labeled Objects"
+    bl_label = places.OUTPUT
     bl_parent_id = "VIEW3D_PT_layout_diffusion"
+    bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context) -> None:
+        settings = context.scene.layout_diffusion
         layout = self.layout
-        row = layout.row(align=True)
-        row.operator("layout_diffusion.label_selected", icon="ADD")
-        row.operator("layout_diffusion.unlabel_selected", icon="REMOVE")
-        labeled = [ob for ob in context.scene.objects if ob.layout_diffusion.enabled]
-        if not labeled:
-            layout.label(text="Select proxy objects and press Label Selected", icon="INFO")
-            return
-        col = layout.column(align=True)
-        for ob in labeled[:MAX_LISTED]:
-            row = col.row(align=True)
-            row.label(text=ob.name, icon="OBJECT_DATA")
-            row.prop(ob.layout_diffusion, "prompt", text="")
-            sub = row.row(align=True)
-            sub.ui_units_x = 3
-            sub.prop(ob.layout_diffusion, "weight", text="")
-        if len(labeled) > MAX_LISTED:
-            layout.label(text=f"... and {len(labeled) - MAX_LISTED} more")
+        layout.use_property_split = True
+        layout.prop(settings, "show_overlay")
+        layout.prop(settings, "use_as_camera_background")
+        layout.operator("layout_diffusion.show_result", icon="IMAGE")
 
 
 def draw_camera_header(self, context) -> None:
@@ -355,10 +463,13 @@ def draw_object_context_menu(self, context) -> None:
 CLASSES = (
     OBJECT_PT_layout_diffusion,
     VIEW3D_PT_layout_diffusion,
+    # Sub-panels show in this order: the artist's order of thought.
+    VIEW3D_PT_layout_diffusion_prompt,
     VIEW3D_PT_layout_diffusion_settings,
+    VIEW3D_PT_layout_diffusion_objects,
     VIEW3D_PT_layout_diffusion_guidance,
     VIEW3D_PT_layout_diffusion_conditions,
-    VIEW3D_PT_layout_diffusion_objects,
+    VIEW3D_PT_layout_diffusion_output,
 )
 
 

@@ -17,8 +17,9 @@ def test_panels_draw_with_existing_properties_and_operators(registration):
     assert "layout_diffusion.generate" in drawn["idle"]["operators"]
     assert "layout_diffusion.cancel" in drawn["running"]["operators"]
     assert drawn["running"]["progress"] == [[0.25, "Step 1/4"]]
-    assert {"prompt", "model", "show_overlay"} <= set(drawn["idle"]["props"])
-    assert drawn["objects"]["labels"] == ["B"]  # only B is still labeled
+    assert {"model", "model_config"} <= set(drawn["idle"]["props"])
+    listed = [label for label in drawn["objects"]["labels"] if label in {"A", "B", "C"}]
+    assert listed == ["B"]  # only B is still labeled
     assert drawn["header"] == ["layout_diffusion.generate"]
     assert {"python", "engine_command", "engine_source", "torch_build"} <= set(
         drawn["preferences"]["props"]
@@ -51,11 +52,12 @@ def test_health_check_greys_out_what_the_engine_lacks(guidance):
     assert {"controlnet", "depth_scale", "ip_adapter"} <= set(drawn["conditions"]["props"])
     assert check["ip_adapter"][1] in drawn["conditions"]["labels"]
     assert "layout_diffusion.check_engine" in drawn["conditions"]["operators"]
-    assert {"mode", "use_reference", "reference_scale", "init_source", "init_image"} <= set(
+    assert {"use_reference", "reference_scale", "init_source", "init_image"} <= set(
         drawn["guidance"]["props"]
     )
+    assert {"mode", "base_ratio", "regenerate_seed"} <= set(drawn["regions"]["props"])
     # The engine's cost: (R + 3) / 2 with the default base_ratio.
-    assert "Up to 2.5x the time of Attention (2 prompts)" in drawn["guidance"]["labels"]
+    assert "Up to 2.5x the time of Attention (2 prompts)" in drawn["regions"]["labels"]
     assert (
         "Latent mode, proxy pull, init image, depth, 1 reference image" in drawn["main"]["labels"]
     )
