@@ -306,7 +306,20 @@ class VIEW3D_PT_layout_diffusion_objects(_SidebarPanel, bpy.types.Panel):
             if settings.regenerate_seed == "NEXT":
                 text += f", next {request.next_seed(settings)}"
             col.label(text=text, icon="INFO")
-        layout.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+        # The operator accepts any object a script names; this button acts on the active one.
+        target = operators.regenerate_target(context)
+        row = layout.row()
+        row.enabled = target is not None and target.layout_diffusion.enabled
+        if target is None or not target.layout_diffusion.enabled:
+            row.operator("layout_diffusion.regenerate_object", icon="FILE_REFRESH")
+            layout.label(text="Select a labeled object to re-generate it", icon="INFO")
+        else:
+            op = row.operator(
+                "layout_diffusion.regenerate_object",
+                text=f"Re-generate {target.name}",
+                icon="FILE_REFRESH",
+            )
+            op.object_name = target.name
 
 
 class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):

@@ -116,6 +116,13 @@ def test_regenerate_object_is_offered_to_scripts_naming_an_object(panels):
     assert "Set up engine" in regenerate["labeled_named"]
 
 
+def test_the_regions_button_names_the_active_object_or_says_what_to_select(panels):
+    button = panels["regions_button"]
+    assert ["object_name", "red_box"] in button["labeled"]["operator_props"]
+    assert button["unlabeled"]["operator_props"] == []
+    assert "Select a labeled object to re-generate it" in button["unlabeled"]["labels"]
+
+
 def test_random_seed_draws_a_new_seed_each_generate_and_records_it(seeds):
     runs = seeds["random"]
     assert [run["result"] for run in runs] == [["FINISHED"]] * 3
@@ -314,8 +321,23 @@ def scenario_panels() -> dict:
     specs["options_without_config"] = request.engine_options(settings, model_spec)
     out["specs"] = specs
 
-    # Re-generate Object named from a script while an unlabeled object is active.
     camera = scene.camera
+
+    def regions_with(obj) -> dict:
+        from addon_ui_scenarios import _Recorder
+
+        log = {"errors": out["errors"], "props": [], "operators": [], "labels": [], "progress": []}
+        context = SimpleNamespace(
+            scene=scene, object=obj, active_object=obj, preferences=bpy.context.preferences
+        )
+        panels.VIEW3D_PT_layout_diffusion_objects.draw(
+            SimpleNamespace(layout=_Recorder(log)), context
+        )
+        return {"operator_props": log.get("operator_props", []), "labels": log["labels"]}
+
+    out["regions_button"] = {"labeled": regions_with(cube), "unlabeled": regions_with(camera)}
+
+    # Re-generate Object named from a script while an unlabeled object is active.
     bpy.context.view_layer.objects.active = camera
     prefs = preferences.get_preferences()
     prefs.python = os.path.join(folder, "missing-venv", "bin", "python")
