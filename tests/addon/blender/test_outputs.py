@@ -18,3 +18,9 @@ def test_outputs_go_next_to_the_blend_file_or_to_the_users_own_temp_folder(regis
     assert (unsaved, saved) == (expected_unsaved, expected_saved)
     # An unsaved file's outputs are readable by their user alone.
     assert registration["private_temp_mode"] == 0o700
+
+
+def test_render_files_go_under_the_output_path(registration):
+    # "//" before the file is saved resolves into the user's private folder.
+    found, expected = registration["render_dirs"]
+    assert found == expected
