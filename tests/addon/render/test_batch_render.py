@@ -365,6 +365,17 @@ def test_engine_command_renders_through_a_remote_engine_the_pixels_of_a_local_on
     requests = os.listdir(tmp_path / "remote" / "tmp")
     assert [n for n in requests if n.startswith("ld-request-")] == []
 
+    # The connection drops after frame 1: frame 2 starts the command again.
+    dropped = tmp_path / "dropped"
+    run = run_scenario(
+        "batch", blend, str(dropped), "1-2", "--kill-after", "1", "--command", json.dumps(command)
+    )
+    assert [(o["frame"], o["status"]) for o in run["outcomes"]] == [(1, "written"), (2, "written")]
+    assert len(run["engine_pids"]) == 2 and run["stopped"] == ""
+    assert [n for n in run["notices"] if n.startswith("frame 2: the engine process stopped")]
+    with Image.open(remote / "frame_0002.png") as a, Image.open(dropped / "frame_0002.png") as b:
+        assert list(a.getdata()) == list(b.getdata())
+
     proc = batch("--out", str(remote), "--engine-command", "ssh 'gpu-box")
     assert proc.returncode == 2 and "--engine-command: the engine command" in proc.stderr
     proc = batch("--out", str(remote), "--engine-command", "ssh gpu", "--ray")
@@ -419,7 +430,8 @@ def scenario_batch(blend: str, out: str, spec: str, *options: str) -> dict:
     stop_after = int(flags.get("--stop-after", 0)) or None
     blender_addon.register()
     bpy.ops.wm.open_mainfile(filepath=blend)
-    client = EngineClient(blender_scenario.engine_python(), cwd=ROOT)
+    command = json.loads(flags.get("--command", "null"))
+    client = EngineClient(blender_scenario.engine_python(), cwd=ROOT, command=command)
 
     def on_frame(outcome) -> None:
         if outcome.status != "written":
