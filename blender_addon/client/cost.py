@@ -133,7 +133,11 @@ def describe(
         fixed = high_res_seconds(cost, width, height, steps, strength)
         small = native_area_size(width, height, native)
         icon = "ERROR" if fixed > LONG_SECONDS else "TIME"
-        lines.append((f"{about} {duration(fixed)} with High-res Fix", icon))
+        text = f"{about} {duration(fixed)} with High-res Fix"
+        if fixed > LONG_SECONDS:
+            # Its full-size pass still runs at the full size: only a smaller size is quicker.
+            text += ": lower the resolution for a quicker image"
+        lines.append((text, icon))
         lines.append(
             (
                 f"{small[0]} x {small[1]}, then {width} x {height} at strength {strength:.2f} "

@@ -34,7 +34,8 @@ def test_far_above_native_with_and_without_the_fix():
     assert on[0] == ("Native 64 x 64, generating 1920 x 1080", "IMAGE_DATA")
     text, icon = on[1]
     # Hours either way on the CPU with a 64 px model: a warning, a lower bound before any run.
-    assert text.startswith("At least ") and text.endswith(" h with High-res Fix")
+    assert text.startswith("At least ")
+    assert text.endswith(" h with High-res Fix: lower the resolution for a quicker image")
     assert icon == "ERROR"
     assert on[2][0].startswith("128 x 72, then 1920 x 1080 at strength 0.40 (directly: ")
     off = cost.describe(SHAPES, 1920, 1080, 30, False, 0.4)
@@ -61,3 +62,8 @@ def test_answer_keeps_the_cost_and_survives_a_slow_engine():
     cost.remember("other", {"available": False, "message": "no configs"})
     assert cost.known("other") is None and cost.native_size("other") is None
     cost.forget()
+
+
+def test_a_quick_high_res_fix_gives_no_advice():
+    text, icon = cost.describe(SHAPES, 160, 96, 4, True, 0.5)[1]
+    assert icon == "TIME" and text.endswith(" with High-res Fix")

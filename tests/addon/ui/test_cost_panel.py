@@ -18,8 +18,9 @@ def test_panel_offers_an_estimate_then_shows_native_size_and_cost(cost_scenario)
     on = cost_scenario["fix_on"]
     assert "Native 64 x 64, generating 1920 x 1080" in on["labels"]
     assert {"use_high_res_fix", "high_res_strength"} <= set(on["props"])
-    estimate = [label for label in on["labels"] if label.endswith("with High-res Fix")]
+    estimate = [label for label in on["labels"] if " with High-res Fix" in label]
     assert len(estimate) == 1 and estimate[0].startswith("At least ")
+    assert estimate[0].endswith(": lower the resolution for a quicker image")
     assert any(
         label.startswith("128 x 72, then 1920 x 1080 at strength 0.40") for label in on["labels"]
     )
