@@ -1,3 +1,4 @@
 """Generated images into Blender's render pipeline: the render engine (``engine``: F12,
 Ctrl-F12, Combined and the layout passes), the resumable batch renderer (``batch``) with its
-command line (``python -m blender_addon.render``), and what every frame leaves (``publish``)."""
+command line (``python -m blender_addon.render``), what every frame leaves (``publish``), and
+frame claims for farms that run Blender itself (``farm``)."""
