@@ -51,6 +51,14 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
         "--vae-tiling", action="store_true", help="decode large images in tiles to save memory"
     )
     group.add_argument(
+        "--kept-text-mib",
+        type=_mebibytes,
+        metavar="MIB",
+        help="device memory a regional generate may spend keeping its prompts' attention keys "
+        "and values for the whole call (default: up to 3 GiB and a quarter of free GPU memory; "
+        "0 keeps none: 2.5 GiB less with 100 prompts, steps up to 1.3x slower)",
+    )
+    group.add_argument(
         "--controlnet",
         help="SDXL depth ControlNet (diffusers folder, cached repo id or .safetensors file), "
         "applied with the Layout's depth map",
@@ -82,6 +90,13 @@ def _add_output_options(parser: argparse.ArgumentParser, default: str) -> None:
         help="a folder under which missing output folders may be created (repeatable; "
         f"allowed: {default}these)",
     )
+
+
+def _mebibytes(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more MiB, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +153,7 @@ def _load_options(args: argparse.Namespace) -> LoadOptions:
         dtype=args.dtype,
         cpu_offload=args.cpu_offload,
         vae_tiling=args.vae_tiling,
+        kept_text_mib=args.kept_text_mib,
         allow_pickle=args.allow_pickle,
         config=args.config,
         controlnet=args.controlnet,

@@ -151,6 +151,9 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
     cross-attention layers between steps (SDXL in half precision: 0.26 GiB at 8 prompts, 2.5
     GiB at 100); layers beyond it project their text at every step. 0 keeps none; None: 3 GiB,
     and on a GPU at most a quarter of the memory free when the call starts."""
+    regional_last_kept_bytes: int = 0
+    """The text keys and values the last regional Layout call kept at most (0 for a call with
+    one prompt block, which runs as plain SDXL)."""
 
     # Attached by engine.loading.assemble; None while not configured.
     depth_controlnet_location: ComponentLocation | None = None
@@ -351,6 +354,7 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
             num_inference_steps=layout.steps,
             guidance_scale=layout.guidance_scale,
         )
+        self.regional_last_kept_bytes = 0
         if layout.mode == "latent":
             return self._call_latent(layout, guided, settings, kwargs)
         scale = self.vae_scale_factor
@@ -374,8 +378,11 @@ class RegionalSDXLPipeline(StableDiffusionXLPipeline):
                 else self.regional_kept_bytes
             ),
         )
-        with context.active(state):
-            return super().__call__(**settings)
+        try:
+            with context.active(state):
+                return super().__call__(**settings)
+        finally:
+            self.regional_last_kept_bytes = state.peak_kept_bytes
 
     def _attention_grids(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
         """The grids the regional processors attend on: the UNet's and a depth ControlNet's."""

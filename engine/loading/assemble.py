@@ -354,6 +354,10 @@ class PipelineCache:
             loaded = True
         # A change of ControlNet, IP-Adapter or GLIGEN alone keeps the base model loaded.
         loaded = attach_conditions(self.pipe, options, conditions) or loaded
+        # Read when a call starts, so it needs no reload.
+        self.pipe.regional_kept_bytes = (
+            None if options.kept_text_mib is None else options.kept_text_mib * 2**20
+        )
         return self.pipe, time.perf_counter() - start if loaded else 0.0
 
     def release(self) -> bool:

@@ -69,6 +69,9 @@ class LoadOptions:
     dtype: str = "auto"
     cpu_offload: bool = False
     vae_tiling: bool = False
+    kept_text_mib: int | None = None
+    """Device memory (MiB) a regional call may spend keeping its prompts' attention keys and
+    values; None: the pipeline's default budget, 0: keep none (less memory, slower steps)."""
     allow_pickle: bool = False
     config: str | None = None
     """Diffusers folder or cached repo id with the configs a single-file checkpoint needs."""

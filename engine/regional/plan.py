@@ -470,6 +470,8 @@ class RegionalState:
         self._kept: dict[Hashable, tuple[Any, Any, tuple[torch.Tensor, ...], int]] = {}
         self.kept_bytes = 0
         """Bytes of keys and values kept now."""
+        self.peak_kept_bytes = 0
+        """The most bytes of keys and values this call kept at once (survives :meth:`release`)."""
 
     @property
     def num_tokens(self) -> int:
@@ -538,6 +540,7 @@ class RegionalState:
         if self.kept_bytes + size <= self.kept_budget:
             self._kept[key] = (source, version, values, size)
             self.kept_bytes += size
+            self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
         return values
 
     def per_grid_bytes(self) -> int:

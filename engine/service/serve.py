@@ -44,7 +44,7 @@ Requests:
     the absolute PNG path to write, ``model`` optional (default: the model of the previous
     generate, else the serve ``--model``, else ``shapes``). Optional ``options`` overrides the
     serve flags for this request: ``{"device", "dtype", "cpu_offload", "vae_tiling",
-    "allow_pickle", "config", "controlnet", "ip_adapter", "gligen"}``; ``controlnet`` names an
+    "kept_text_mib", "allow_pickle", "config", "controlnet", "ip_adapter", "gligen"}``; ``controlnet`` names an
     SDXL depth ControlNet (folder, cached repo id or .safetensors file) applied with the
     Layout's ``depth`` and ``depth_scale``/``depth_start``/``depth_end`` and each region's
     ``depth_scale``; ``ip_adapter`` an SDXL IP-Adapter (weights file, folder or cached repo id)
@@ -74,8 +74,10 @@ Requests:
       passes);
     - ``{"id": "r1", "event": "result", "path": "/abs/out.png", "seed": 7, "width": 1024,
       "height": 1024, "seconds": 12.3, "load_seconds": 0.0, "model": "shapes",
-      "conditions": {"controlnet": null, "ip_adapter": null, "reference": null}}``: ``seconds``
-      is generation time without loading, ``load_seconds`` is 0 when the model was kept loaded;
+      "conditions": {"controlnet": null, "ip_adapter": null, "reference": null},
+      "kept_text_bytes": 0}``: ``seconds`` is generation time without loading, ``load_seconds``
+      is 0 when the model was kept loaded; ``kept_text_bytes`` the device memory the call spent
+      keeping its prompts' attention keys and values (option ``kept_text_mib`` bounds it);
       ``conditions`` says which optional conditions acted, with their settings, and where the
       reference pull's layout reference came from (``{"source": "file" | "gligen" | "first_pass",
       "scale": ..., "fraction": ..., "model": ...}``, ``model`` for GLIGEN only; also in the
@@ -671,6 +673,16 @@ class Server:
                     f"option {key!r} must be a {kind.__name__}, got {short(value)}",
                     f"options.{key}",
                 )
+            if (
+                key == "kept_text_mib"
+                and value is not None
+                and (isinstance(value, bool) or value < 0)
+            ):
+                raise BadRequestError(
+                    f"option 'kept_text_mib' must be a whole number of MiB >= 0 (0 keeps "
+                    f"nothing), got {short(value)}",
+                    "options.kept_text_mib",
+                )
             if isinstance(value, str) and (len(value) > LIMITS["path_chars"] or "\x00" in value):
                 raise BadRequestError(
                     f"option {key!r} must be a path or name without NUL characters, at most "
@@ -764,6 +776,7 @@ class Server:
             "load_seconds": round(load_seconds, 4),
             "model": job.model,
             "conditions": result.conditions,
+            "kept_text_bytes": pipe.regional_last_kept_bytes,
         }
         if png is not None:
             final["png"] = png

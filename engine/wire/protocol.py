@@ -44,6 +44,7 @@ OPTION_TYPES: dict[str, type] = {
     "dtype": str,
     "cpu_offload": bool,
     "vae_tiling": bool,
+    "kept_text_mib": int,
     "allow_pickle": bool,
     "config": str,
     "controlnet": str,
@@ -52,7 +53,7 @@ OPTION_TYPES: dict[str, type] = {
 }
 """A generate's ``options``: per-request overrides of the serve flags, with their JSON types."""
 
-NULLABLE_OPTIONS = ("config", "controlnet", "ip_adapter", "gligen")
+NULLABLE_OPTIONS = ("config", "controlnet", "ip_adapter", "gligen", "kept_text_mib")
 """Options that may be ``null`` (turned off for this request)."""
 
 # Error codes the engine sends in ``error`` events.
