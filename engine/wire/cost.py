@@ -20,7 +20,7 @@ import dataclasses
 import math
 from typing import Any
 
-from .layout import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, Layout
+from .layout import MIN_SIZE, SIZE_MULTIPLE, Layout
 
 HIGH_RES_AREA_RATIO = 1.5
 """A size with more than this many times the native area is far above native: SDXL (1024²)
