@@ -51,14 +51,23 @@ def scene_seed_mode(scene) -> str:
     return str(value).lower()
 
 
+def scene_init_previous(scene) -> float | None:
+    """The scene's Start From Previous Frame as the batch's ``--init-previous`` strength; None
+    when it is off."""
+    settings = scene.layout_diffusion
+    if not getattr(settings, "use_init_previous", False):
+        return None
+    return request.number(settings.init_previous_strength)
+
+
 def previous_frame_init(scene, frame: int, folder: str) -> tuple[str | None, float | None]:
     """With Start From Previous Frame: ``(image, strength)`` for animation frame ``frame`` to
     start from the frame rendered before it (``frame`` minus the scene's Frame Step) in
     ``folder``, as the batch renderer's ``--init-previous`` sends it; ``(None, None)`` for the
     first frame, when the setting is off, or when that frame's image is not there (it was not
     rendered in this folder): the frame then starts as any other."""
-    settings = scene.layout_diffusion
-    if not getattr(settings, "use_init_previous", False):
+    strength = scene_init_previous(scene)
+    if strength is None:
         return None, None
     previous = frame - max(1, scene.frame_step)
     if previous < scene.frame_start:
@@ -66,7 +75,7 @@ def previous_frame_init(scene, frame: int, folder: str) -> tuple[str | None, flo
     image = frame_paths(folder, previous).image
     if not os.path.isfile(image):
         return None, None
-    return image, request.number(settings.init_previous_strength)
+    return image, strength
 
 
 def labeled_objects(scene, depsgraph=None) -> list[LabeledObject]:

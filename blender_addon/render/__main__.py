@@ -27,7 +27,7 @@ import bpy
 
 from .. import register
 from ..blender.camera import render_resolution
-from ..blender.frame_request import scene_seed_mode
+from ..blender.frame_request import scene_init_previous, scene_seed_mode
 from ..client import engine_session
 from ..client.engine_client import EngineClient, parse_command
 from ..core import frames
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="STRENGTH",
         help="start each frame from the previous frame's image (img2img): 0 keeps it, "
-        "1 ignores it; steadier animations at around 0.5-0.7",
+        "1 ignores it; steadier animations at around 0.5-0.7 (default: the scene's Start From "
+        "Previous Frame with its Previous Frame Strength, else off)",
     )
     parser.add_argument(
         "--stall-seconds",
@@ -222,7 +223,9 @@ def _main(args: argparse.Namespace) -> int:
         "model": args.model,
         "seed_mode": seed_mode,
         "overwrite": args.overwrite,
-        "init_previous": args.init_previous,
+        "init_previous": (
+            args.init_previous if args.init_previous is not None else scene_init_previous(scene)
+        ),
         "watchdog": Watchdog(stall_seconds=args.stall_seconds),
     }
     if args.ray is not None:

@@ -3,7 +3,8 @@
 Each render projects the labeled objects into a Layout at the frame being rendered, sends it to
 the engine process and puts the generated image into the Combined pass, so Blender's own
 machinery does the rest: frame ranges and steps, output paths and formats, Overwrite and
-Placeholders, the compositor, multilayer EXR. Three more passes carry the layout itself:
+Placeholders (on farms with the frame claims of :mod:`.farm`, so a crashed machine's frames are
+rendered again), the compositor, multilayer EXR. Three more passes carry the layout itself:
 
 - ``Layout Region`` (1 channel): the 1-based index of the Layout region seen at each pixel (its
   object's mask), 0 elsewhere; the frame's sidecar lists the regions in that order;
@@ -42,7 +43,12 @@ from bl_ui import properties_output, properties_render
 
 from ..blender import main_thread
 from ..blender.camera import render_resolution
-from ..blender.frame_request import build_request, previous_frame_init, scene_seed_mode
+from ..blender.frame_request import (
+    build_request,
+    previous_frame_init,
+    scene_init_previous,
+    scene_seed_mode,
+)
 from ..blender.images import read_image_rgb
 from ..blender.outputs import render_dir
 from ..blender.view import view_changes
@@ -240,8 +246,8 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         event = self._generate(client, layout, tmp, made, frame)
         settings = render_settings(scene, seed_mode)
         settings["skipped"] = made.skipped
-        # As the batch records --init-previous: the frame can be made again from its sidecar.
-        settings["init_previous"] = strength
+        # As the batch records --init-previous (the option; the Layout has what this frame used).
+        settings["init_previous"] = scene_init_previous(scene) if self.is_animation else None
         settings["renderer"] = {"host": farm.owner().host, "pid": farm.owner().pid}
         publish_frame(
             paths,

@@ -5,7 +5,9 @@ a script)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 import blender_scenario
@@ -28,13 +30,41 @@ def test_each_frame_after_the_first_starts_from_the_one_before(report):
     assert on["files"] == ["img_0001.png", "img_0002.png", "img_0003.png"]
     assert on["init_images"] == [None, "frame_0001.png", "frame_0002.png"]
     assert on["strengths"] == [None, 0.35, 0.35]
-    # The sidecar records it as the batch does, so the frame can be made again.
-    assert on["init_previous"] == [None, 0.35, 0.35]
+    # The sidecar records the option as the batch does; the Layout what each frame used.
+    assert on["init_previous"] == [0.35, 0.35, 0.35]
 
 
 def test_frame_step_takes_the_frame_rendered_before(report):
     assert report["step"]["init_images"] == [None, "frame_0001.png"]
     assert report["step"]["frames"] == ["frame_0001.png", "frame_0003.png"]
+
+
+def test_the_batch_renderer_takes_the_scenes_setting_when_no_flag_is_given(report, tmp_path):
+    out = tmp_path / "frames"
+    proc = subprocess.run(
+        [
+            blender_scenario.bpy_python(),
+            "-m",
+            "blender_addon.render",
+            report["saved"],
+            "--frames",
+            "1-2",
+            "--out",
+            str(out),
+            "--engine-python",
+            blender_scenario.engine_python(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=blender_scenario.child_env(str(tmp_path / "user")),
+        cwd=blender_scenario.ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sidecars = [json.loads((out / f"frame_000{f}.json").read_text()) for f in (1, 2)]
+    assert [s["layout"].get("init_image") for s in sidecars] == [None, "frame_0001.png"]
+    assert sidecars[1]["layout"]["strength"] == 0.35
+    assert [s["settings"]["init_previous"] for s in sidecars] == [0.35, 0.35]
 
 
 def test_off_every_frame_starts_from_noise(report):
@@ -95,6 +125,11 @@ def scenario_animation(folder: str, model: str) -> dict:
     settings.use_init_previous = False
     out["off"] = render("off")
     engine_session.shutdown()
+    # For the batch renderer's default: the scene saved with the setting on.
+    settings.use_init_previous = True
+    scene.frame_step = 1
+    bpy.ops.wm.save_as_mainfile(filepath=os.path.join(folder, "init_previous.blend"))
+    out["saved"] = os.path.join(folder, "init_previous.blend")
     return out
 
 
