@@ -44,6 +44,16 @@ INIT_SOURCES = (
 """New sources go last: blend files store the chosen item by its position."""
 
 
+PATH_OPTIONS = {"ANIMATABLE"} | (
+    {"PATH_SUPPORTS_BLEND_RELATIVE"}
+    if "is_path_supports_blend_relative" in bpy.types.Property.bl_rna.properties
+    else set()
+)
+"""Options of the model path fields (Blender's default, ANIMATABLE, kept): from Blender 4.5 on, the file browser keeps a picked path
+relative to the blend file (``//``) only for properties that say they support it; the add-on
+resolves such paths (:func:`..blender.models.model_spec`). Older versions have no such option."""
+
+
 def readable_name(name: str) -> str:
     """A prompt guessed from an object name: ``"golden_retriever.001"`` -> ``"golden retriever"``.
 
@@ -176,6 +186,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         ),
         default="shapes",
         subtype="FILE_PATH",
+        options=PATH_OPTIONS,
     )
     model_config: StringProperty(
         name="Model Config",
@@ -186,6 +197,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         ),
         default="",
         subtype="DIR_PATH",
+        options=PATH_OPTIONS,
     )
     seed: IntProperty(
         name="Seed",
@@ -357,6 +369,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         ),
         default="",
         subtype="FILE_PATH",
+        options=PATH_OPTIONS,
     )
     depth_scale: FloatProperty(
         name="Depth Scale",
@@ -385,6 +398,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         ),
         default="",
         subtype="FILE_PATH",
+        options=PATH_OPTIONS,
     )
     gligen: StringProperty(
         name="GLIGEN",
@@ -395,6 +409,7 @@ class LayoutDiffusionSceneSettings(bpy.types.PropertyGroup):
         ),
         default="",
         subtype="DIR_PATH",
+        options=PATH_OPTIONS,
     )
     regenerate_seed: EnumProperty(
         name="Re-generate Seed",

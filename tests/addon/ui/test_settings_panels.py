@@ -93,6 +93,8 @@ def test_model_fields_browse_files_and_keep_plain_ids(panels):
         "ip_adapter": "FILE_PATH",
         "gligen": "DIR_PATH",
     }
+    relative = panels["blend_relative"]
+    assert relative["fields"] == ([True] if relative["supported"] else [None])
     specs = panels["specs"]
     assert specs["shapes"] == "shapes"
     assert specs["repo id"] == "stabilityai/stable-diffusion-xl-base-1.0"
@@ -236,6 +238,17 @@ def scenario_panels() -> dict:
     out["subtypes"] = {
         name: groups["scene"].properties[name].subtype
         for name in ("model", "model_config", "controlnet", "ip_adapter", "gligen")
+    }
+    # From Blender 4.5 on, a browsed path stays blend-relative only where the field allows it.
+    out["blend_relative"] = {
+        "supported": "is_path_supports_blend_relative" in bpy.types.Property.bl_rna.properties,
+        "fields": sorted(
+            {
+                getattr(groups["scene"].properties[name], "is_path_supports_blend_relative", None)
+                for name in out["subtypes"]
+            },
+            key=str,
+        ),
     }
 
     bpy.ops.mesh.primitive_cube_add()
