@@ -58,6 +58,7 @@ from ..core import frames, places
 from ..core.errors import UserError
 from ..core.masks import box_pixels, resample_nearest
 from ..core.png import read_gray_png
+from ..core.request import addon_words
 from ..ui import preferences
 from ..wire.layout import Layout
 from . import farm
@@ -186,7 +187,8 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
         except RenderCancelled:
             self.update_stats("", "Layout Diffusion: cancelled")
         except Exception as exc:  # any failure must stop the render, not leave an empty frame
-            message = str(exc)
+            # The engine's messages name its own flags (--config); the artist sets fields.
+            message = addon_words(str(exc)) if isinstance(exc, EngineError) else str(exc)
             if isinstance(exc, EngineError) and exc.code == "out_of_memory":
                 message += " (lower the render resolution)"
             elif not isinstance(exc, (UserError, ValueError, EngineError, OSError, RuntimeError)):

@@ -143,6 +143,13 @@ def test_regenerate_object_acts_on_the_named_object_when_another_is_active(seeds
     assert named["regenerated"] == ["red_box"]
 
 
+def test_a_single_file_models_error_names_model_config_not_the_engines_flag(seeds):
+    error = seeds["single_file_error"]
+    assert isinstance(error, str), error
+    assert "--config" not in error
+    assert "Model Config (3D View sidebar > Layout Diffusion)" in error
+
+
 # -- Scenarios (run in a child python with bpy) --------------------------------------------------
 
 
@@ -416,6 +423,15 @@ def scenario_seeds(model: str) -> dict:
         # Re-generating keeps every object but the named one at strength 0.
         "regenerated": [r["name"] for r in sent["regions"] if r.get("strength", 1.0) == 1.0],
     }
+
+    # A single .safetensors file whose tensors are not SDXL's: the engine's answer names its
+    # --config flag; the artist reads the add-on's field instead.
+    single = os.path.join(folder, "single.safetensors")
+    with open(single, "wb") as handle:
+        header = b"{}"
+        handle.write(len(header).to_bytes(8, "little") + header)
+    settings.model = single
+    out["single_file_error"] = _outcome(bpy.ops.layout_diffusion.generate)
     engine_session.shutdown()
     return out
 
