@@ -519,6 +519,30 @@ class LAYOUT_DIFFUSION_OT_unlabel_selected(_LabelSelected, bpy.types.Operator):
     enable = False
 
 
+class LAYOUT_DIFFUSION_OT_use_result_seed(bpy.types.Operator):
+    """Set Seed to the last result's seed and turn Random Seed off, so Generate makes that image
+    again"""
+
+    bl_idname = "layout_diffusion.use_result_seed"
+    bl_label = "Use Result Seed"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context) -> bool:
+        scene = context.scene
+        if scene is None or scene.layout_diffusion.result_seed < 0:
+            cls.poll_message_set("No result yet: generate first")
+            return False
+        return True
+
+    def execute(self, context):
+        settings = context.scene.layout_diffusion
+        settings.seed = settings.result_seed
+        settings.use_random_seed = False
+        self.report({"INFO"}, f"Seed {settings.seed}: Generate makes the last result again")
+        return {"FINISHED"}
+
+
 class LAYOUT_DIFFUSION_OT_show_result(bpy.types.Operator):
     """Open the last result in an Image Editor window"""
 
@@ -573,6 +597,7 @@ CLASSES = (
     LAYOUT_DIFFUSION_OT_label_selected,
     LAYOUT_DIFFUSION_OT_unlabel_selected,
     LAYOUT_DIFFUSION_OT_show_result,
+    LAYOUT_DIFFUSION_OT_use_result_seed,
 )
 
 

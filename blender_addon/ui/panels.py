@@ -183,7 +183,9 @@ class VIEW3D_PT_layout_diffusion_settings(_SidebarPanel, bpy.types.Panel):
         col.prop(settings, "seed")
         layout.prop(settings, "use_random_seed")
         if settings.use_random_seed and settings.result_seed >= 0:
-            layout.label(text=f"Last result: seed {settings.result_seed}", icon="INFO")
+            row = layout.row(align=True)
+            row.label(text=f"Last result: seed {settings.result_seed}", icon="INFO")
+            row.operator("layout_diffusion.use_result_seed", text="", icon="LOOP_BACK")
         layout.prop(settings, "seed_mode")
         layout.prop(settings, "steps")
         layout.prop(settings, "guidance_scale")

@@ -133,7 +133,13 @@ def test_random_seed_draws_a_new_seed_each_generate_and_records_it(seeds):
     # The seed shown for the result is the one sent: the image can be made again.
     assert [run["result_seed"] for run in runs] == sent
     assert seeds["scene_seed"] == 11  # the Seed setting itself is left alone
+    assert seeds["no_result_poll"] is False
     assert seeds["fixed"]["sent_seed"] == 11 and seeds["fixed"]["result_seed"] == 11
+    # Use Result Seed turns the last random draw into the Seed: the same image again.
+    again = seeds["again"]
+    assert seeds["use_result_seed"] == ["FINISHED"]
+    assert again["sent_seed"] == again["last"] == sent[-1]
+    assert again["random_after"] is False
 
 
 def test_regenerate_object_acts_on_the_named_object_when_another_is_active(seeds):
@@ -405,11 +411,17 @@ def scenario_seeds(model: str) -> dict:
             "result_seed": settings.result_seed,
         }
 
-    out: dict = {}
+    out: dict = {"no_result_poll": bpy.ops.layout_diffusion.use_result_seed.poll()}
     settings.use_random_seed = True
     out["random"] = [generate() for _ in range(3)]
     out["scene_seed"] = settings.seed
-    settings.use_random_seed = False
+    last = settings.result_seed
+    # Use Result Seed: the random result made again, with the seed fixed.
+    out["use_result_seed"] = _outcome(bpy.ops.layout_diffusion.use_result_seed)
+    out["again"] = generate()
+    out["again"]["last"] = last
+    out["again"]["random_after"] = settings.use_random_seed
+    settings.seed = 11
     out["fixed"] = generate()
 
     camera = scene.camera
