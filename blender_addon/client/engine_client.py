@@ -90,6 +90,19 @@ def parse_command(text: str) -> list[str]:
         raise ValueError(f"the engine command {text!r} cannot be read: {exc}") from None
 
 
+def write_probe() -> tuple[str, str] | None:
+    """A new probe file in this machine's temporary folder holding a random token: ``(path,
+    token)``, or None when it cannot be written (the engine is then taken to share files)."""
+    token = secrets.token_hex(16)
+    try:
+        fd, path = tempfile.mkstemp(prefix="ld-probe-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(token)
+    except OSError:
+        return None
+    return os.path.abspath(path), token
+
+
 def _size(count: int) -> str:
     if count >= 1_000_000:
         return f"{count / 1e6:.1f} MB"
@@ -218,7 +231,6 @@ class EngineClient:
         """The engine's limits from its last ``hello``."""
         self.protocol: int | None = None
         """The engine's protocol version from its last ``hello``."""
-        self._probe: tuple[str, str] | None = None
         self.fix = fix
         """What to do when the engine cannot start, in the words of where this client runs: the
         preferences in Blender, ``--engine-python`` in the batch command."""
@@ -351,10 +363,6 @@ class EngineClient:
                     stream.close()
         self._fail_pending(proc)
         self._proc = None
-        if self._probe is not None:
-            with contextlib.suppress(OSError):
-                os.remove(self._probe[0])
-            self._probe = None
 
     def kill(self) -> None:
         """Kill the engine process at once (what a crash looks like to the client)."""
@@ -415,15 +423,20 @@ class EngineClient:
         EngineError if the engine cannot start or answers with an error.
 
         It also asks whether the engine sees this machine's files (a probe file with a random
-        token); :attr:`shares_files` and :attr:`limits` keep the answer.
+        token, removed once answered); :attr:`shares_files` and :attr:`limits` keep the answer.
         """
         fields: dict[str, Any] = {"model": model} if model else {}
         if options:
             fields["options"] = options
-        probe = self._probe_file()
+        probe = write_probe()
         if probe is not None:
             fields["probe"] = {"path": probe[0], "token": probe[1]}
-        reply = self._final(self.request("hello", **fields), timeout)
+        try:
+            reply = self._final(self.request("hello", **fields), timeout)
+        finally:
+            if probe is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(probe[0])
         if isinstance(reply.get("shares_files"), bool):
             self.shares_files = reply["shares_files"]
         if isinstance(reply.get("limits"), dict):
@@ -431,20 +444,6 @@ class EngineClient:
         if isinstance(reply.get("protocol"), int):
             self.protocol = reply["protocol"]
         return reply
-
-    def _probe_file(self) -> tuple[str, str] | None:
-        """The probe file (path, token) in this machine's temporary folder, written once."""
-        if self._probe is not None and os.path.isfile(self._probe[0]):
-            return self._probe
-        token = secrets.token_hex(16)
-        try:
-            fd, path = tempfile.mkstemp(prefix="ld-probe-", suffix=".txt")
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(token)
-        except OSError:
-            return None  # nothing to probe with: the engine is taken to share files
-        self._probe = (os.path.abspath(path), token)
-        return self._probe
 
     def generate(
         self,

@@ -105,6 +105,8 @@ def test_remote_engine_gives_the_pixels_of_a_local_one(tmp_path, client_dir, tin
         hello = remote.hello()
         assert hello["shares_files"] is False, "the wrapper hides the client's files"
         assert remote.protocol == 2
+        probes = [name for name in os.listdir(client_dir) if name.startswith("ld-probe-")]
+        assert probes == [], "the probe file goes once the engine has answered"
         assert remote.inline_files
         remote_out = os.path.join(client_dir, "out", "remote.png")
         os.makedirs(os.path.dirname(remote_out))
