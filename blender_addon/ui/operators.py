@@ -13,6 +13,7 @@ from ..blender.frame_request import build_request
 from ..blender.models import model_spec
 from ..blender.outputs import output_dir
 from ..client import cost, engine_session
+from ..client.cost_first import COST_EVENT, CostFirstJob
 from ..client.engine_client import ENGINE_GONE, EngineError, Job
 from ..client.high_res import HighResJob, start_generate
 from ..core import history, places, request
@@ -28,7 +29,7 @@ class GenerationRun:
 
     def __init__(
         self,
-        job: Job | HighResJob,
+        job: Job | HighResJob | CostFirstJob,
         scene_name: str,
         out: str,
         width: int,
@@ -52,7 +53,17 @@ class GenerationRun:
         self.skipped: list = []
         self.started = time.monotonic()
         self.cost_lines: list[tuple[str, str]] = []
-        """What the generation costs (``client.cost.describe``), reported when it starts."""
+        """What the generation costs (``client.cost.describe``); empty while no cost is known."""
+        self.cost_late = False
+        """True once the engine's cost arrived for a generation that started without one
+        (until it is reported)."""
+        self.cost_args: tuple[int, int, int, bool, float] | None = None
+        """Width, height, steps, High-res Fix and its strength, for the cost lines."""
+
+    def set_cost(self, known: dict[str, Any] | None) -> None:
+        """Describe what the generation costs by ``known`` (a model's cost; None: unknown)."""
+        if known is not None and self.cost_args is not None:
+            self.cost_lines = cost.describe(known, *self.cost_args)
 
     @property
     def fraction(self) -> float:
@@ -61,6 +72,10 @@ class GenerationRun:
     def update(self, event: dict[str, Any]) -> None:
         """Take in a non-final engine event (queued, loading, progress)."""
         kind = event.get("event")
+        if kind == COST_EVENT:
+            late = not self.cost_lines
+            self.set_cost(event.get("cost"))
+            self.cost_late = late and bool(self.cost_lines)
         if kind == "progress":
             self.step = int(event.get("step", 0))
             self.total = int(event.get("total", 0))
@@ -133,40 +148,51 @@ def start_generation(
     overlay.set_layout(scene.name, layout.to_dict())
     out = os.path.join(folder, request.RESULT_NAME)
     sent = layout.to_dict()
-    known = cost.answer(asked, spec, COST_WAIT_SECONDS)
     # Re-generate Object keeps every other pixel of the last result: one pass at full size.
     high_res = settings.use_high_res_fix and regenerate is None
     strength = settings.high_res_strength
-    job = start_generate(
-        client,
-        sent,
-        out,
-        made.model,
-        made.options,
-        native=cost.native_size(spec),
-        high_res=high_res,
-        strength=strength,
-    )
+
+    def start(native: int | None) -> Job | HighResJob:
+        return start_generate(
+            client,
+            sent,
+            out,
+            made.model,
+            made.options,
+            native=native,
+            high_res=high_res,
+            strength=strength,
+        )
+
+    # Never waits here: without a known native size the job's own thread waits for the reply
+    # (a cold engine answers once torch is imported) and then sends the generation.
+    job = CostFirstJob(client, asked, spec, start, COST_WAIT_SECONDS)
     what = f"Re-generated {regenerate!r}" if regenerate else "Generated"
     _run = GenerationRun(job, scene.name, out, layout.width, layout.height, sent, what)
     _run.skipped = list(made.skipped)
-    _run.cost_lines = cost.describe(
-        known, layout.width, layout.height, layout.steps, high_res, strength
-    )
+    _run.cost_args = (layout.width, layout.height, layout.steps, high_res, strength)
+    _run.set_cost(cost.known(spec))
     return _run
 
 
 COST_WAIT_SECONDS = 60.0
-"""How long Generate waits for the engine's cost before it sends the request without it (a
-cold engine answers once torch is imported)."""
+"""How long a Generate's job waits for the engine's cost before it sends the request without
+it (off the UI thread; a cold engine answers once torch is imported)."""
 
 
 def report_cost(run: GenerationRun, report) -> None:
-    """Say what the generation just sent will cost: one line, a warning when it is long."""
+    """Say what the generation costs: one line, a warning when it is long."""
     lines = getattr(run, "cost_lines", [])
     if lines:
         warn = any(icon == "ERROR" for _, icon in lines)
         report({"WARNING" if warn else "INFO"}, "; ".join(text for text, _ in lines))
+
+
+def report_late_cost(run: GenerationRun, report) -> None:
+    """Say the cost once it arrived, when none was known as the generation started."""
+    if run.cost_late:
+        run.cost_late = False
+        report_cost(run, report)
 
 
 def regenerate_target(context, name: str = ""):
@@ -336,6 +362,7 @@ class _GenerationOperator:
         report_cost(run, self.report)
         for event in run.job:
             run.update(event)
+            report_late_cost(run, self.report)
         return finish(run, self.report)
 
     def invoke(self, context, event):
@@ -372,6 +399,7 @@ class _GenerationOperator:
         events = run.job.poll()
         for item in events:
             run.update(item)
+        report_late_cost(run, self.report)
         # Shown even when the same poll brought the result: the last step's progress must not
         # be skipped. The Cancel button changes the status between events.
         if events or run.status != self._shown:
