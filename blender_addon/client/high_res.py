@@ -42,24 +42,27 @@ def start_generate(
     native: int | None = None,
     high_res: bool = False,
     strength: float = HIGH_RES_STRENGTH,
+    first_out: str | None = None,
 ) -> Job | HighResJob:
     """Send ``layout`` to the engine: in two passes when ``high_res`` is on and its size is far
-    above ``native`` (the model's native side), else as one generate. Raises EngineError like
-    :meth:`EngineClient.generate` when the (first) request cannot be sent."""
+    above ``native`` (the model's native side), else as one generate. ``first_out`` names the
+    first pass's PNG (default: next to ``out``, see :data:`FIRST_PASS_SUFFIX`). Raises
+    EngineError like :meth:`EngineClient.generate` when the (first) request cannot be sent."""
     if uses_high_res(int(layout["width"]), int(layout["height"]), native, high_res):
         assert native is not None
-        return HighResJob(client, layout, out, model, options, native, strength)
+        return HighResJob(client, layout, out, model, options, native, strength, first_out)
     return client.generate(layout, out, model, options=options)
 
 
 class HighResJob:
     """The high-res fix's two generates as one job (see the module).
 
-    Events: the first pass's progress then the second's, ``step`` and ``total`` counted over
-    both and each with ``"pass": 1 | 2`` and ``"passes": 2``; the final event is the second
-    pass's ``result`` with ``seconds`` of both passes and ``high_res`` saying what ran
-    (``first_pass``: its size, path, seed and seconds; ``strength``, ``steps``), or the first
-    ``error`` or ``cancelled`` of either pass. The first pass's PNG is kept next to ``out``.
+        Events: the first pass's progress then the second's, ``step`` and ``total`` counted over
+        both and each with ``"pass": 1 | 2`` and ``"passes": 2``; the final event is the second
+        pass's ``result`` with ``seconds`` of both passes and ``high_res`` saying what ran
+        (``first_pass``: its size, path, seed and seconds; ``strength``, ``steps``), or the first
+        ``error`` or ``cancelled`` of either pass. The first pass's PNG is kept (next to ``out``
+    unless ``first_out`` names it).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class HighResJob:
         options: dict[str, Any] | None,
         native: int,
         strength: float = HIGH_RES_STRENGTH,
+        first_out: str | None = None,
     ):
         self.client = client
         self.op = "generate"
@@ -78,7 +82,11 @@ class HighResJob:
         self.model, self.options, self.strength = model, options, strength
         self.layout = Layout.from_dict(layout)
         self.first_layout = first_pass(self.layout, native)
-        self.first_out = os.path.splitext(self.out)[0] + FIRST_PASS_SUFFIX
+        # The second pass's provenance names this file: a renderer that must give the same
+        # bytes on every machine names it the same everywhere.
+        self.first_out = os.path.abspath(
+            first_out or os.path.splitext(self.out)[0] + FIRST_PASS_SUFFIX
+        )
         self.second_layout: Layout | None = None
         self.requests: list[dict[str, Any]] = []
         """The Layouts sent, in order (for provenance and tests)."""

@@ -45,7 +45,13 @@ from ..core import frames
 from ..core.errors import UserError
 from ..wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
 from ..wire.protocol import BAD_DEVICE, MODEL_NOT_FOUND
-from .publish import engine_details, publish_frame, render_settings
+from .publish import (
+    engine_details,
+    first_pass_path,
+    high_res_settings,
+    publish_frame,
+    render_settings,
+)
 
 SEED_MODES = ("shot", "frame")
 FATAL_CODES = frozenset({ENGINE_GONE, NOT_INSTALLED, MODEL_NOT_FOUND, BAD_DEVICE})
@@ -422,6 +428,7 @@ class BatchRenderer:
             native=self._native,
             high_res=self.high_res and settings.use_high_res_fix,
             strength=settings.high_res_strength,
+            first_out=first_pass_path(pending.paths),
         )
         if self.client.pid is not None and self.client.pid not in known:
             known.append(self.client.pid)
@@ -590,10 +597,9 @@ class BatchRenderer:
     def _settings(self) -> dict[str, Any]:
         settings = render_settings(self.scene, self.seed_mode)
         settings["init_previous"] = self.init_previous
-        scene = self.scene.layout_diffusion
-        if self.high_res and scene.use_high_res_fix:
+        if self.high_res:
             # Part of the fingerprint: a changed strength renders the frames again.
-            settings["high_res_strength"] = round(float(scene.high_res_strength), 6)
+            settings.update(high_res_settings(self.scene))
         return settings
 
     def _discard(self, built: tuple[Any, str, str, float]) -> None:

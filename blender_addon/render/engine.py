@@ -32,6 +32,7 @@ and the render says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
@@ -50,19 +51,28 @@ from ..blender.frame_request import (
     scene_seed_mode,
 )
 from ..blender.images import read_image_rgb
+from ..blender.models import model_spec
 from ..blender.outputs import render_dir
 from ..blender.view import view_changes
-from ..client import engine_session
+from ..client import cost, engine_session
 from ..client.engine_client import EngineError
+from ..client.high_res import HighResJob, start_generate
 from ..core import frames, places
 from ..core.errors import UserError
 from ..core.masks import box_pixels, resample_nearest
 from ..core.png import read_gray_png
 from ..core.request import addon_words
 from ..ui import preferences
+from ..wire.cost import HIGH_RES_STRENGTH
 from ..wire.layout import Layout
 from . import farm
-from .publish import engine_details, publish_frame, render_settings
+from .publish import (
+    engine_details,
+    first_pass_path,
+    high_res_settings,
+    publish_frame,
+    render_settings,
+)
 
 ENGINE_ID = "LAYOUT_DIFFUSION"
 PASS_REGION = "Layout Region"
@@ -88,6 +98,9 @@ PALETTE = np.array(
 
 _hello: dict[int, dict] = {}
 """``hello`` replies by engine process id: asked once per process, not once per frame."""
+
+_native: dict[tuple, int | None] = {}
+"""Models' native sides by engine process id and model spec, when no cost is known."""
 
 _warned: set[tuple] = set()
 """Warnings already given this session (by scene and what they said): once, not every frame."""
@@ -245,12 +258,24 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
             _hello[client.pid] = engine_details(client.hello())
         layout = made.layout.to_dict()
         tmp = frames.temp_path(paths.image)
-        event = self._generate(client, layout, tmp, made, frame)
+        ld = scene.layout_diffusion
+        event = self._generate(
+            client,
+            layout,
+            tmp,
+            made,
+            frame,
+            native=_native_size(client, made.model or model_spec(ld)),
+            high_res=ld.use_high_res_fix,
+            strength=ld.high_res_strength,
+            first_out=first_pass_path(paths),
+        )
         settings = render_settings(scene, seed_mode)
         settings["skipped"] = made.skipped
         # As the batch records --init-previous (the option; the Layout has what this frame used).
         settings["init_previous"] = scene_init_previous(scene) if self.is_animation else None
         settings["renderer"] = {"host": farm.owner().host, "pid": farm.owner().pid}
+        settings.update(high_res_settings(scene))  # as the batch records it
         publish_frame(
             paths,
             tmp,
@@ -337,9 +362,40 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
             _warned.add(key)
             self.report({"WARNING"}, message)
 
-    def _generate(self, client, layout: dict, tmp: str, made, frame: int) -> dict:
-        """Run one generate request, showing progress and honouring Esc."""
-        job = client.generate(layout, tmp, made.model, options=made.options)
+    def _generate(
+        self,
+        client,
+        layout: dict,
+        tmp: str,
+        made,
+        frame: int,
+        native: int | None = None,
+        high_res: bool = False,
+        strength: float = HIGH_RES_STRENGTH,
+        first_out: str | None = None,
+    ) -> dict:
+        """Run the frame's generation, showing progress and honouring Esc: far above the
+        model's ``native`` size with ``high_res`` (the scene's High-res Fix) in two passes, as
+        Generate and the batch do (the first pass at ``first_out``, removed afterwards)."""
+        job = start_generate(
+            client,
+            layout,
+            tmp,
+            made.model,
+            made.options,
+            native=native,
+            high_res=high_res,
+            strength=strength,
+            first_out=first_out,
+        )
+        try:
+            return self._follow(client, job, tmp, frame)
+        finally:
+            if isinstance(job, HighResJob):
+                _remove(job.first_out)  # the second pass has read it
+
+    def _follow(self, client, job, tmp: str, frame: int) -> dict:
+        """The job's final event; progress shown, Esc honoured."""
         cancelled_at = None
         while True:
             try:
@@ -361,7 +417,8 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
             elif kind == "progress":
                 step, total = int(event.get("step", 0)), int(event.get("total", 0)) or 1
                 self.update_progress(step / total)
-                self.update_stats("", f"Layout Diffusion: frame {frame}, step {step}/{total}")
+                full = " (High-res Fix: full size)" if event.get("pass") == 2 else ""
+                self.update_stats("", f"Layout Diffusion: frame {frame}, step {step}/{total}{full}")
         if event.get("event") == "result":
             return event
         if os.path.exists(tmp):
@@ -387,6 +444,25 @@ class LayoutDiffusionRenderEngine(bpy.types.RenderEngine):
                     render_pass.rect = _to_rect(image)
         finally:
             self.end_result(result)
+
+
+def _native_size(client, spec: str) -> int | None:
+    """The model's native side (for the High-res Fix): the cost known for it, else asked of the
+    engine once per engine process and model; None when the engine cannot tell."""
+    native = cost.native_size(spec)
+    if native is not None:
+        return native
+    key = (client.pid, spec)
+    if key not in _native:
+        model = client.hello(model=spec or None).get("model")
+        found = model.get("native_size") if isinstance(model, dict) else None
+        _native[key] = found if isinstance(found, int) else None
+    return _native[key]
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 # -- Registration ---------------------------------------------------------------------------------
@@ -423,4 +499,5 @@ def unregister() -> None:
         panel.COMPAT_ENGINES.discard(ENGINE_ID)
     bpy.utils.unregister_class(LayoutDiffusionRenderEngine)
     _hello.clear()
+    _native.clear()
     _warned.clear()

@@ -4,6 +4,7 @@ under its final name, then its sidecar (Layout, seed, settings, model, engine, t
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -24,6 +25,27 @@ def render_settings(scene, seed_mode: str) -> dict[str, Any]:
         "seed_mode": seed_mode,
         "base_seed": int(scene.layout_diffusion.seed),
     }
+
+
+FIRST_PASS_NAME = "first_pass.png"
+"""The high-res fix's first pass, in the frame's own layout folder while the frame renders."""
+
+
+def first_pass_path(paths: frames.FramePaths) -> str:
+    """Where the high-res fix's first pass of a frame goes. The frame's PNG records it (the
+    second pass's init image), so it is the same on every run and renderer: inside the frame's
+    layout folder, which only the frame's claim holder writes and a rerun replaces."""
+    return os.path.join(paths.layout_dir, FIRST_PASS_NAME)
+
+
+def high_res_settings(scene) -> dict[str, Any]:
+    """What the sidecar (and so the fingerprint) records of the scene's High-res Fix: its
+    strength when it is on, nothing when it is off."""
+    settings = scene.layout_diffusion
+    if not settings.use_high_res_fix:
+        return {}
+    # Rounded: a float property read back must give the same fingerprint on every run.
+    return {"high_res_strength": round(float(settings.high_res_strength), 6)}
 
 
 def publish_frame(
