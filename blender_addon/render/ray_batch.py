@@ -7,6 +7,8 @@ written (:func:`~.publish.publish_frame`: the image atomically, then its sidecar
 frames are generated changes: up to one frame per actor (plus one ready for the next free
 actor) is in flight, each holding its claim, and finished frames come back as bytes.
 With ``init_previous`` a frame is sent only once the frame before it is written, as locally.
+Far above the model's native size an actor runs both passes of the high-res fix (the first
+pass's PNG stays in its temporary folder), as the local batch does.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from typing import Any
 from ..blender.models import model_spec
 from ..client.engine_client import BAD_REQUEST, EngineError
 from ..core import frames
-from .batch import ENGINE_HUNG, FATAL_CODES, BatchRenderer, BatchSummary, FrameOutcome, _Pending
-from .publish import engine_details, publish_frame
-from .ray_pool import WORKERS_GONE, FrameResult, FrameTask, RayPool, pack_layout
+from .batch import (
+    ENGINE_HUNG,
+    FATAL_CODES,
+    BatchRenderer,
+    BatchSummary,
+    FrameOutcome,
+    _Pending,
+)
+from .publish import engine_details, first_pass_path, publish_frame
+from .ray_pool import WORKERS_GONE, FrameResult, FrameTask, HighResTask, RayPool, pack_layout
 
 
 class RayBatchRenderer(BatchRenderer):
@@ -26,9 +35,6 @@ class RayBatchRenderer(BatchRenderer):
 
     Takes the same keyword arguments as the local batch, with ``pool`` instead of a client.
     """
-
-    high_res = False
-    """Actors run one generate per frame: the high-res fix is the local batch's only."""
 
     def __init__(self, scene, out_dir: str, pool: RayPool, **options: Any):
         super().__init__(scene, out_dir, None, **options)  # type: ignore[arg-type]
@@ -89,6 +95,9 @@ class RayBatchRenderer(BatchRenderer):
         finally:
             self._notices(summary)
         self.engine = engine_details(hello)
+        model = hello.get("model")
+        if isinstance(model, dict) and isinstance(model.get("native_size"), int):
+            self._native = model["native_size"]
         return True
 
     def _send(self, pending: _Pending, summary: BatchSummary, retry: bool = False) -> None:
@@ -100,6 +109,15 @@ class RayBatchRenderer(BatchRenderer):
             ) from None
         task = FrameTask(pending.paths.frame, layout, files, origins, pending.model)
         task.options = pending.options or None
+        settings = self.scene.layout_diffusion
+        if self.high_res and settings.use_high_res_fix:
+            # The actor runs both passes; the frame's PNG names the first pass where the local
+            # batch puts it, so it is the local batch's PNG byte for byte.
+            task.high_res = HighResTask(
+                native=self._native,
+                strength=float(settings.high_res_strength),
+                first_out=first_pass_path(pending.paths),
+            )
         self.pool.submit(task)
 
     # -- Finished frames ------------------------------------------------------------------------

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..client.engine_client import ENGINE_GONE, NOT_INSTALLED, EngineClient, EngineError
+from ..client.high_res import start_generate
 from ..core.errors import UserError
+from ..wire.cost import HIGH_RES_STRENGTH
 from ..wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
 from ..wire.protocol import MODEL_NOT_FOUND
 
@@ -47,6 +49,8 @@ RETRIES = 2
 """How often one frame is sent again after its engine or its actor died."""
 PROVENANCE_KEY = "layout-diffusion"
 """The PNG text chunk holding the engine's provenance record (``engine.service.provenance``)."""
+FIRST_PASS_NAME = "first_pass.png"
+"""The high-res fix's first pass in a frame's temporary folder on the actor."""
 RAY_ENGINE_FIX = (
     "Install the engine on every Ray node (pip install -e .[engine,cluster] in a checkout) or "
     "pass --engine-python with the Python that has it there."
@@ -182,6 +186,19 @@ class FrameTask:
     """Each file's path on the renderer's side (written back into the PNG's provenance)."""
     model: str | None = None
     options: dict[str, Any] | None = None
+    high_res: HighResTask | None = None
+    """The scene's High-res Fix, when it is on."""
+
+
+@dataclass
+class HighResTask:
+    """The high-res fix as a frame's actor runs it (:func:`..client.high_res.start_generate`)."""
+
+    native: int | None
+    """The model's native side (None: unknown, one pass)."""
+    strength: float
+    first_out: str
+    """Where the renderer's own batch would put the first pass: the frame's PNG names it."""
 
 
 @dataclass
@@ -258,13 +275,27 @@ class EngineWorker:
                 result.event = {"event": "error", "code": "bad_request", "message": str(exc)}
                 return result
             out = os.path.join(folder, "frame.png")
-            job = self.client.generate(layout, out, task.model, options=task.options)
+            fix = task.high_res
+            first_out = os.path.join(folder, FIRST_PASS_NAME)
+            job = start_generate(
+                self.client,
+                layout,
+                out,
+                task.model,
+                task.options,
+                native=fix.native if fix else None,
+                high_res=fix is not None,
+                strength=fix.strength if fix else HIGH_RES_STRENGTH,
+                first_out=first_out,
+            )
             result.engine_pid = self.client.pid
             result.event = self._wait(job)
             if result.event.get("event") == "result":
                 with open(out, "rb") as handle:
                     png = handle.read()
                 mapping = {os.path.join(folder, n): p for n, p in task.origins.items()}
+                if fix is not None:
+                    mapping[first_out] = fix.first_out
                 result.image = restore_paths(png, mapping)
             result.hello = self._hello
             return result

@@ -193,6 +193,36 @@ def test_frames_that_start_from_the_one_before_get_it_as_bytes(shot, ray_cluster
         shutil.rmtree(shot.out, ignore_errors=True)
 
 
+def test_far_above_native_an_actor_runs_the_high_res_fix_as_the_local_batch(tmp_path, ray_cluster):
+    """2 frames at 160 x 96 with the shapes model (native 64 px), High-res Fix on: each actor
+    runs both passes, the first in its own temporary folder, and the frames are the local
+    batch's byte for byte (the PNGs name the first pass where the local batch puts it)."""
+    blend = str(tmp_path / "wide.blend")
+    run_scenario("make_wide", blend)
+    out = tmp_path / "frames"
+    spec = ("--frames", "1-2", "--out", str(out))
+    proc = run_batch(blend, *spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local = {name: data for name, (_, data) in files_under(out).items()}
+    shutil.rmtree(out)
+    proc = run_batch(blend, *spec, "--ray", ray_cluster.address, "--ray-workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 written, 0 already complete, 0 failed" in proc.stderr
+    rendered = {name: data for name, (_, data) in files_under(out).items()}
+    assert sorted(rendered) == sorted(local), "the same files: no first pass left behind"
+    assert not [name for name in rendered if "first_pass" in name]
+    for frame in (1, 2):
+        png, sidecar = f"frame_{frame:04d}.png", f"frame_{frame:04d}.json"
+        assert rendered[png][16:24] == (160).to_bytes(4, "big") + (96).to_bytes(4, "big")
+        assert rendered[png] == local[png], f"{png} differs from the local batch's"
+        record = comparable_sidecar(rendered[sidecar])
+        assert record == comparable_sidecar(local[sidecar])
+        assert record["settings"]["high_res_strength"] == 0.5
+    # The same fingerprint as the local batch's: a local rerun keeps the Ray frames.
+    proc = run_batch(blend, *spec)
+    assert "0 written, 2 already complete" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_ray_options_say_what_to_do(shot, tmp_path):
     # Without Ray in the renderer's Python, --ray names the extra to install.
     code = (
@@ -224,6 +254,19 @@ def scenario_make_shot(path: str, model: str) -> dict:
         settings.steps = 60 if frame == SLOW_FRAME else 2
         settings.keyframe_insert("steps", frame=frame)
     blender_scenario.linear_keys(scene.objects["Cube"])
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    return {"saved": path}
+
+
+def scenario_make_wide(path: str) -> dict:
+    import bpy
+
+    from samples.moving_cube import build_moving_cube
+
+    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model="shapes")
+    scene.render.resolution_x, scene.render.resolution_y = 160, 96
+    settings = scene.layout_diffusion
+    settings.use_high_res_fix, settings.high_res_strength = True, 0.5
     bpy.ops.wm.save_as_mainfile(filepath=path)
     return {"saved": path}
 
