@@ -107,7 +107,9 @@ Requests:
 Generates run one at a time, in the order received; up to 4 (``QUEUE_LIMIT``) may wait behind
 the running one, more are refused with ``busy``. Every generate ends with exactly one of
 ``result``, ``cancelled`` or ``error``. stdin is read while a generate runs, so ``hello``
-and ``cancel`` answer at once.
+and ``cancel`` answer at once; a ``hello`` with ``cost`` once the model's operations are
+counted (seconds for a new model), on a thread of its own: the requests after it, a ``cancel``
+above all, do not wait for it, and their replies may come first.
 
 Every request line gets exactly one final reply, whatever it holds. An ``id`` in use by a
 generate or release still in flight is refused (``bad_request``, field ``id``). An id that is
@@ -149,6 +151,7 @@ text-to-image checkpoint), ``unsafe_checkpoint`` (pickle weights without ``allow
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import io
 import json
@@ -279,6 +282,10 @@ class Server:
         self._running: _Job | None = None
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
+        self._cost_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="engine-cost"
+        )
+        """Answers ``hello`` with ``cost`` off the reading thread, one at a time."""
 
     # -- Output ------------------------------------------------------------------------------
 
@@ -387,6 +394,7 @@ class Server:
             if line.strip() and not self.handle_line(line):
                 break
         self._worker.join()
+        self._cost_thread.shutdown(wait=True)  # every hello read gets its reply
         return 0
 
     def _line_too_long(self, head: str, length: int) -> None:
@@ -517,9 +525,22 @@ class Server:
             reply["model"] = describe_model(spec or self._default_model, options)
         reply["shares_files"] = _probe(request["probe"]) if "probe" in request else None
         if request.get("cost") is True:
-            reply["cost"] = self._cost(_optional_str(request, "model"), options)
+            # Counting a new model's operations takes seconds: on the cost thread, so that a
+            # cancel read meanwhile is answered at once. The reply waits for its cost.
+            spec = _optional_str(request, "model") or self._last_model or self._default_model
+            self._cost_thread.submit(self._send_with_cost, reply, spec, options)
+            return True
         self.send(reply)
         return True
+
+    def _send_with_cost(self, reply: dict[str, Any], spec: str, options: LoadOptions) -> None:
+        """Send a ``hello`` reply once its ``cost`` is known (on the cost thread)."""
+        try:
+            reply["cost"] = self._cost(spec, options)
+        except Exception as exc:  # the client waits for this reply: it must go out
+            log.warning("no cost estimate for %s", spec, exc_info=True)
+            reply["cost"] = {"available": False, "spec": spec, "message": str(exc)}
+        self.send(reply)
 
     def _cost(self, spec: str | None, options: LoadOptions) -> dict[str, Any]:
         """``hello``'s ``cost`` for model ``spec`` (default: the next generate's model)."""
@@ -654,6 +675,7 @@ class Server:
             self._jobs.clear()
             self._cond.notify_all()
         self._worker.join()
+        self._cost_thread.shutdown(wait=True)
         self.send({"id": request["id"], "event": "ack", "op": "shutdown"})
         return False
 

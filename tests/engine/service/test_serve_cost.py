@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from serve_client import EngineClient
 
@@ -52,3 +54,33 @@ def test_cost_of_a_missing_model_says_why(engine, tmp_path):
     assert reply["cost"]["available"] is False
     assert missing in reply["cost"]["message"]
     assert "cost" not in engine.request({"op": "hello", "id": "n"})
+
+
+def test_a_cancel_after_a_cost_request_is_answered_at_once(tiny_model_dir, tmp_path):
+    """Counting a new model's operations takes seconds; it must not hold up the cancel read
+    after it. A fresh engine generates with the tiny model (counted before its first step)
+    and is asked the cost of the shipped shapes model, not counted yet."""
+    engine = EngineClient("--device", "cpu", stderr_path=tmp_path / "stderr.log")
+    try:
+        assert engine.request({"op": "hello", "id": "h"}, timeout=180)["event"] == "hello"
+        layout = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 500, "seed": 1}
+        out = str(tmp_path / "out.png")
+        engine.send(
+            {"op": "generate", "id": "g", "model": tiny_model_dir, "layout": layout, "out": out}
+        )
+        engine.until("g", {"progress"}, timeout=180)
+        engine.send({"op": "hello", "id": "c", "model": "shapes", "cost": True})
+        sent = time.monotonic()
+        engine.send({"op": "cancel", "id": "x", "target": "g"})
+        ack = engine.until("x", {"ack"}, timeout=60)[-1]
+        waited = time.monotonic() - sent
+        assert ack["found"] is True
+        assert waited < 1.0, f"the cancel waited {waited:.1f} s"
+        assert engine.until("g", {"cancelled", "result", "error"})[-1]["event"] == "cancelled"
+        # The cost reply comes after the cancel's, and still comes.
+        order = [m.get("id") for m in engine.seen]
+        hello = engine.until("c", {"hello"}, timeout=180)[-1]
+        assert hello["cost"]["available"] is True and hello["cost"]["native_size"] == 64
+        assert "c" not in order[: order.index("x")], "the cost reply did not hold up the cancel"
+    finally:
+        engine.close()
