@@ -23,11 +23,11 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from . import cost
-from .engine_client import EngineClient, EngineError, Job
+from .engine_client import EngineClient, EngineError, EventStream, Job
 from .high_res import HighResJob
 
 COST_EVENT = "cost"
@@ -39,7 +39,7 @@ Starter = Callable[[int | None], Job | HighResJob]
 """Sends the generation, given the model's native side (None: unknown)."""
 
 
-class CostFirstJob:
+class CostFirstJob(EventStream):
     """A generation that starts once the model's native size is known (see the module)."""
 
     def __init__(
@@ -74,37 +74,6 @@ class CostFirstJob:
         self._thread.start()
 
     # -- The Job interface ---------------------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        """True once the final event has arrived."""
-        return self._done.is_set()
-
-    def poll(self) -> list[dict[str, Any]]:
-        """Every event that arrived since the last call, without waiting."""
-        out = []
-        while True:
-            try:
-                out.append(self.events.get_nowait())
-            except queue.Empty:
-                return out
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Events as they arrive, blocking, ending after the final one."""
-        while True:
-            if self.done and self.events.empty():
-                return
-            event = self.events.get()
-            yield event
-            if event is self.final:
-                return
-
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the final event and return it; ``TimeoutError`` if it does not come."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"generate ({self.id}) still running after {timeout} s")
-        assert self.final is not None
-        return self.final
 
     def cancel(self) -> None:
         """Stop the generation, or never send it; the final event is ``cancelled``."""

@@ -133,32 +133,18 @@ class EngineError(RuntimeError):
         return self.message
 
 
-class Job:
-    """One request in flight: its events arrive on ``events`` in order, the last one is final."""
+class EventStream:
+    """The events of one request in order, the last one final: what every kind of job shares.
 
-    def __init__(self, client: EngineClient, request_id: str, op: str):
-        self.client = client
-        self.id = request_id
-        self.op = op
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.final: dict[str, Any] | None = None
-        self._done = threading.Event()
-        self._deliver_lock = threading.Lock()
-        self._proc: subprocess.Popen[str] | None = None  # the process that owes the answer
-        self.out: str | None = None
-        """Where an inline result PNG is written (generates sent with inline files)."""
+    Subclasses set ``id``, ``op``, ``events`` (a queue), ``final`` and ``_done`` (an event set
+    once ``final`` is on the queue).
+    """
 
-    def _deliver(self, event: dict[str, Any]) -> None:
-        # The reader thread and a crash report (another thread) may race to end a job.
-        with self._deliver_lock:
-            if self._done.is_set():
-                return
-            if event.get("event") not in PROGRESS_EVENTS:
-                self.final = event
-                self.events.put(event)
-                self._done.set()
-            else:
-                self.events.put(event)
+    id: str
+    op: str
+    events: queue.Queue[dict[str, Any]]
+    final: dict[str, Any] | None
+    _done: threading.Event
 
     @property
     def done(self) -> bool:
@@ -193,6 +179,34 @@ class Job:
             )
         assert self.final is not None
         return self.final
+
+
+class Job(EventStream):
+    """One request in flight: its events arrive on ``events`` in order, the last one is final."""
+
+    def __init__(self, client: EngineClient, request_id: str, op: str):
+        self.client = client
+        self.id = request_id
+        self.op = op
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.final: dict[str, Any] | None = None
+        self._done = threading.Event()
+        self._deliver_lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None  # the process that owes the answer
+        self.out: str | None = None
+        """Where an inline result PNG is written (generates sent with inline files)."""
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        # The reader thread and a crash report (another thread) may race to end a job.
+        with self._deliver_lock:
+            if self._done.is_set():
+                return
+            if event.get("event") not in PROGRESS_EVENTS:
+                self.final = event
+                self.events.put(event)
+                self._done.set()
+            else:
+                self.events.put(event)
 
     def cancel(self) -> None:
         """Ask the engine to stop this request; the model stays loaded. Final event: cancelled."""

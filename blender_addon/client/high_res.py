@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 from ..wire.cost import HIGH_RES_STRENGTH, far_above_native, first_pass, second_pass
 from ..wire.layout import Layout
 from ..wire.protocol import PROGRESS_EVENTS
-from .engine_client import EngineClient, EngineError, Job
+from .engine_client import EngineClient, EngineError, EventStream, Job
 
 FIRST_PASS_SUFFIX = "_first_pass.png"
 """The first pass's PNG is written next to the result, named after it with this suffix."""
@@ -54,7 +53,7 @@ def start_generate(
     return client.generate(layout, out, model, options=options)
 
 
-class HighResJob:
+class HighResJob(EventStream):
     """The high-res fix's two generates as one job (see the module).
 
         Events: the first pass's progress then the second's, ``step`` and ``total`` counted over
@@ -104,37 +103,6 @@ class HighResJob:
         self._thread.start()
 
     # -- The Job interface ---------------------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        """True once the final event has arrived."""
-        return self._done.is_set()
-
-    def poll(self) -> list[dict[str, Any]]:
-        """Every event that arrived since the last call, without waiting."""
-        out = []
-        while True:
-            try:
-                out.append(self.events.get_nowait())
-            except queue.Empty:
-                return out
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Events as they arrive, blocking, ending after the final one."""
-        while True:
-            if self.done and self.events.empty():
-                return
-            event = self.events.get()
-            yield event
-            if event is self.final:
-                return
-
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the final event and return it; ``TimeoutError`` if it does not come."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"high-res generate ({self.id}) still running after {timeout} s")
-        assert self.final is not None
-        return self.final
 
     def cancel(self) -> None:
         """Stop whichever pass runs; the final event is ``cancelled``."""

@@ -505,6 +505,18 @@ class BatchRenderer:
             message = "another renderer took this frame over; its image is kept"
             self._settle(summary, FrameOutcome(paths.frame, "skipped", message))
             return
+        self._publish(pending, event, self.engine, summary)
+
+    def _publish(
+        self,
+        pending: _Pending,
+        event: dict[str, Any],
+        engine: dict[str, Any],
+        summary: BatchSummary,
+    ) -> None:
+        """Write a generated frame (its image already in ``pending.tmp``) with its sidecar,
+        and let its claim go."""
+        paths = pending.paths
         settings = self._settings()
         settings["skipped"] = pending.skipped
         settings["engine_options"] = pending.options
@@ -514,7 +526,7 @@ class BatchRenderer:
             pending.tmp,
             event,
             pending.layout,
-            engine=self.engine,
+            engine=engine,
             settings=settings,
             layout_seconds=pending.layout_seconds,
             started=pending.started,

@@ -26,7 +26,7 @@ from .batch import (
     FrameOutcome,
     _Pending,
 )
-from .publish import engine_details, first_pass_path, publish_frame
+from .publish import engine_details, first_pass_path
 from .ray_pool import WORKERS_GONE, FrameResult, FrameTask, HighResTask, RayPool, pack_layout
 
 
@@ -158,34 +158,8 @@ class RayBatchRenderer(BatchRenderer):
         assert result.image is not None
         with open(pending.tmp, "wb") as handle:
             handle.write(result.image)
-        settings = self._settings()
-        settings["skipped"] = pending.skipped
-        settings["engine_options"] = pending.options
-        settings["renderer"] = {"host": self.owner.host, "pid": self.owner.pid}
-        timings = publish_frame(
-            paths,
-            pending.tmp,
-            result.event,
-            pending.layout,
-            engine=engine_details(result.hello) if result.hello else self.engine,
-            settings=settings,
-            layout_seconds=pending.layout_seconds,
-            started=pending.started,
-            fingerprint=pending.fingerprint,
-        )
-        frames.sweep_frame(pending.claim, paths)
-        self._let_go(pending.claim)
-        summary.load_seconds += timings["load_seconds"]
-        outcome = FrameOutcome(
-            paths.frame,
-            "written",
-            seconds=timings["frame_seconds"],
-            generate_seconds=timings["generate_seconds"],
-            layout_seconds=timings["layout_seconds"],
-            redo=pending.redo,
-            retries=pending.retries,
-        )
-        self._settle(summary, outcome)
+        engine = engine_details(result.hello) if result.hello else self.engine
+        self._publish(pending, result.event, engine, summary)
 
     def _notices(self, summary: BatchSummary) -> None:
         for text in self.pool.take_notices():
