@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import shutil
 import threading
 import time
@@ -52,34 +51,16 @@ from .publish import (
     publish_frame,
     render_settings,
 )
+from .watchdog import ENGINE_HUNG, EngineWatch, Watchdog
 
 SEED_MODES = ("shot", "frame")
 FATAL_CODES = frozenset({ENGINE_GONE, NOT_INSTALLED, MODEL_NOT_FOUND, BAD_DEVICE})
 """Engine errors that would fail every following frame too: the batch stops at the first
 (a crashed engine only once its frame's retries are spent)."""
-ENGINE_HUNG = "engine_hung"
 RETRIES = 2
 """How often one frame is retried on a new engine after its engine crashed or hung."""
 POLL_SECONDS = 2.0
 """How often frames held by other renderers are looked at again."""
-
-
-@dataclass(frozen=True)
-class Watchdog:
-    """How long the engine may go without a progress event before it counts as hung."""
-
-    stall_seconds: float = 120.0
-    """Never less than this between two events of a running frame."""
-    step_factor: float = 10.0
-    """Times the slowest step measured so far (the bound grows with the image size)."""
-    load_seconds: float = 900.0
-    """While a model loads, and before the first step of a fresh engine."""
-
-    def bound(self, slowest_step: float | None, loading: bool) -> float:
-        """Seconds to wait for the next event."""
-        if loading or slowest_step is None:
-            return max(self.load_seconds, self.stall_seconds)
-        return max(self.stall_seconds, self.step_factor * slowest_step)
 
 
 @dataclass
@@ -202,8 +183,7 @@ class BatchRenderer:
         self._held: dict[int, frames.Claim] = {}
         self._held_lock = threading.Lock()
         self._waited_for: set[int] = set()
-        self._slowest_step: float | None = None
-        self._warm_pid: int | None = None
+        self._watch = EngineWatch()
         self._total = 0
         self._native: int | None = None
         """The model's native side (from the engine), for the high-res fix."""
@@ -549,39 +529,17 @@ class BatchRenderer:
     def _wait(self, pending: _Pending) -> dict[str, Any]:
         """The job's final event; a synthetic ``engine_hung`` error (the engine killed) when no
         event comes within the watchdog's bound."""
-        job = pending.job
-        loading = self.client.pid != self._warm_pid
-        last = time.monotonic()
-        previous_step: float | None = None
-        while True:
-            bound = self.watchdog.bound(self._slowest_step, loading)
-            try:
-                event = job.events.get(timeout=max(0.0, last + bound - time.monotonic()))
-            except queue.Empty:
-                self.client.kill()
-                return {
-                    "event": "error",
-                    "code": ENGINE_HUNG,
-                    "message": f"the engine made no progress for {bound:.0f} s "
-                    f"({'loading the model' if loading else 'between steps'}; the bound is "
-                    f"{self.watchdog.step_factor:g} x the slowest step, at least "
-                    f"{self.watchdog.stall_seconds:g} s) and was stopped",
-                }
-            now = time.monotonic()
-            kind = event.get("event")
-            if kind == "loading":
-                loading = True
-            elif kind == "progress":
-                if previous_step is not None:
-                    step = now - previous_step
-                    self._slowest_step = max(self._slowest_step or 0.0, step)
-                previous_step = now
-                loading = False
-            last = now
-            if event is job.final or kind not in ("queued", "loading", "progress"):
-                if kind == "result":
-                    self._warm_pid = self.client.pid
-                return event
+        watchdog = self.watchdog
+
+        def hung(bound: float, loading: bool) -> str:
+            return (
+                f"the engine made no progress for {bound:.0f} s "
+                f"({'loading the model' if loading else 'between steps'}; the bound is "
+                f"{watchdog.step_factor:g} x the slowest step, at least "
+                f"{watchdog.stall_seconds:g} s) and was stopped"
+            )
+
+        return self._watch.wait(pending.job, self.client, watchdog, hung)
 
     # -- Claims ---------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import queue
 import shutil
 import socket
 import struct
@@ -38,10 +37,10 @@ from ..core.errors import UserError
 from ..wire.cost import HIGH_RES_STRENGTH
 from ..wire.layout import IMAGE_FIELDS, REGION_IMAGE_FIELDS
 from ..wire.protocol import MODEL_NOT_FOUND
+from .watchdog import ENGINE_HUNG, EngineWatch, Watchdog
 
 INSTALL_HINT = "pip install -e .[cluster]"
 """How to get Ray, from a checkout of this project."""
-ENGINE_HUNG = "engine_hung"
 """The batch's code for an engine its watchdog stopped (as in :mod:`.batch`)."""
 WORKERS_GONE = "workers_gone"
 """No actor is left to render on."""
@@ -242,18 +241,15 @@ class EngineWorker:
         self.name = name
         self.host = socket.gethostname()
         self.client = EngineClient(engine_python or sys.executable, fix=RAY_ENGINE_FIX)
-        self.stall_seconds = stall_seconds
-        self.step_factor = step_factor
-        self.load_seconds = load_seconds
+        self.watchdog = Watchdog(stall_seconds, step_factor, load_seconds)
         self.root = tempfile.mkdtemp(prefix=f"ld-ray-{name}-")
         self._hello: dict[str, Any] = {}
-        self._slowest_step: float | None = None
-        self._warm_pid: int | None = None
+        self._watch = EngineWatch()
 
     def hello(self, model: str | None = None) -> dict[str, Any]:
         """Start the engine and return its ``hello`` (an ``error`` event if it cannot start)."""
         try:
-            self._hello = self.client.hello(model=model, timeout=self.load_seconds)
+            self._hello = self.client.hello(model=model, timeout=self.watchdog.load_seconds)
         except EngineError as exc:
             return {"event": "error", "code": exc.code, "message": exc.message}
         return self._hello
@@ -310,38 +306,14 @@ class EngineWorker:
 
     def _wait(self, job: Any) -> dict[str, Any]:
         """The job's final event, or ``engine_hung`` (engine killed) when it goes silent."""
-        loading = self.client.pid != self._warm_pid
-        last = time.monotonic()
-        previous_step: float | None = None
-        while True:
-            if loading or self._slowest_step is None:
-                bound = max(self.load_seconds, self.stall_seconds)
-            else:
-                bound = max(self.stall_seconds, self.step_factor * self._slowest_step)
-            try:
-                event = job.events.get(timeout=max(0.0, last + bound - time.monotonic()))
-            except queue.Empty:
-                self.client.kill()
-                return {
-                    "event": "error",
-                    "code": ENGINE_HUNG,
-                    "message": f"the engine on Ray worker {self.name} ({self.host}) made no "
-                    f"progress for {bound:.0f} s and was stopped",
-                }
-            now = time.monotonic()
-            kind = event.get("event")
-            if kind == "loading":
-                loading = True
-            elif kind == "progress":
-                if previous_step is not None:
-                    self._slowest_step = max(self._slowest_step or 0.0, now - previous_step)
-                previous_step = now
-                loading = False
-            last = now
-            if event is job.final or kind not in ("queued", "loading", "progress"):
-                if kind == "result":
-                    self._warm_pid = self.client.pid
-                return event
+
+        def hung(bound: float, loading: bool) -> str:
+            return (
+                f"the engine on Ray worker {self.name} ({self.host}) made no progress for "
+                f"{bound:.0f} s and was stopped"
+            )
+
+        return self._watch.wait(job, self.client, self.watchdog, hung)
 
 
 # -- The pool -----------------------------------------------------------------------------------
