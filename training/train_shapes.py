@@ -11,8 +11,9 @@ data and noise as one uninterrupted run. The default, compact state keeps fp16 w
 Adam moments (about a quarter of the size): a resumed run re-estimates them during a fresh
 learning-rate warm-up.
 
-Two phases: the VAE alone (short), then the VAE frozen and the UNet trained jointly with both
-text encoders (v-prediction, min-SNR weighting, EMA, caption dropout to zero embeddings, which
+Three phases: the VAE alone (short); its decoder alone on overlapping and crowded scenes
+(``--decoder-steps``; the encoder is frozen, so a resumed run can sharpen the decoder under a
+trained UNet); then the VAE frozen and the UNet trained jointly with both text encoders (v-prediction, min-SNR weighting, EMA, caption dropout to zero embeddings, which
 is what the SDXL pipeline feeds for an empty negative prompt). Scenes hold up to four objects,
 some overlapping in a depth order, and a share of the batches (``--crowd-fraction``) are
 crowded scenes of 5 to 16 small objects on a larger canvas. A share of the UNet batches
@@ -82,6 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="end the VAE phase early once this share of coloured pixels keeps its colour",
     )
     p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=2000,
+        help="steps fine-tuning the VAE decoder alone on overlapping and crowded scenes, after "
+        "the VAE phase or on resume; the encoder stays frozen, so the UNet's latents keep "
+        "their meaning",
+    )
+    p.add_argument("--decoder-lr", type=float, default=3e-4)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -153,6 +163,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.step = 0
         self.vae_step = 0
+        self.decoder_step = 0
         self.warm_from = 0  # the step the learning-rate warm-up counts from
         self.vae_opt = torch.optim.AdamW(self.parts["vae"].parameters(), lr=args.vae_lr)
         params = [p for name in TRAINED for p in self.parts[name].parameters()]
@@ -223,17 +234,43 @@ class Trainer:
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / x[0].numel()
-        # Shapes cover a small part of each image: without extra weight on coloured pixels the
-        # VAE first learns the grey backgrounds and merges the six hues into two.
-        saturation = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 2
-        weight = 1.0 + 8.0 * (saturation > 0.15).float()
-        error = (recon - x).abs() + (recon - x) ** 2
-        loss = (weight * error).mean() / weight.mean() + 1e-4 * kl
+        loss = _reconstruction_loss(recon, x) + 1e-4 * kl
         self.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         self.vae_opt.step()
         self.vae_step += 1
+        return loss.item()
+
+    def decoder_step_once(self, opt: torch.optim.Optimizer) -> float:
+        """One step of the decoder alone, on the edges the first VAE phase blurs.
+
+        Trained on lone shapes, the decoder mixed two touching colours into a third hue and
+        rounded small corners: a round trip of the ground truth kept only 85% of a partly
+        hidden object's visible pixels and 91% of four-object shapes. Scenes here overlap
+        (70%) or are crowded (30%); latents are sampled, as the UNet's are never exact.
+        """
+        vae = self.parts["vae"]
+        if self.rng.random() < 0.3:
+            size = self.args.crowd_size
+            batch = max(1, self.args.vae_batch * shapes_model.IMAGE_SIZE**2 // size**2)
+            pixels, _, _ = scene_batch(self.rng, batch, size, crowd=(5, 16))
+        else:
+            pixels, _, _ = scene_batch(
+                self.rng, self.args.vae_batch, shapes_model.IMAGE_SIZE, overlap=0.7
+            )
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample()
+        loss = _reconstruction_loss(vae.decode(latents).sample, x)
+        progress = self.decoder_step / max(1, self.args.decoder_steps)
+        for group in opt.param_groups:
+            group["lr"] = self.args.decoder_lr * 0.5 * (1 + math.cos(math.pi * progress))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        self.decoder_step += 1
         return loss.item()
 
     @torch.no_grad()
@@ -411,6 +448,7 @@ class Trainer:
         meta: dict = {
             "step": self.step,
             "vae_step": self.vae_step,
+            "decoder_step": self.decoder_step,
             "vae_scaling_factor": self.parts["vae"].config.scaling_factor,
             "numpy_rng": self.rng.bit_generator.state,
             "args": {k: v for k, v in vars(self.args).items() if k != "resume"},
@@ -440,6 +478,7 @@ class Trainer:
             self.ema[name] = {k: v.to(self.ema[name][k].dtype) for k, v in ema.items()}
         self.parts["vae"].register_to_config(scaling_factor=meta["vae_scaling_factor"])
         self.step, self.vae_step = meta["step"], meta["vae_step"]
+        self.decoder_step = meta.get("decoder_step", 0)
         rewarmed = []
         for label, opt in (("opt", self.opt), ("vae_opt", self.vae_opt)):
             path = os.path.join(folder, f"{label}.safetensors")
@@ -453,7 +492,10 @@ class Trainer:
         self.rng.bit_generator.state = meta["numpy_rng"]
         torch.set_rng_state(load_file(os.path.join(folder, "rng.safetensors"))["torch_rng"])
         note = f" (optimizer re-warmed: {', '.join(rewarmed)})" if rewarmed else ""
-        self.log(f"resumed at unet step {self.step}, vae step {self.vae_step}{note}")
+        self.log(
+            f"resumed at unet step {self.step}, vae step {self.vae_step}, "
+            f"decoder step {self.decoder_step}{note}"
+        )
 
     def export(self) -> None:
         """Save the EMA weights as an fp16 StableDiffusionXLPipeline folder, swapped in whole."""
@@ -469,11 +511,24 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
         with open(os.path.join(tmp, "training.json"), "w", encoding="utf-8") as handle:
-            json.dump({"unet_step": self.step, "vae_step": self.vae_step}, handle)
+            steps = {"unet_step": self.step, "vae_step": self.vae_step}
+            json.dump({**steps, "decoder_step": self.decoder_step}, handle)
         with open(os.path.join(tmp, DEFAULTS_FILE), "w", encoding="utf-8") as handle:
             json.dump(shapes_model.LAYOUT_DEFAULTS, handle, indent=1)
         _swap_in(tmp, self.args.out)
         self.log(f"exported EMA model at unet step {self.step} to {self.args.out}")
+
+
+def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 with coloured pixels weighted 9x.
+
+    Shapes cover a small part of each image: without the extra weight the VAE first learns the
+    grey backgrounds and merges the six hues into two.
+    """
+    saturation = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 2
+    weight = 1.0 + 8.0 * (saturation > 0.15).float()
+    error = (recon - x).abs() + (recon - x) ** 2
+    return (weight * error).mean() / weight.mean()
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
@@ -512,6 +567,31 @@ def _swap_in(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def run_decoder_phase(trainer: Trainer, deadline: float) -> None:
+    """Fine-tune the VAE decoder alone up to ``--decoder-steps``, then save and export."""
+    args, vae = trainer.args, trainer.parts["vae"]
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in decoder:
+        p.requires_grad_(True)
+    # A fresh optimizer each time: the phase is short and its moments are never stored.
+    opt = torch.optim.AdamW(decoder, lr=args.decoder_lr, weight_decay=0.0)
+    trainer.log(f"phase 1b: VAE decoder ({trainer.vae_colour_agreement():.3f} colour agreement)")
+    window, window_start, losses = 0, time.monotonic(), []
+    while trainer.decoder_step < args.decoder_steps and time.monotonic() < deadline:
+        losses.append(trainer.decoder_step_once(opt))
+        window += 1
+        if trainer.decoder_step % 50 == 0:
+            rate = window * args.vae_batch / (time.monotonic() - window_start)
+            trainer.log(
+                f"decoder step {trainer.decoder_step} loss {np.mean(losses):.4f} {rate:.1f} img/s"
+            )
+            window, window_start, losses = 0, time.monotonic(), []
+    vae.requires_grad_(False)
+    trainer.log(f"decoder step {trainer.decoder_step}: {trainer.vae_colour_agreement():.3f}")
+    trainer.save_state()
+    trainer.export()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run (or resume) training within the time budget, checkpointing and exporting as it goes."""
     args = parse_args(argv)
@@ -543,6 +623,9 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.step == 0:
         trainer.calibrate_vae()
     trainer.parts["vae"].requires_grad_(False)
+
+    if trainer.decoder_step < args.decoder_steps and time.monotonic() < deadline:
+        run_decoder_phase(trainer, deadline)
 
     trainer.log("phase 2: UNet + text encoders")
     window, window_start, losses = 0, time.monotonic(), []

@@ -138,10 +138,48 @@ def test_a_run_stops_at_the_step_it_is_given(tmp_path):
 
     common = ["--batch", "2", "--vae-batch", "2", "--vae-steps", "1", "--threads", "1"]
     folders = ["--state", str(tmp_path / "state"), "--out", str(tmp_path / "model")]
-    main(["--minutes", "10", "--until-step", "2", *common, *folders])
-    main(["--minutes", "10", "--until-step", "3", "--resume", *common, *folders])
+    main(["--minutes", "10", "--until-step", "2", "--decoder-steps", "1", *common, *folders])
+    main(
+        [
+            "--minutes",
+            "10",
+            "--until-step",
+            "3",
+            "--resume",
+            *common,
+            *folders,
+            "--decoder-steps",
+            "2",
+        ]
+    )
     with open(tmp_path / "model" / "training.json", encoding="utf-8") as handle:
-        assert json.load(handle) == {"unet_step": 3, "vae_step": 1}
+        assert json.load(handle) == {"unet_step": 3, "vae_step": 1, "decoder_step": 2}
+
+
+def test_decoder_phase_changes_the_decoder_and_keeps_every_latent(tmp_path):
+    from training.train_shapes import run_decoder_phase
+
+    trainer = _tiny_trainer(tmp_path, "model", "--decoder-steps", "2")
+    vae = trainer.parts["vae"]
+    x, _ = trainer.images(2)
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mode()
+        decoded = vae.decode(latents).sample
+    unet = {k: v.clone() for k, v in trainer.parts["unet"].state_dict().items()}
+    run_decoder_phase(trainer, deadline=math.inf)
+    assert trainer.decoder_step == 2
+    with torch.no_grad():
+        # The UNet was trained on these latents: the phase must not move them.
+        assert torch.equal(vae.encode(x).latent_dist.mode(), latents)
+        assert not torch.allclose(vae.decode(latents).sample, decoded)
+    assert all(torch.equal(v, unet[k]) for k, v in trainer.parts["unet"].state_dict().items())
+    assert not any(p.requires_grad for p in vae.parameters())
+    # The phase ends with a saved state and an export that say how far it got.
+    resumed = _tiny_trainer(tmp_path, "model")
+    resumed.load_state()
+    assert resumed.decoder_step == 2
+    with open(tmp_path / "model" / "training.json", encoding="utf-8") as handle:
+        assert json.load(handle)["decoder_step"] == 2
 
 
 def test_compact_state_holds_fp16_weights_and_no_optimizer_moments_and_resumes(tmp_path):
