@@ -182,9 +182,10 @@ def resolve_model(spec: str | None = None, options: LoadOptions | None = None) -
 
 def _weight_files(folder: str) -> dict[str, list[str]]:
     """Weight files of a diffusers folder by component (``""`` for the top level, else the
-    subfolder's name), one level down."""
+    subfolder's name), one level down. Linked component folders count (a VAE shared by
+    several model folders), as diffusers loads through them."""
     found: dict[str, list[str]] = {}
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, followlinks=True):
         if root != folder:
             dirs.clear()
         weights = [f for f in files if f.endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]

@@ -2,8 +2,9 @@
 
 The client multiplies it out for any size and step count without asking again:
 
-- ``native_size``: the side the model was trained at (1024 for SDXL, 64 for the shapes model);
-  far above it a model repeats and smears objects, and every step costs much more.
+- ``native_size``: the side the model composes at in one pass (1024 for SDXL, the side it was
+  trained at; 640 for the shapes model, which declares it); far above it a model repeats and
+  smears objects, and every step costs much more.
 - ``unet_flops`` and ``vae_flops``: ``[c, a, b]`` with ``flops(p) = c + a * p + b * p**2`` for
   ``p`` latent pixels (``latent_factor`` image pixels per latent pixel along a side), one
   guided UNet step and one VAE decode (see :func:`engine.service.limits.fitted_flops`).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from engine.loading.defaults import model_configs, native_size, vae_scale
+from engine.loading.defaults import ModelDefaultsError, model_configs, native_size, vae_scale
 from engine.loading.device import dtype_name, pick_device, pick_dtype
 from engine.loading.locate import LoadOptions, ModelLocation
 from engine.service.limits import config_key, device_flops_per_second, fitted_flops, measured_rate
@@ -52,7 +53,10 @@ def model_cost(location: ModelLocation, options: LoadOptions | None = None) -> d
     except Exception as exc:  # an unusual architecture: no estimate, generating still works
         log.warning("no cost estimate for %s", location.path, exc_info=True)
         return {"available": False, "message": f"cannot count the model's operations: {exc}"}
-    native = native_size(location)
+    try:
+        native = native_size(location)
+    except ModelDefaultsError as exc:
+        return {"available": False, "message": str(exc)}
     cost = {
         "available": True,
         "native_size": native,

@@ -28,8 +28,8 @@ Requests:
     fields left null). With ``probe`` (protocol 2, optional): ``{"path": "/abs/file", "token":
     "..."}``, a file the client wrote holding the token (16-256 bytes); ``shares_files`` then says
     whether the engine read that token there (true: it sees the client's files at the client's
-    paths), else it is null. ``model`` also says the model's ``native_size`` (the side it was
-    trained at). With ``"cost": true`` (optional) the reply's ``cost`` tells what generating
+    paths), else it is null. ``model`` also says the model's ``native_size`` (the side it
+    composes at in one pass, see ``engine.loading.defaults.native_size``). With ``"cost": true`` (optional) the reply's ``cost`` tells what generating
     with that model (default: the next generate's) costs on this device, without loading it:
     ``{"spec", "available": true, "native_size": 1024, "latent_factor": 8, "unet_flops": [c, a,
     b], "vae_flops": [c, a, b], "seconds_per_flop": ..., "source": "measured" |

@@ -26,9 +26,12 @@ TIME_EMBED = 8
 
 LAYOUT_DEFAULTS = {
     "reference_fraction": 0.4,
+    "native_size": 640,
     "note": (
         "benchmarks/layout_fidelity.py on this model: reference pull over 0.4 of the steps "
-        "places more objects than over 0.1 (see README, Measured)"
+        "places more objects than over 0.1; it composes in one pass up to 640 px (100 objects "
+        "placed box by box), where a high-res fix from 64 px would mottle the background "
+        "(see README, Measured)"
     ),
 }
 """The shapes model's ``layout_defaults.json`` (see ``engine.loading.defaults``), written with

@@ -1,6 +1,6 @@
 """The batch command far above the model's native size: it says the size and what each frame
 costs, renders through the high-res fix, and leaves no first-pass file behind (real bpy, the
-shipped shapes model, native 64 px)."""
+shipped shapes model declared native at 64 px)."""
 
 from __future__ import annotations
 
@@ -57,10 +57,12 @@ def test_batch_far_above_native_runs_the_high_res_fix(blend, tmp_path):
 
 def scenario_make_scene(path: str) -> dict:
     import bpy
+    from shapes_native import shapes_at_native
 
     from samples.moving_cube import build_moving_cube
 
-    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model="shapes")
+    model = shapes_at_native(os.path.dirname(path))
+    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model=model)
     scene.render.resolution_x, scene.render.resolution_y = 162, 97
     settings = scene.layout_diffusion
     settings.use_high_res_fix, settings.high_res_strength = True, 0.5

@@ -194,7 +194,7 @@ def test_frames_that_start_from_the_one_before_get_it_as_bytes(shot, ray_cluster
 
 
 def test_far_above_native_an_actor_runs_the_high_res_fix_as_the_local_batch(tmp_path, ray_cluster):
-    """2 frames at 160 x 96 with the shapes model (native 64 px), High-res Fix on: each actor
+    """2 frames at 160 x 96 with the shapes model declared native at 64 px, High-res Fix on: each actor
     runs both passes, the first in its own temporary folder, and the frames are the local
     batch's byte for byte (the PNGs name the first pass where the local batch puts it)."""
     blend = str(tmp_path / "wide.blend")
@@ -260,10 +260,12 @@ def scenario_make_shot(path: str, model: str) -> dict:
 
 def scenario_make_wide(path: str) -> dict:
     import bpy
+    from shapes_native import shapes_at_native
 
     from samples.moving_cube import build_moving_cube
 
-    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model="shapes")
+    model = shapes_at_native(os.path.dirname(path))
+    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model=model)
     scene.render.resolution_x, scene.render.resolution_y = 160, 96
     settings = scene.layout_diffusion
     settings.use_high_res_fix, settings.high_res_strength = True, 0.5

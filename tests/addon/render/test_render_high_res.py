@@ -1,5 +1,5 @@
 """F12 far above the model's native size runs the scene's High-res Fix, as Generate and the
-batch do (real bpy, the shipped shapes model, native 64 px, a 162 x 97 render generated at
+batch do (real bpy, the shipped shapes model declared native at 64 px, a 162 x 97 render at
 160 x 96): the render thread hands the request to the main thread, the engine runs two passes,
 the first pass's file is removed, the sidecar records the fix, and the frame's pixels are the
 batch command's."""
@@ -79,6 +79,7 @@ def scenario_f12(folder: str) -> dict:
     import threading
 
     import bpy
+    from shapes_native import shapes_at_native
 
     from blender_addon.blender import main_thread
     from blender_addon.client import engine_session
@@ -86,7 +87,8 @@ def scenario_f12(folder: str) -> dict:
     from blender_addon.render import engine as render_engine
     from samples.moving_cube import build_moving_cube
 
-    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model="shapes")
+    model = shapes_at_native(folder)
+    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model=model)
     scene.render.resolution_x, scene.render.resolution_y = 162, 97
     settings = scene.layout_diffusion
     settings.use_high_res_fix, settings.high_res_strength = True, 0.5

@@ -3,7 +3,7 @@
 The engine command starts ``engine serve`` only after a delay, as a cold engine answers once
 torch is imported. Generate returns before the engine has said anything; its job waits for the
 cost on its own thread, then runs the high-res fix the reply calls for (160 x 96 with the
-shipped shapes model, native 64 px), and the Image panel's cost lines change when the reply
+shipped shapes model declared native at 64 px), and the Image panel's cost lines change when the reply
 arrives.
 """
 
@@ -65,7 +65,12 @@ def scenario_slow_hello() -> dict:
     scene.camera.location = (0.0, -10.0, 0.0)
     scene.camera.rotation_euler = (1.5708, 0.0, 0.0)
     settings = scene.layout_diffusion
-    settings.model, settings.prompt, settings.steps = "shapes", "two boxes", 4
+    import tempfile
+
+    from shapes_native import shapes_at_native
+
+    model = shapes_at_native(tempfile.mkdtemp(prefix="shapes-native-"))
+    settings.model, settings.prompt, settings.steps = model, "two boxes", 4
     settings.use_high_res_fix, settings.high_res_strength = True, 0.5
 
     out: dict = {"panel_before": [text for text, _ in panels.cost_lines(scene)]}
@@ -91,7 +96,7 @@ def scenario_slow_hello() -> dict:
     out["finished"] = sorted(operators.finish(run, lambda *_: None))
     out["image"] = list(bpy.data.images[operators.RESULT_IMAGE].size)
 
-    assert cost.native_size("shapes") == 64
+    assert cost.native_size(model) == 64
     second = operators.start_generation(bpy.context)
     out["second_started_at_once"] = second.job.inner is not None
     second.job.wait(600)

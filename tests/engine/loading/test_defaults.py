@@ -61,6 +61,34 @@ def test_bad_defaults_files_say_what_is_wrong(tmp_path, data, words):
     assert DEFAULTS_FILE in str(info.value)
 
 
+def test_a_model_may_declare_the_side_it_composes_at(tiny_model_dir, tmp_path):
+    """The native size sets where the high-res fix starts; by default it is the training side."""
+    from engine.loading.defaults import describe_model, native_size
+    from engine.loading.locate import resolve_model
+    from engine.service.estimate import model_cost
+
+    assert native_size(resolve_model(tiny_model_dir)) == 64
+    folder = tmp_path / "declared"
+    shutil.copytree(tiny_model_dir, folder)
+    write_defaults(folder, {"native_size": 256, "reference_fraction": 0.3})
+    location = resolve_model(str(folder))
+    assert native_size(location) == 256
+    assert model_cost(location)["native_size"] == 256
+    # Not a Layout field: the Layout defaults leave it out.
+    assert describe_model(str(folder))["layout_defaults"] == {"reference_fraction": 0.3}
+    assert describe_model(str(folder))["native_size"] == 256
+
+    for bad in (100, 32, 2.5, True, "640"):
+        write_defaults(folder, {"native_size": bad})
+        with pytest.raises(ModelDefaultsError, match="multiple of 8"):
+            native_size(location)
+        with pytest.raises(ModelDefaultsError, match="multiple of 8"):
+            read_model_defaults(str(folder))
+        report = model_cost(location)
+        assert report["available"] is False and "native_size" in report["message"]
+        assert describe_model(str(folder))["found"] is False
+
+
 def test_explicit_values_win_over_the_model():
     layout = Layout(prompt="x", reference_fraction=0.25)
     assert with_model_defaults(layout, {"reference_fraction": 0.4}) is layout

@@ -282,3 +282,14 @@ def test_fp16_variant_only_download_loads_and_config_only_is_reported(tmp_path, 
     shutil.copytree(tiny_model_dir, configs, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(ModelNotFoundError, match="no weight files"):
         resolve_model(str(configs))
+
+
+def test_a_folder_of_linked_components_loads(tmp_path, tiny_model_dir):
+    """Component folders linked from elsewhere (a VAE shared by several models) are weights."""
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for entry in os.listdir(tiny_model_dir):
+        os.symlink(os.path.join(tiny_model_dir, entry), linked / entry)
+    assert resolve_model(str(linked)).path == str(linked)
+    pipe, _ = PipelineCache().get(str(linked), LoadOptions(device="cpu"))
+    assert pipe.unet.config.cross_attention_dim == 64

@@ -62,7 +62,8 @@ def test_hello_reports_protocol_device_and_model_presence(engine, tiny_model_dir
     }
     shapes = engine.request({"op": "hello", "id": "h4", "model": "shapes"})["model"]
     assert shapes["layout_defaults"] == {"reference_fraction": 0.4}
-    assert shapes["native_size"] == 64
+    # The shapes model declares the side it composes at (it was trained at 64 px).
+    assert shapes["native_size"] == 640
     missing = str(tmp_path / "no-such-model")
     report = engine.request({"op": "hello", "id": "h3", "model": missing})["model"]
     assert report["found"] is False and report["path"] is None
