@@ -11,7 +11,9 @@ Rows cover how the engine is used, at its default settings (printed with the tab
   *shape*: of the placed objects that nothing hides, the share whose blob has the right shape
   (fill ratio and top-heaviness of its bounding box, ``engine.shapes.detect.classify_shape``).
 - *Crowded* scenes (``--crowded 16@256 36@384 100@640``): many small objects whose colours
-  repeat, scored box by box (the box holds its colour and that colour dominates it).
+  repeat, scored box by box (the box holds its colour and that colour dominates it); their
+  *bleed* is the share of the image's coloured pixels outside every box (shapes drawn where
+  nothing was asked for, which box-by-box scores cannot see).
 - *Occlusion* (``--occlusion N``): two overlapping objects, the front one partly hiding the back
   one, given as boxes or as occlusion-aware masks (what the add-on sends); *front* and *back*
   are the share of the front object's pixels and of the back object's visible pixels that have
@@ -412,11 +414,17 @@ def score_image(
         pixel_labels = colour_labels(image)
         objects = case_objects(case)
         if case.kind == "crowded":
+            h, w = pixel_labels.shape
+            boxed = np.zeros((h, w), dtype=bool)
             for obj in objects:
                 found = score_box(image, obj.colour, obj.box, pixel_labels)
                 result.placed.append(found.placed)
                 if found.shape is not None:
                     result.shape_ok.append(found.shape == obj.shape)
+                x0, y0, x1, y1 = obj.box
+                boxed[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = True
+            coloured = pixel_labels >= 0
+            result.bleed.append(float((coloured & ~boxed).sum() / max(1, coloured.sum())))
             return
         scores = score_layout(image, [(o.colour, o.box) for o in objects])
         result.placed += [s.placed for s in scores]

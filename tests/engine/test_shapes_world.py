@@ -222,6 +222,21 @@ class _OraclePipe:
         return SimpleNamespace(images=[image])
 
 
+class _ShiftedPipe(_OraclePipe):
+    """Draws each phrase down and right of its box by the box's size."""
+
+    def __call__(self, layout, output_type="np"):
+        from types import SimpleNamespace
+
+        objs = []
+        for r in layout.regions:
+            x0, y0, x1, y1 = r.box
+            w, h = x1 - x0, y1 - y0
+            objs.append(ShapeObject(*r.prompt.split()[1:3], (x0 + w, y0 + h, x1 + w, y1 + h)))
+        image = render(objs, layout.width).astype(np.float32) / 255
+        return SimpleNamespace(images=[image])
+
+
 @pytest.mark.parametrize("detector", ["colour", "engine.shapes.detect:ColourDetector"])
 def test_benchmark_scores_an_oracle_perfectly_with_either_detector_path(detector, capsys):
     bench = _benchmark_module()
@@ -313,6 +328,10 @@ def test_benchmark_scores_crowded_scenes_box_by_box_and_occlusion_by_visible_pix
     by_row = {(r.kind, r.mode): r for r in results}
     assert by_row[("crowded", "attention")].placement == 1.0
     assert by_row[("crowded", "attention")].shape_rate >= 0.95
+    assert by_row[("crowded", "attention")].mean_bleed < 0.01
+    # Shapes drawn beside their boxes: bleed sees the colour outside every box.
+    shifted = bench.run_benchmark(_ShiftedPipe(), crowded, ["attention"], forms=["none"])
+    assert shifted[0].mean_bleed > 0.2
     assert by_row[("crowded", "plain")].placement == 0.0
     for mode in ("attention", "attention+masks"):
         row = by_row[("occlusion", mode)]
