@@ -20,6 +20,9 @@ Rows cover how the engine is used, at its default settings (printed with the tab
   the object's colour.
 
 Time and UNet work are measured side by side against the plain prompt of the same cases.
+``--round-trip`` adds the ceiling rows: the ground truth drawn exactly (``truth``), and the same
+through the model's VAE, encoded and decoded with no diffusion (``vae round trip``): no
+generation can score above what its decoder can draw.
 
     python benchmarks/layout_fidelity.py --model shapes --n 50 --objects 2 4
     python benchmarks/layout_fidelity.py --model shapes --n 50 --objects 2 --forms all \
@@ -68,6 +71,7 @@ from engine.shapes.world import (  # noqa: E402
     ShapeObject,
     caption_for,
     crowded_objects,
+    render,
     sample_objects,
     visible_masks,
 )
@@ -184,8 +188,13 @@ def available_modes() -> list[str]:
 
 def case_objects(case: BenchLayout) -> list[ShapeObject]:
     """The case's objects as shapes-world objects (labels like "a red circle"), back to front."""
+    return shape_objects(case.objects)
+
+
+def shape_objects(labelled: Sequence[tuple[str, Box]]) -> list[ShapeObject]:
+    """Shapes-world objects for (label, box) pairs, in their order."""
     objects = []
-    for label, box in case.objects:
+    for label, box in labelled:
         words = label.split()
         colour = next((w for w in words if w in COLOURS), None)
         shape = next((w for w in words if w in SHAPES), None)
@@ -315,6 +324,31 @@ def occlusion_layouts(n: int, seed: int = 0) -> list[BenchLayout]:
             )
         )
     return cases
+
+
+class RoundTrip:
+    """Stands in for a pipeline: draws each region's phrase exactly in its box (regions come
+    back to front), then with a ``vae`` encodes and decodes the picture. Scored like a
+    generation, it is the ceiling of a model with that VAE."""
+
+    def __init__(self, vae=None):
+        self.vae = vae
+
+    def __call__(self, layout: Layout, output_type: str = "np"):
+        from types import SimpleNamespace
+
+        objects = shape_objects([(r.prompt, r.box) for r in layout.regions])
+        image = render(objects, layout.width).astype(np.float32) / 255.0
+        if self.vae is not None:
+            import torch
+
+            vae = self.vae
+            x = torch.from_numpy(image).permute(2, 0, 1)[None] * 2.0 - 1.0
+            x = x.to(device=vae.device, dtype=vae.dtype)
+            with torch.no_grad():
+                decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            image = ((decoded[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+        return SimpleNamespace(images=[image])
 
 
 def load_layouts(path: str) -> list[BenchLayout]:
@@ -647,6 +681,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="how region pixels share attention among blocks (default: the pipeline's)",
     )
+    p.add_argument(
+        "--round-trip",
+        action="store_true",
+        help="add ceiling rows: the ground truth, and the same through the model's VAE",
+    )
     p.add_argument("--layouts", help="COCO-style layout JSON instead of shapes-world layouts")
     p.add_argument("--detector", default="colour", help="'colour' or 'module:factory'")
     p.add_argument("--save-images", help="folder to write every generated image to")
@@ -695,6 +734,17 @@ def main(argv: list[str] | None = None) -> list[ModeResult]:
             results += run_benchmark(
                 pipe, subset, modes, detector, colour, settings, args.save_images, forms, progress
             )
+        if subset and args.round_trip:
+            for label, stand_in in (
+                ("truth", RoundTrip()),
+                ("vae round trip", RoundTrip(pipe.vae)),
+            ):
+                for result in run_benchmark(
+                    stand_in, subset, ["attention"], detector, colour, settings, None, forms[:1]
+                ):
+                    if result.mode == "attention":  # the stand-in draws no masks: one row
+                        result.mode = label
+                        results.append(result)
     total = len(cases) + len(crowded) + len(occluded)
     print(f"model {args.model}, {total} layouts; {settings.describe()}")
     if crowded:

@@ -399,3 +399,19 @@ def test_benchmark_counts_every_unet_pixel_a_mode_processes(tiny_model_dir):
         "attention+pass": "1.25x",
         "latent": "2.50x",
     }
+
+
+def test_round_trip_rows_score_the_ground_truth_and_the_models_vae(capsys):
+    bench = _benchmark_module()
+    argv = ["--model", "shapes", "--n", "2", "--objects", "2", "--forms", "none"]
+    results = bench.main([*argv, "--modes", "attention", "--occlusion", "2", "--round-trip"])
+    rows = {(r.kind, r.mode): r for r in results}
+    truth = rows[("standard", "truth")]
+    assert truth.placement == 1.0 and truth.shape_rate == 1.0 and truth.mean_bleed < 0.05
+    assert min(rows[("occlusion", "truth")].back) > 0.95
+    through = rows[("standard", "vae round trip")]
+    # The decoder blurs edges: more coloured pixels beyond the boxes than the exact drawing.
+    assert through.placement == 1.0 and through.mean_bleed > truth.mean_bleed
+    assert ("occlusion", "attention+masks") in rows
+    assert not any(mode.startswith(("truth+", "vae round trip+")) for _, mode in rows)
+    assert "vae round trip" in capsys.readouterr().out
