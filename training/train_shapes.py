@@ -13,8 +13,9 @@ learning-rate warm-up.
 
 Three phases: the VAE alone (short); its decoder alone on overlapping and crowded scenes
 (``--decoder-steps``; the encoder is frozen, so a resumed run can sharpen the decoder under a
-trained UNet); then the VAE frozen and the UNet trained jointly with both text encoders (v-prediction, min-SNR weighting, EMA, caption dropout to zero embeddings, which
-is what the SDXL pipeline feeds for an empty negative prompt). Scenes hold up to four objects,
+trained UNet); then the VAE frozen and the UNet trained jointly with both text encoders
+(v-prediction, min-SNR weighting, EMA, caption dropout to zero embeddings, which is what the
+SDXL pipeline feeds for an empty negative prompt). Scenes hold up to four objects,
 some overlapping in a depth order, and a share of the batches (``--crowd-fraction``) are
 crowded scenes of 5 to 16 small objects on a larger canvas. A share of the UNet batches
 (``--regional-fraction``) is trained the way regional guidance runs at inference: each scene
