@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import cost
-from .engine_client import EngineClient, EngineError, EventStream, Job
+from .engine_client import EngineClient, EventStream, Job
 from .high_res import HighResJob
 
 COST_EVENT = "cost"
@@ -50,19 +50,15 @@ class CostFirstJob(EventStream):
         start: Starter,
         wait_seconds: float = 60.0,
     ):
+        super().__init__("generate", asked.id)
         self.client = client
-        self.op = "generate"
         self.asked, self.spec, self._start = asked, spec, start
         self.wait_seconds = wait_seconds
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.final: dict[str, Any] | None = None
-        self._done = threading.Event()
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._cost_said = False
         self.inner: Job | HighResJob | None = None
         """The generation once sent (a plain job or the high-res fix's)."""
-        self.id = asked.id
         native = cost.native_size(spec)
         if native is not None:
             # Known from an earlier reply: nothing to wait for. Errors sending it raise here,
@@ -86,10 +82,9 @@ class CostFirstJob(EventStream):
     # -- The thread ----------------------------------------------------------------------------
 
     def _finish(self, event: dict[str, Any]) -> None:
+        # Under the lock that guards the cost event: no cost event comes after the final one.
         with self._lock:
-            self.final = event
-            self.events.put(event)
-            self._done.set()
+            super()._finish(event)
 
     def _take_cost(self) -> None:
         """Keep the engine's reply (once it is there) and pass it on as a ``cost`` event."""
@@ -109,13 +104,7 @@ class CostFirstJob(EventStream):
         return not self.asked.done and time.monotonic() - self._started < self.wait_seconds
 
     def _run(self) -> None:
-        try:
-            self._finish(self._follow())
-        except EngineError as exc:
-            self._finish({"id": self.id, "event": "error", "code": exc.code, "message": str(exc)})
-        except Exception as exc:  # the UI must hear of it; the thread must not die silently
-            message = f"the generation could not start: {type(exc).__name__}: {exc}"
-            self._finish({"id": self.id, "event": "error", "code": "internal", "message": message})
+        self._finish_with(self._follow, "the generation could not start")
         # A reply later than the generation still refreshes the estimate.
         if not self._cost_said:
             cost.answer(self.asked, self.spec, max(0.0, self.wait_seconds))

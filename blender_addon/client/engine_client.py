@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..wire.files import atomic_open
@@ -134,17 +134,14 @@ class EngineError(RuntimeError):
 
 
 class EventStream:
-    """The events of one request in order, the last one final: what every kind of job shares.
+    """The events of one request in order, the last one final: what every kind of job shares."""
 
-    Subclasses set ``id``, ``op``, ``events`` (a queue), ``final`` and ``_done`` (an event set
-    once ``final`` is on the queue).
-    """
-
-    id: str
-    op: str
-    events: queue.Queue[dict[str, Any]]
-    final: dict[str, Any] | None
-    _done: threading.Event
+    def __init__(self, op: str, request_id: str = "") -> None:
+        self.op = op
+        self.id = request_id
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.final: dict[str, Any] | None = None
+        self._done = threading.Event()
 
     @property
     def done(self) -> bool:
@@ -180,17 +177,32 @@ class EventStream:
         assert self.final is not None
         return self.final
 
+    def _finish(self, event: dict[str, Any]) -> None:
+        """Put the final event on the queue and mark the stream done."""
+        self.final = event
+        self.events.put(event)
+        self._done.set()
+
+    def _finish_with(self, follow: Callable[[], dict[str, Any]], failure: str) -> None:
+        """Finish with the final event ``follow`` returns, or with an ``error`` event if it
+        raises (``failure`` starts its message): a job's thread must never end without one, as
+        the UI waits for it."""
+        try:
+            event = follow()
+        except EngineError as exc:
+            event = {"id": self.id, "event": "error", "code": exc.code, "message": str(exc)}
+        except Exception as exc:
+            message = f"{failure}: {type(exc).__name__}: {exc}"
+            event = {"id": self.id, "event": "error", "code": "internal", "message": message}
+        self._finish(event)
+
 
 class Job(EventStream):
     """One request in flight: its events arrive on ``events`` in order, the last one is final."""
 
     def __init__(self, client: EngineClient, request_id: str, op: str):
+        super().__init__(op, request_id)
         self.client = client
-        self.id = request_id
-        self.op = op
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.final: dict[str, Any] | None = None
-        self._done = threading.Event()
         self._deliver_lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None  # the process that owes the answer
         self.out: str | None = None
@@ -202,9 +214,7 @@ class Job(EventStream):
             if self._done.is_set():
                 return
             if event.get("event") not in PROGRESS_EVENTS:
-                self.final = event
-                self.events.put(event)
-                self._done.set()
+                self._finish(event)
             else:
                 self.events.put(event)
 

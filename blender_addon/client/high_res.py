@@ -13,14 +13,13 @@ files. Callers see one :class:`HighResJob` with the same ``events``, ``final``, 
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from typing import Any
 
 from ..wire.cost import HIGH_RES_STRENGTH, far_above_native, first_pass, second_pass
 from ..wire.layout import Layout
 from ..wire.protocol import PROGRESS_EVENTS
-from .engine_client import EngineClient, EngineError, EventStream, Job
+from .engine_client import EngineClient, EventStream, Job
 
 FIRST_PASS_SUFFIX = "_first_pass.png"
 """The first pass's PNG is written next to the result, named after it with this suffix."""
@@ -56,11 +55,11 @@ def start_generate(
 class HighResJob(EventStream):
     """The high-res fix's two generates as one job (see the module).
 
-        Events: the first pass's progress then the second's, ``step`` and ``total`` counted over
-        both and each with ``"pass": 1 | 2`` and ``"passes": 2``; the final event is the second
-        pass's ``result`` with ``seconds`` of both passes and ``high_res`` saying what ran
-        (``first_pass``: its size, path, seed and seconds; ``strength``, ``steps``), or the first
-        ``error`` or ``cancelled`` of either pass. The first pass's PNG is kept (next to ``out``
+    Events: the first pass's progress then the second's, ``step`` and ``total`` counted over
+    both and each with ``"pass": 1 | 2`` and ``"passes": 2``; the final event is the second
+    pass's ``result`` with ``seconds`` of both passes and ``high_res`` saying what ran
+    (``first_pass``: its size, path, seed and seconds; ``strength``, ``steps``), or the first
+    ``error`` or ``cancelled`` of either pass. The first pass's PNG is kept (next to ``out``
     unless ``first_out`` names it).
     """
 
@@ -75,8 +74,8 @@ class HighResJob(EventStream):
         strength: float = HIGH_RES_STRENGTH,
         first_out: str | None = None,
     ):
+        super().__init__("generate")
         self.client = client
-        self.op = "generate"
         self.out = os.path.abspath(out)
         self.model, self.options, self.strength = model, options, strength
         self.layout = Layout.from_dict(layout)
@@ -89,9 +88,6 @@ class HighResJob(EventStream):
         self.second_layout: Layout | None = None
         self.requests: list[dict[str, Any]] = []
         """The Layouts sent, in order (for provenance and tests)."""
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.final: dict[str, Any] | None = None
-        self._done = threading.Event()
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._pass_total = 0
@@ -113,11 +109,6 @@ class HighResJob(EventStream):
 
     # -- The two passes ------------------------------------------------------------------------
 
-    def _finish(self, event: dict[str, Any]) -> None:
-        self.final = event
-        self.events.put(event)
-        self._done.set()
-
     def _forward(self, job: Job, number: int, offset: int, later: int) -> dict[str, Any]:
         """Pass ``job``'s progress on (steps counted over both passes); its final event."""
         for event in job:
@@ -133,13 +124,7 @@ class HighResJob(EventStream):
         return job.final or {"event": "error", "code": "internal", "message": "no final event"}
 
     def _run(self) -> None:
-        try:
-            self._finish(self._passes())
-        except EngineError as exc:
-            self._finish({"id": self.id, "event": "error", "code": exc.code, "message": str(exc)})
-        except Exception as exc:  # the UI must hear of it; the thread must not die silently
-            message = f"the high-res fix failed: {type(exc).__name__}: {exc}"
-            self._finish({"id": self.id, "event": "error", "code": "internal", "message": message})
+        self._finish_with(self._passes, "the high-res fix failed")
 
     def _passes(self) -> dict[str, Any]:
         first_path = self.first_out
