@@ -70,9 +70,14 @@ def _defaults_file(folder: str | None) -> tuple[str, dict[str, Any]] | None:
 def declared_native_size(folder: str | None) -> int | None:
     """The ``native_size`` the model in ``folder`` declares, or None when it declares none."""
     found = _defaults_file(folder)
-    if found is None or NATIVE_SIZE_KEY not in found[1]:
+    return None if found is None else _native_size_in(*found)
+
+
+def _native_size_in(path: str, data: dict[str, Any]) -> int | None:
+    """The checked ``native_size`` of a defaults file's ``data`` read from ``path``."""
+    if NATIVE_SIZE_KEY not in data:
         return None
-    path, value = found[0], found[1][NATIVE_SIZE_KEY]
+    value = data[NATIVE_SIZE_KEY]
     low, high = _NATIVE_RANGE
     if (
         isinstance(value, bool)
@@ -96,7 +101,7 @@ def read_model_defaults(folder: str | None) -> dict[str, float]:
     if found is None:
         return values
     path, data = found
-    declared_native_size(folder)  # a bad declaration fails here too, when the model loads
+    _native_size_in(path, data)  # a bad declaration fails here too, when the model loads
     for name, value in data.items():
         if name in ("note", NATIVE_SIZE_KEY):
             continue
