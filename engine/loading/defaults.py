@@ -170,10 +170,9 @@ def native_size(location: ModelLocation) -> int:
     """The side up to which the model composes in one pass: what its ``layout_defaults.json``
     declares (640 for the shipped shapes model), else the side it was trained at, its UNet's
     sample size in image pixels (1024 for SDXL)."""
-    if location.kind != "single_file":
-        declared = declared_native_size(location.path)
-        if declared is not None:
-            return declared
+    declared = declared_native_size(location.path)  # None for a single file: no folder
+    if declared is not None:
+        return declared
     configs = model_configs(location)
     if configs is None:
         return SDXL_NATIVE_SIZE
