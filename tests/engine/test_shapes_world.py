@@ -210,31 +210,22 @@ def _benchmark_module():
     return module
 
 
-class _OraclePipe:
-    """Draws each region's phrase exactly in its box; without regions, draws nothing."""
-
-    def __call__(self, layout, output_type="np"):
-        from types import SimpleNamespace
-
-        # Regions come back to front, so a front object covers the one behind it.
-        objs = [ShapeObject(*r.prompt.split()[1:3], r.box) for r in layout.regions]
-        image = render(objs, layout.width).astype(np.float32) / 255
-        return SimpleNamespace(images=[image])
-
-
-class _ShiftedPipe(_OraclePipe):
+class _ShiftedPipe:
     """Draws each phrase down and right of its box by the box's size."""
 
-    def __call__(self, layout, output_type="np"):
-        from types import SimpleNamespace
+    def __init__(self, bench):
+        self.draw = bench.RoundTrip()
 
-        objs = []
-        for r in layout.regions:
-            x0, y0, x1, y1 = r.box
+    def __call__(self, layout, output_type="np"):
+        import dataclasses
+
+        def shifted(region):
+            x0, y0, x1, y1 = region.box
             w, h = x1 - x0, y1 - y0
-            objs.append(ShapeObject(*r.prompt.split()[1:3], (x0 + w, y0 + h, x1 + w, y1 + h)))
-        image = render(objs, layout.width).astype(np.float32) / 255
-        return SimpleNamespace(images=[image])
+            return dataclasses.replace(region, box=(x0 + w, y0 + h, x1 + w, y1 + h))
+
+        regions = [shifted(r) for r in layout.regions]
+        return self.draw(dataclasses.replace(layout, regions=regions), output_type)
 
 
 @pytest.mark.parametrize("detector", ["colour", "engine.shapes.detect:ColourDetector"])
@@ -245,7 +236,7 @@ def test_benchmark_scores_an_oracle_perfectly_with_either_detector_path(detector
     assert all(len({phrase.split()[1] for phrase, _ in c.objects}) == 3 for c in cases)
     found, colour = bench.load_detector(detector)
     assert colour == (detector == "colour")
-    results = bench.run_benchmark(_OraclePipe(), cases, ["plain", "attention"], found, colour)
+    results = bench.run_benchmark(bench.RoundTrip(), cases, ["plain", "attention"], found, colour)
     by_mode = {r.mode: r for r in results}
     assert by_mode["attention"].placement == 1.0 and by_mode["plain"].placement == 0.0
     assert by_mode["attention"].map50 > 0.95 and by_mode["plain"].map50 == 0.0
@@ -297,7 +288,7 @@ def test_benchmark_writes_each_scene_prompt_form_and_keeps_plain_as_the_full_cap
     assert layout.base_ratio == Layout(prompt="").base_ratio
     assert f"base_ratio {layout.base_ratio}" in settings.describe()
     pipe_results = bench.run_benchmark(
-        _OraclePipe(), [case], ["plain", "attention"], forms=["none", "empty"]
+        bench.RoundTrip(), [case], ["plain", "attention"], forms=["none", "empty"]
     )
     assert [(r.mode, r.form) for r in pipe_results] == [
         ("plain", "all"),
@@ -323,14 +314,14 @@ def test_benchmark_scores_crowded_scenes_box_by_box_and_occlusion_by_visible_pix
     assert crowded[0].kind == "crowded" and len(crowded[0].objects) == 36
     occluded = bench.occlusion_layouts(3, seed=3)
     results = bench.run_benchmark(
-        _OraclePipe(), crowded + occluded, ["plain", "attention"], forms=["none"]
+        bench.RoundTrip(), crowded + occluded, ["plain", "attention"], forms=["none"]
     )
     by_row = {(r.kind, r.mode): r for r in results}
     assert by_row[("crowded", "attention")].placement == 1.0
     assert by_row[("crowded", "attention")].shape_rate >= 0.95
     assert by_row[("crowded", "attention")].mean_bleed < 0.01
     # Shapes drawn beside their boxes: bleed sees the colour outside every box.
-    shifted = bench.run_benchmark(_ShiftedPipe(), crowded, ["attention"], forms=["none"])
+    shifted = bench.run_benchmark(_ShiftedPipe(bench), crowded, ["attention"], forms=["none"])
     assert shifted[0].mean_bleed > 0.2
     assert by_row[("crowded", "plain")].placement == 0.0
     for mode in ("attention", "attention+masks"):
