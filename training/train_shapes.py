@@ -199,20 +199,22 @@ class Trainer:
         x, captions, _ = self.scenes(batch)
         return x, captions
 
-    def scenes(self, batch: int | None = None, crowded: bool = False):
+    def scenes(self, batch: int | None = None, crowded: bool = False, overlap: float | None = None):
         """A batch of scenes: pixels in [-1, 1] (NCHW), captions and objects.
 
         A crowded batch is ``--crowd-size`` pixels square with as many pixels in all as a
-        normal batch; other batches are the model's native size, some scenes overlapping.
+        normal batch; other batches are the model's native size, a share ``overlap`` of the
+        scenes (default ``--overlap-fraction``) overlapping.
         """
         batch = batch or self.args.batch
+        overlap = self.args.overlap_fraction if overlap is None else overlap
         if crowded:
             size = self.args.crowd_size
             batch = max(1, batch * shapes_model.IMAGE_SIZE**2 // size**2)
             pixels, captions, objects = scene_batch(self.rng, batch, size, crowd=(5, 16))
         else:
             pixels, captions, objects = scene_batch(
-                self.rng, batch, shapes_model.IMAGE_SIZE, overlap=self.args.overlap_fraction
+                self.rng, batch, shapes_model.IMAGE_SIZE, overlap=overlap
             )
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return x, captions, objects
@@ -252,15 +254,7 @@ class Trainer:
         (70%) or are crowded (30%); latents are sampled, as the UNet's are never exact.
         """
         vae = self.parts["vae"]
-        if self.rng.random() < 0.3:
-            size = self.args.crowd_size
-            batch = max(1, self.args.vae_batch * shapes_model.IMAGE_SIZE**2 // size**2)
-            pixels, _, _ = scene_batch(self.rng, batch, size, crowd=(5, 16))
-        else:
-            pixels, _, _ = scene_batch(
-                self.rng, self.args.vae_batch, shapes_model.IMAGE_SIZE, overlap=0.7
-            )
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x, _, _ = self.scenes(self.args.vae_batch, crowded=self.rng.random() < 0.3, overlap=0.7)
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample()
         loss = _reconstruction_loss(vae.decode(latents).sample, x)
