@@ -57,13 +57,7 @@ def scenario_slow_hello() -> dict:
     )
     prefs = preferences.get_preferences()
     prefs.engine_command = shlex.join([blender_scenario.engine_python(), "-c", code])
-    scene = blender_scenario.empty_project_scene(160, 96)
-    for name, x in (("red_box", -1.5), ("blue_ball", 1.5)):
-        bpy.ops.mesh.primitive_cube_add(location=(x, 0, 0))
-        bpy.context.object.name = name
-        bpy.context.object.layout_diffusion.enabled = True
-    scene.camera.location = (0.0, -10.0, 0.0)
-    scene.camera.rotation_euler = (1.5708, 0.0, 0.0)
+    scene = blender_scenario.two_box_scene(160, 96)
     settings = scene.layout_diffusion
     import tempfile
 

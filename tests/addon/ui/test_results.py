@@ -97,13 +97,7 @@ def scenario_history(model: str) -> dict:
     from blender_addon.core import history, request
     from blender_addon.ui import operators, results
 
-    scene = blender_scenario.empty_project_scene()
-    for name, x in (("red_box", -1.5), ("blue_ball", 1.5)):
-        bpy.ops.mesh.primitive_cube_add(location=(x, 0, 0))
-        bpy.context.object.name = name
-        bpy.context.object.layout_diffusion.enabled = True
-    scene.camera.location = (0.0, -10.0, 0.0)
-    scene.camera.rotation_euler = (1.5708, 0.0, 0.0)
+    scene = blender_scenario.two_box_scene()
     settings = scene.layout_diffusion
     settings.model, settings.steps, settings.prompt = model, 2, "two boxes on a table"
     settings.history_size = 2

@@ -386,13 +386,7 @@ def scenario_seeds(model: str) -> dict:
     from blender_addon.blender import outputs
     from blender_addon.client import engine_session
 
-    scene = blender_scenario.empty_project_scene()
-    for name, x in (("red_box", -1.5), ("blue_ball", 1.5)):
-        bpy.ops.mesh.primitive_cube_add(location=(x, 0, 0))
-        bpy.context.object.name = name
-        bpy.context.object.layout_diffusion.enabled = True
-    scene.camera.location = (0.0, -10.0, 0.0)
-    scene.camera.rotation_euler = (1.5708, 0.0, 0.0)
+    scene = blender_scenario.two_box_scene()
     scene.render.resolution_x, scene.render.resolution_y = 64, 64
     settings = scene.layout_diffusion
     settings.model = model
