@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..client.engine_client import EngineClient, EventStream
+from ..wire.protocol import PROGRESS_EVENTS
 
 ENGINE_HUNG = "engine_hung"
 
@@ -71,7 +72,7 @@ class EngineWatch:
                 previous_step = now
                 loading = False
             last = now
-            if event is job.final or kind not in ("queued", "loading", "progress"):
+            if event is job.final or kind not in PROGRESS_EVENTS:
                 if kind == "result":
                     self.warm_pid = client.pid
                 return event
