@@ -57,15 +57,9 @@ def test_batch_far_above_native_runs_the_high_res_fix(blend, tmp_path):
 
 def scenario_make_scene(path: str) -> dict:
     import bpy
-    from shapes_native import shapes_at_native
+    from shapes_native import high_res_scene
 
-    from samples.moving_cube import build_moving_cube
-
-    model = shapes_at_native(os.path.dirname(path))
-    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model=model)
-    scene.render.resolution_x, scene.render.resolution_y = 162, 97
-    settings = scene.layout_diffusion
-    settings.use_high_res_fix, settings.high_res_strength = True, 0.5
+    high_res_scene(os.path.dirname(path), 162, 97)
     bpy.ops.wm.save_as_mainfile(filepath=path)
     return {"saved": path}
 

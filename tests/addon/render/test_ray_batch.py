@@ -260,15 +260,9 @@ def scenario_make_shot(path: str, model: str) -> dict:
 
 def scenario_make_wide(path: str) -> dict:
     import bpy
-    from shapes_native import shapes_at_native
+    from shapes_native import high_res_scene
 
-    from samples.moving_cube import build_moving_cube
-
-    model = shapes_at_native(os.path.dirname(path))
-    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model=model)
-    scene.render.resolution_x, scene.render.resolution_y = 160, 96
-    settings = scene.layout_diffusion
-    settings.use_high_res_fix, settings.high_res_strength = True, 0.5
+    high_res_scene(os.path.dirname(path), 160, 96)
     bpy.ops.wm.save_as_mainfile(filepath=path)
     return {"saved": path}
 

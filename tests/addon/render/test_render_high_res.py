@@ -79,19 +79,14 @@ def scenario_f12(folder: str) -> dict:
     import threading
 
     import bpy
-    from shapes_native import shapes_at_native
+    from shapes_native import high_res_scene
 
     from blender_addon.blender import main_thread
     from blender_addon.client import engine_session
     from blender_addon.core import frames
     from blender_addon.render import engine as render_engine
-    from samples.moving_cube import build_moving_cube
 
-    model = shapes_at_native(folder)
-    scene = build_moving_cube(((1, -1.0), (2, 1.0)), size=64, steps=4, model=model)
-    scene.render.resolution_x, scene.render.resolution_y = 162, 97
-    settings = scene.layout_diffusion
-    settings.use_high_res_fix, settings.high_res_strength = True, 0.5
+    scene = high_res_scene(folder, 162, 97)
     blend = os.path.join(folder, "wide.blend")
     bpy.ops.wm.save_as_mainfile(filepath=blend)
     scene.render.engine = "LAYOUT_DIFFUSION"
