@@ -30,6 +30,7 @@ import shutil
 import socket
 import struct
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -631,6 +632,61 @@ def release(claim: Claim) -> None:
     """Give a claim up (only if still held, so a claim taken over is never removed)."""
     if holds(claim):
         _remove(claim.path)
+
+
+class HeldClaims:
+    """The claims one renderer holds, their heartbeats beaten on a thread of their own (started
+    with the first claim held) so that other renderers see them live."""
+
+    def __init__(self, heartbeat_seconds: float = HEARTBEAT_SECONDS):
+        self.heartbeat_seconds = heartbeat_seconds
+        self._held: dict[int, Claim] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, claim: Claim) -> None:
+        """Keep ``claim``'s heartbeat beating until it is let go."""
+        with self._lock:
+            self._held[claim.frame] = claim
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._beat, name="frame claims", daemon=True)
+                self._thread.start()
+
+    def forget(self, claim: Claim) -> None:
+        """Stop beating ``claim`` without releasing it (another renderer took it over)."""
+        with self._lock:
+            self._held.pop(claim.frame, None)
+
+    def let_go(self, claim: Claim) -> None:
+        """Stop beating ``claim`` and release it."""
+        self.forget(claim)
+        release(claim)
+
+    def let_go_all(self) -> None:
+        """Release every claim held."""
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        for claim in held:
+            release(claim)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the heartbeat thread (a later :meth:`hold` starts another); a thread still
+        running when Python ends crashes the bpy 4.2 module."""
+        thread = self._thread
+        if thread is not None:
+            self._stop.set()
+            thread.join(self.heartbeat_seconds + 1.0 if timeout is None else timeout)
+            self._thread = None
+            self._stop.clear()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            with self._lock:
+                held = list(self._held.values())
+            for claim in held:
+                refresh(claim)
 
 
 def frame_temp_files(paths: FramePaths) -> list[str]:

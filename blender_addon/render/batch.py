@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -180,8 +179,7 @@ class BatchRenderer:
         self.heartbeat_seconds = heartbeat_seconds
         self.engine: dict[str, Any] = {}
         self.owner = frames.Owner.current()
-        self._held: dict[int, frames.Claim] = {}
-        self._held_lock = threading.Lock()
+        self._claims = frames.HeldClaims(heartbeat_seconds)
         self._waited_for: set[int] = set()
         self._watch = EngineWatch()
         self._total = 0
@@ -193,16 +191,11 @@ class BatchRenderer:
         """Render every frame of ``frame_list`` that is not complete yet; never raises for a frame."""
         started = time.perf_counter()
         summary = BatchSummary()
-        stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True)
-        beat.start()
         try:
             self._run(frame_list, summary)
         finally:
-            stop.set()
-            beat.join(5.0)
-            for claim in list(self._held.values()):
-                self._let_go(claim)
+            self._claims.stop(5.0)
+            self._claims.let_go_all()
             summary.seconds = time.perf_counter() - started
         return summary
 
@@ -254,14 +247,14 @@ class BatchRenderer:
                 deferred.append(frame)
                 self._waited_for.add(frame)
                 continue
-            self._hold(claim)
+            self._claims.hold(claim)
             built = self._build(paths)
             if pending is not None:
                 self._finish(pending, summary)
                 pending = None
             if summary.stopped:
                 self._discard(built)
-                self._let_go(claim)
+                self._claims.let_go(claim)
                 break
             pending = self._start(paths, claim, built, summary)
         if pending is not None:
@@ -307,7 +300,7 @@ class BatchRenderer:
         frame = paths.frame
         if made is None:
             self._discard(built)
-            self._let_go(claim)
+            self._claims.let_go(claim)
             self._settle(summary, FrameOutcome(frame, "failed", error))
             return None
         model = self.model or made.model
@@ -329,7 +322,7 @@ class BatchRenderer:
         if state.complete and (not self.overwrite or frame in self._waited_for):
             self._discard(built)
             frames.sweep_frame(claim, paths)
-            self._let_go(claim)
+            self._claims.let_go(claim)
             elsewhere = frame in self._waited_for
             message = "rendered by another renderer" if elsewhere else "already complete"
             self._settle(summary, FrameOutcome(frame, "skipped", message))
@@ -337,7 +330,7 @@ class BatchRenderer:
         redo = state.kind if state.kind in ("stale", "damaged", "interrupted") else ""
         if not self._engine_ready(summary):
             self._discard(built)
-            self._let_go(claim)
+            self._claims.let_go(claim)
             return None
         frames.replace_folder(staging, paths.layout_dir)
         layout = _moved(layout, staging, paths.layout_dir)
@@ -359,7 +352,7 @@ class BatchRenderer:
         try:
             self._send(pending, summary)
         except EngineError as exc:
-            self._let_go(claim)
+            self._claims.let_go(claim)
             self._settle(summary, FrameOutcome(frame, "failed", exc.message))
             summary.stopped = f"stopped at frame {frame}: {exc.message}"
             return None
@@ -472,7 +465,7 @@ class BatchRenderer:
             message = str(event.get("message") or f"generation ended with {code}")
             if pending.retries:
                 message += f" (after {pending.retries} retries on new engines)"
-            self._let_go(pending.claim)
+            self._claims.let_go(pending.claim)
             outcome = FrameOutcome(paths.frame, "failed", message, retries=pending.retries)
             if code in FATAL_CODES or code == ENGINE_HUNG or event.get("event") == "cancelled":
                 summary.stopped = f"stopped at frame {paths.frame}: {message}"
@@ -481,7 +474,7 @@ class BatchRenderer:
         if not frames.holds(pending.claim):
             # This renderer was silent too long and another one took the frame over.
             _remove(pending.tmp)
-            self._release_held(pending.claim)
+            self._claims.forget(pending.claim)
             message = "another renderer took this frame over; its image is kept"
             self._settle(summary, FrameOutcome(paths.frame, "skipped", message))
             return
@@ -513,7 +506,7 @@ class BatchRenderer:
             fingerprint=pending.fingerprint,
         )
         frames.sweep_frame(pending.claim, paths)
-        self._let_go(pending.claim)
+        self._claims.let_go(pending.claim)
         summary.load_seconds += timings["load_seconds"]
         outcome = FrameOutcome(
             paths.frame,
@@ -540,27 +533,6 @@ class BatchRenderer:
             )
 
         return self._watch.wait(pending.job, self.client, watchdog, hung)
-
-    # -- Claims ---------------------------------------------------------------------------------
-
-    def _hold(self, claim: frames.Claim) -> None:
-        with self._held_lock:
-            self._held[claim.frame] = claim
-
-    def _release_held(self, claim: frames.Claim) -> None:
-        with self._held_lock:
-            self._held.pop(claim.frame, None)
-
-    def _let_go(self, claim: frames.Claim) -> None:
-        self._release_held(claim)
-        frames.release(claim)
-
-    def _heartbeat(self, stop: threading.Event) -> None:
-        while not stop.wait(self.heartbeat_seconds):
-            with self._held_lock:
-                held = list(self._held.values())
-            for claim in held:
-                frames.refresh(claim)
 
     # -- Bookkeeping ----------------------------------------------------------------------------
 

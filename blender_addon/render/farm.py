@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from typing import Any
 
@@ -36,10 +35,7 @@ HEARTBEAT_SECONDS = frames.HEARTBEAT_SECONDS
 STALE_SECONDS = frames.STALE_SECONDS
 
 _owner: frames.Owner | None = None
-_held: dict[int, frames.Claim] = {}
-_lock = threading.Lock()
-_beat: threading.Thread | None = None
-_stop = threading.Event()
+_claims = frames.HeldClaims(HEARTBEAT_SECONDS)
 
 
 class WaitCancelled(Exception):
@@ -93,7 +89,7 @@ def claim_output(
     while True:
         claim = frames.try_claim(paths, owner(), STALE_SECONDS)
         if claim is not None:
-            _hold(claim)
+            _claims.hold(claim)
             if engine_paths is not None:
                 for leftover in frames.frame_temp_files(engine_paths):
                     with contextlib.suppress(OSError):
@@ -126,11 +122,7 @@ def made_elsewhere(paths: frames.FramePaths, since: float) -> dict[str, Any] | N
 
 def release_all() -> None:
     """Let go of every frame this process holds."""
-    with _lock:
-        held = list(_held.values())
-        _held.clear()
-    for claim in held:
-        frames.release(claim)
+    _claims.let_go_all()
 
 
 def free_leftovers(scene, after: int | None = None) -> list[tuple[int, str]]:
@@ -145,23 +137,6 @@ def free_leftovers(scene, after: int | None = None) -> list[tuple[int, str]]:
             flush=True,
         )
     return freed
-
-
-def _hold(claim: frames.Claim) -> None:
-    global _beat
-    with _lock:
-        _held[claim.frame] = claim
-        if _beat is None or not _beat.is_alive():
-            _beat = threading.Thread(target=_heartbeat, name="layout-diffusion-claims", daemon=True)
-            _beat.start()
-
-
-def _heartbeat() -> None:
-    while not _stop.wait(HEARTBEAT_SECONDS):
-        with _lock:
-            held = list(_held.values())
-        for claim in held:
-            frames.refresh(claim)
 
 
 # -- Handlers -------------------------------------------------------------------------------------
@@ -207,15 +182,9 @@ def register() -> None:
 
 
 def unregister() -> None:
-    global _beat
     for name, handler in _HANDLERS:
         handlers = getattr(bpy.app.handlers, name)
         if handler in handlers:
             handlers.remove(handler)
     release_all()
-    # A thread still running when Python ends crashes the bpy 4.2 module.
-    if _beat is not None:
-        _stop.set()
-        _beat.join(HEARTBEAT_SECONDS + 1.0)
-        _beat = None
-        _stop.clear()
+    _claims.stop()

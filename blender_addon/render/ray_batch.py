@@ -64,7 +64,7 @@ class RayBatchRenderer(BatchRenderer):
                 deferred.append(frame)
                 self._waited_for.add(frame)
                 continue
-            self._hold(claim)
+            self._claims.hold(claim)
             built = self._build(paths)
             if self.init_previous is not None:
                 # It starts from the frame before: that one is written first.
@@ -74,7 +74,7 @@ class RayBatchRenderer(BatchRenderer):
                 self._finish_next(summary)
             if summary.stopped:
                 self._discard(built)
-                self._let_go(claim)
+                self._claims.let_go(claim)
                 break
             pending = self._start(paths, claim, built, summary)
             if pending is not None:
@@ -138,7 +138,7 @@ class RayBatchRenderer(BatchRenderer):
         message = str(event.get("message") or f"generation ended with {code}")
         if pending.retries:
             message += f" (after {pending.retries} retries)"
-        self._let_go(pending.claim)
+        self._claims.let_go(pending.claim)
         frame = pending.paths.frame
         outcome = FrameOutcome(frame, "failed", message, retries=pending.retries)
         stops = code in FATAL_CODES or code in (ENGINE_HUNG, WORKERS_GONE)
@@ -151,7 +151,7 @@ class RayBatchRenderer(BatchRenderer):
         if result.engine_pid is not None and result.engine_pid not in summary.engine_pids:
             summary.engine_pids.append(result.engine_pid)
         if not frames.holds(pending.claim):
-            self._release_held(pending.claim)
+            self._claims.forget(pending.claim)
             message = "another renderer took this frame over; its image is kept"
             self._settle(summary, FrameOutcome(paths.frame, "skipped", message))
             return

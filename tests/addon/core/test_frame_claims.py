@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -32,6 +33,30 @@ def test_a_claim_is_exclusive_until_released(tmp_path):
     frames.release(claim)
     assert not os.path.exists(claim.path)
     assert frames.try_claim(paths(tmp_path), second) is not None
+
+
+def test_held_claims_beat_until_let_go(tmp_path):
+    before = set(threading.enumerate())
+    held = frames.HeldClaims(heartbeat_seconds=0.05)
+    owner = frames.Owner.current()
+    kept, given_up, taken = (frames.try_claim(paths(tmp_path, n), owner) for n in (1, 2, 3))
+    old = time.time() - 120
+    for claim in (kept, given_up, taken):
+        held.hold(claim)
+        os.utime(claim.path, (old, old))
+    held.forget(taken)
+    deadline = time.monotonic() + 10
+    while os.path.getmtime(kept.path) == old and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert os.path.getmtime(kept.path) > old, "a held claim's heartbeat beats"
+    assert os.path.getmtime(taken.path) == old, "a forgotten claim is no longer beaten"
+    held.let_go(given_up)
+    assert not os.path.exists(given_up.path) and os.path.exists(taken.path)
+    held.let_go_all()
+    assert not os.path.exists(kept.path)
+    assert os.path.exists(taken.path), "forgotten claims are not released"
+    held.stop()
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "frame claims"]
 
 
 def test_a_dead_owners_claim_is_taken_over_at_once(tmp_path):
