@@ -79,7 +79,9 @@ def _image_field(layout, data, prop: str, text: str) -> None:
     split.template_ID(data, prop, open="image.open")
 
 
-class _SidebarPanel:
+class SidebarPanel:
+    """Where every panel of the add-on's sidebar tab lives."""
+
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
     bl_category = places.SIDEBAR_TAB
@@ -94,7 +96,7 @@ def is_single_file(spec: str) -> bool:
     return spec.strip().lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
-class VIEW3D_PT_layout_diffusion(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion(SidebarPanel, bpy.types.Panel):
     """Generate, its progress, the model, and a line naming the guidance in use."""
 
     bl_label = "Layout Diffusion"
@@ -127,7 +129,7 @@ class VIEW3D_PT_layout_diffusion(_SidebarPanel, bpy.types.Panel):
             layout.label(text=summary, icon="MODIFIER")
 
 
-class VIEW3D_PT_layout_diffusion_prompt(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion_prompt(SidebarPanel, bpy.types.Panel):
     """The scene's prompts: the whole picture, what to avoid, and what is outside the objects."""
 
     bl_label = places.PROMPT
@@ -166,7 +168,7 @@ def guidance_summary(scene) -> str:
     return text[:1].upper() + text[1:]
 
 
-class VIEW3D_PT_layout_diffusion_settings(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion_settings(SidebarPanel, bpy.types.Panel):
     """The image: its size (from the render settings), seed and sampling."""
 
     bl_label = places.IMAGE
@@ -253,7 +255,7 @@ def layer_count(scene) -> int:
     )
 
 
-class VIEW3D_PT_layout_diffusion_objects(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion_objects(SidebarPanel, bpy.types.Panel):
     """The labeled objects (prompts and weights editable in place), how each prompt is held to
     its region, and Re-generate Object."""
 
@@ -324,7 +326,7 @@ class VIEW3D_PT_layout_diffusion_objects(_SidebarPanel, bpy.types.Panel):
             op.object_name = target.name
 
 
-class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion_guidance(SidebarPanel, bpy.types.Panel):
     """The pull toward the proxy render, the init image, and animations starting each frame from
     the one before."""
 
@@ -373,7 +375,7 @@ class VIEW3D_PT_layout_diffusion_guidance(_SidebarPanel, bpy.types.Panel):
         col.prop(settings, "init_previous_strength")
 
 
-class VIEW3D_PT_layout_diffusion_conditions(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion_conditions(SidebarPanel, bpy.types.Panel):
     """Depth ControlNet, IP-Adapter and GLIGEN: which models, how strong, and whether the
     engine has them (from the last health check)."""
 
@@ -438,7 +440,7 @@ def _state_label(layout, available: bool | None, message: str) -> None:
     layout.label(text=message, icon=icon)
 
 
-class VIEW3D_PT_layout_diffusion_output(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion_output(SidebarPanel, bpy.types.Panel):
     """Where the result shows: the boxes in the camera view, the camera background, the image."""
 
     bl_label = places.OUTPUT

@@ -9,8 +9,9 @@ import bpy
 
 from ..blender.outputs import output_dir
 from ..blender.view import use_standard_view, view_changes
-from ..core import history, places, request
+from ..core import history, request
 from . import operators
+from .panels import SidebarPanel
 
 ENGINE_ID = "LAYOUT_DIFFUSION"
 
@@ -98,12 +99,9 @@ def _draw_color_management(self, context) -> None:
     draw_view_warning(self.layout, context.scene)
 
 
-class VIEW3D_PT_layout_diffusion_history(bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion_history(SidebarPanel, bpy.types.Panel):
     """The last results, each loadable again."""
 
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = places.SIDEBAR_TAB
     bl_label = "History"
     bl_parent_id = "VIEW3D_PT_layout_diffusion"
     """Set at registration: inside the Output panel where there is one."""
@@ -113,12 +111,9 @@ class VIEW3D_PT_layout_diffusion_history(bpy.types.Panel):
         draw_history(self.layout, context.scene)
 
 
-class VIEW3D_PT_layout_diffusion_view(bpy.types.Panel):
+class VIEW3D_PT_layout_diffusion_view(SidebarPanel, bpy.types.Panel):
     """Shown only while Color Management would change rendered frames: why, and the fix."""
 
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = places.SIDEBAR_TAB
     bl_label = "Render View"
     bl_parent_id = "VIEW3D_PT_layout_diffusion"
 
