@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 import blender_scenario
 import numpy as np
@@ -160,20 +159,7 @@ def scenario_interactive(folder: str, model: str) -> dict:
         """F12 as the UI runs it: in a worker thread, the main thread free for the add-on."""
         scene.render.filepath = path
         built.clear()
-        done: dict = {}
-
-        def run():
-            done["render_on_main"] = main_thread.on_main_thread()
-            try:
-                done["result"] = sorted(bpy.ops.render.render(write_still=True))
-            except Exception as exc:  # reported below; the thread must not die silently
-                done["error"] = str(exc)
-
-        worker = threading.Thread(target=run)
-        worker.start()
-        while worker.is_alive():
-            main_thread.pump()
-            worker.join(0.01)
+        done = blender_scenario.f12_in_worker_thread()
         layout = built[-1]["layout"] if built else None
         return {
             **done,

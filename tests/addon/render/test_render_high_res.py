@@ -76,7 +76,6 @@ def test_f12_frame_is_the_batch_frame(report, tmp_path):
 
 
 def scenario_f12(folder: str) -> dict:
-    import threading
 
     import bpy
     from shapes_native import high_res_scene
@@ -108,20 +107,7 @@ def scenario_f12(folder: str) -> dict:
 
     render_engine.start_generate = recording_start
     render_engine.build_request = spying_build
-    done: dict = {}
-
-    def run():
-        try:
-            done["result"] = sorted(bpy.ops.render.render(write_still=True))
-        except Exception as exc:  # reported below; the thread must not die silently
-            done["error"] = str(exc)
-
-    # F12 as the UI runs it: in a worker thread, the main thread free for the add-on.
-    worker = threading.Thread(target=run)
-    worker.start()
-    while worker.is_alive():
-        main_thread.pump()
-        worker.join(0.01)
+    done = blender_scenario.f12_in_worker_thread()
     job = jobs[0]
     requests = getattr(job, "requests", [])
     render_dir = os.path.join(folder, "still", "layout_diffusion")
