@@ -107,10 +107,13 @@ def test_two_machines_share_a_range_and_a_rerun_picks_up_a_killed_ones_frame(ble
     out = tmp_path / "frames"
     logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     # Machine b hangs inside its second generation: its frame has Blender's empty placeholder
-    # and b's claim while machine a renders the rest of the range.
-    a = start_machine(blend, out, logs[0])
+    # and b's claim while machine a renders the rest of the range. Machine a starts once b's
+    # engine generates: started together, a warm a could take every frame b had not reached.
     b = start_machine(blend, out, logs[1], stall_at=2)
     deadline = time.monotonic() + 400
+    while not events(logs[1], "generate") and b.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    a = start_machine(blend, out, logs[0])
     while not events(logs[1], "stalled") and b.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert events(logs[1], "stalled"), output_of(logs[1])
